@@ -1,0 +1,34 @@
+# unet_perception: the README's two commands are `make demo` and `make test`.
+# On a machine with a sourced ROS 2 Jazzy (ROS_DISTRO=jazzy) the venv sees the system's rclpy;
+# elsewhere it gets the ros-jazzy-* wheels from PyPI.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data
+IMAGES ?= $(DATA)/camvid/val
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test train lint typecheck clean
+
+$(STAMP): requirements/*.txt setup.py package.xml
+	@if [ "$$ROS_DISTRO" = "jazzy" ]; then \
+	  echo "ROS 2 Jazzy is sourced: venv with system site packages"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	@if [ "$$ROS_DISTRO" != "jazzy" ]; then $(PY) -m pip install -q -r requirements/ros-wheels.txt; fi
+	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/train.txt -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps tensorrt-stubs
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q test
+
+clean:
+	rm -rf $(VENV) build install log

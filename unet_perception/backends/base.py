@@ -1,0 +1,87 @@
+"""The one interface every inference backend implements.
+
+A backend takes a batch of RGB frames already resized to the model's input size and returns class
+ids at that size. Lifecycle follows Polygraphy's runners: construct (cheap, validates), ``activate()``
+(allocate once), ``infer()`` many times, ``close()`` (free); usable as a context manager.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+
+import numpy as np
+
+from unet_perception.model_contract import ModelInfo
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be created or run, with a message that says why and how to fix it."""
+
+
+class Backend(ABC):
+    """``infer(uint8 [N, H, W, 3] RGB) -> uint8 [N, H, W]`` at ``input_hw``, N <= ``max_batch``."""
+
+    name: str = "backend"
+
+    def __init__(self, info: ModelInfo, max_batch: int) -> None:
+        if max_batch < 1:
+            raise BackendError(f"max_batch must be >= 1, got {max_batch}")
+        self.info = info
+        self.max_batch = max_batch
+        self.active = False
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.info.input_hw
+
+    @property
+    def device(self) -> str:
+        """Where inference runs, in words (``cpu``, ``cuda:0 (NVIDIA H100)``...)."""
+        return "cpu"
+
+    def activate(self) -> Backend:
+        if not self.active:
+            self._activate()
+            self.active = True
+        return self
+
+    def close(self) -> None:
+        if self.active:
+            self._deactivate()
+            self.active = False
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        h, w = self.input_hw
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (h, w, 3):
+            raise BackendError(f"{self.name}: batch must be uint8 [N, {h}, {w}, 3], got "
+                               f"{batch.dtype} {list(batch.shape)}")
+        if not 1 <= batch.shape[0] <= self.max_batch:
+            raise BackendError(f"{self.name}: batch of {batch.shape[0]} frames, max_batch is {self.max_batch}")
+        if not self.active:
+            self.activate()
+        return self._infer(np.ascontiguousarray(batch))
+
+    @abstractmethod
+    def _activate(self) -> None:
+        """Load the model and allocate what inference needs, once."""
+
+    @abstractmethod
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run a validated, contiguous batch."""
+
+    def _deactivate(self) -> None:
+        """Free what ``_activate`` allocated."""
+
+    def __enter__(self) -> Backend:
+        return self.activate()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # fallback only; callers should close()
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,87 @@
+"""The ONNX model contract shared by export and every runtime backend (see DESIGN.md).
+
+- input ``image``: uint8 [N, H, W, 3] RGB at the model's input size; normalisation is in the graph.
+- output ``labels``: uint8 [N, H, W] class ids (argmax in the graph).
+- metadata props (all strings): ``format`` (= METADATA_FORMAT), ``classes`` (JSON list of
+  {id, name, color}), ``ignore_index``, ``input_height``, ``input_width``, ``dataset``,
+  ``metrics`` (JSON), ``training`` (JSON), ``version``.
+
+This module needs only ``onnx`` (no torch, no onnxruntime).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unet_perception.class_table import METADATA_FORMAT, ClassTable
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "labels"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs to know about a model file, read from its metadata."""
+
+    path: Path
+    classes: ClassTable
+    input_hw: tuple[int, int]
+    metadata: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.metadata.get("metrics", "{}") or "{}")
+
+
+class ModelError(RuntimeError):
+    """A model file that is missing, unreadable or does not follow the contract."""
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """Read and validate an exported model's metadata; raises ModelError naming the path and problem."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file '{path}' does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean "not a model"
+        raise ModelError(f"model file '{path}' is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    meta = {p.key: p.value for p in model.metadata_props}
+    return info_from_metadata(path, meta, [i.name for i in model.graph.input],
+                              [o.name for o in model.graph.output])
+
+
+def info_from_metadata(path: Path, meta: dict[str, str], inputs: list[str], outputs: list[str]) -> ModelInfo:
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        raise ModelError(f"model '{path}' has inputs {inputs} and outputs {outputs}; the contract needs "
+                         f"input '{INPUT_NAME}' and output '{OUTPUT_NAME}' (export it with unet-export)")
+    if meta.get("format") != METADATA_FORMAT:
+        raise ModelError(f"model '{path}' has metadata format {meta.get('format')!r}, expected "
+                         f"'{METADATA_FORMAT}' (export it with unet-export)")
+    try:
+        table = ClassTable.from_metadata(meta)
+        hw = (int(meta["input_height"]), int(meta["input_width"]))
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"model '{path}' has invalid metadata: {exc}") from exc
+    return ModelInfo(path, table, hw, meta)
+
+
+def make_metadata(table: ClassTable, input_hw: tuple[int, int], *, metrics: dict | None = None,
+                  training: dict | None = None, version: str = "") -> dict[str, str]:
+    """The metadata props written by export."""
+    return {
+        "format": METADATA_FORMAT,
+        "classes": table.to_json(),
+        "ignore_index": "" if table.ignore_index is None else str(table.ignore_index),
+        "dataset": table.name,
+        "input_height": str(input_hw[0]),
+        "input_width": str(input_hw[1]),
+        "metrics": json.dumps(metrics or {}),
+        "training": json.dumps(training or {}),
+        "version": version,
+    }

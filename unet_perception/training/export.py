@@ -1,0 +1,160 @@
+"""Export a trained U-Net to the ONNX model contract and check it against torch.
+
+    unet-export runs/camvid/best.pt models/unet_camvid.onnx --check-data ../shared/data/camvid
+
+The graph takes uint8 [N, H, W, 3] RGB, scales to [0, 1] and argmaxes inside, so every runtime
+(ONNX Runtime, TensorRT) gets exactly the same pre- and post-processing. The batch axis is dynamic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unet_perception import __version__
+from unet_perception.class_table import ClassTable, load_class_table
+from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, make_metadata
+from unet_perception.training.engine import to_model_input
+from unet_perception.training.model import UNet, build_model
+
+MIN_AGREEMENT = 0.999
+OPSET = 17
+
+
+class ContractWrapper(nn.Module):
+    """uint8 NHWC RGB -> model -> uint8 class ids NHW: the contract's pre/post-processing in-graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(to_model_input(image)).argmax(1).to(torch.uint8)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
+    """Rebuild the model of a training checkpoint (eval mode) and return it with the checkpoint dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def checkpoint_table(ckpt: dict[str, Any]) -> ClassTable:
+    """The class table a checkpoint was trained with (its dataset layout too, when known)."""
+    layout = ckpt.get("layout")
+    if layout is None:  # checkpoints written before the layout was stored: take the shipped table's
+        try:
+            layout = load_class_table(ckpt["args"]["dataset"]).layout
+        except ValueError:
+            layout = {}
+    return ClassTable.from_dict({"name": ckpt["dataset"], "classes": ckpt["class_table"],
+                                 "ignore_index": ckpt.get("ignore_index"), "layout": layout})
+
+
+def export_onnx(model: nn.Module, path: str | Path, table: ClassTable, input_hw: tuple[int, int], *,
+                metrics: dict | None = None, training: dict | None = None) -> Path:
+    """Write ``model`` to ``path`` following the contract, with metadata; returns the path."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = ContractWrapper(model.eval()).cpu()
+    example = torch.zeros(1, *input_hw, 3, dtype=torch.uint8)
+    tmp = path.with_name(path.name + ".tmp")
+    with torch.inference_mode():
+        torch.onnx.export(wrapper, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    proto = onnx.load(str(tmp))
+    del proto.metadata_props[:]
+    for key, value in make_metadata(table, input_hw, metrics=metrics, training=training,
+                                    version=__version__).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "unet_perception"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def label_agreement(model: nn.Module, onnx_path: str | Path, frames: np.ndarray) -> float:
+    """Fraction of pixels where torch and ONNX Runtime give the same label on ``frames`` (uint8 NHWC)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    wrapper = ContractWrapper(model.eval()).cpu()
+    with torch.inference_mode():
+        expected = wrapper(torch.from_numpy(frames)).numpy()
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: frames})[0]
+    return float((expected == got).mean())
+
+
+def check_frames(data: str | None, table: ClassTable, input_hw: tuple[int, int], count: int,
+                 seed: int = 0) -> tuple[np.ndarray, str]:
+    """Real frames from the dataset's val split resized to the input, or random noise when no data."""
+    import cv2
+
+    if data:
+        from unet_perception.training.data import SegmentationDataset
+        ds = SegmentationDataset(data, table, "val", limit=count)
+        h, w = input_hw
+        return np.stack([cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR) for img in ds.images]), \
+            f"{len(ds)} val frames of {data}"
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, *input_hw, 3), dtype=np.uint8), f"{count} random frames"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unet-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="training checkpoint (best.pt / last.pt)")
+    p.add_argument("output", help="ONNX file to write")
+    p.add_argument("--check-data", default=None,
+                   help="dataset root whose val frames check torch/ONNX agreement (default: random frames)")
+    p.add_argument("--check-frames", type=int, default=8, help="frames used for the agreement check")
+    p.add_argument("--metrics", default=None,
+                   help="evaluate's JSON report to embed as the model's metrics (default: training's best val)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model, ckpt = load_checkpoint(args.checkpoint)
+    table = checkpoint_table(ckpt)
+    input_hw = tuple(ckpt["input_size"])
+    if args.metrics:
+        metrics = json.loads(Path(args.metrics).read_text())
+    else:
+        best = [h for h in ckpt["history"] if "val" in h]
+        metrics = max(best, key=lambda h: h["val_miou"])["val"] if best else {}
+    training = {k: v for k, v in ckpt["args"].items() if isinstance(v, (str, int, float, bool, list, tuple))}
+    training.update(epochs_trained=ckpt["epoch"] + 1, model_config=ckpt["model_config"])
+    path = export_onnx(model, args.output, table, input_hw, metrics=metrics, training=training)  # type: ignore[arg-type]
+    frames, what = check_frames(args.check_data, table, input_hw, args.check_frames)  # type: ignore[arg-type]
+    agreement = label_agreement(model, path, frames)
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), input {input_hw[0]}x{input_hw[1]}, "
+          f"{table.num_classes} classes; torch vs ONNX Runtime labels agree on {agreement:.5%} of pixels "
+          f"({what})")
+    if agreement < MIN_AGREEMENT:
+        bad = path.with_name(path.name + ".rejected")
+        path.replace(bad)
+        print(f"error: agreement {agreement:.5%} is below {MIN_AGREEMENT:.1%}; the export is wrong. "
+              f"Moved the file to '{bad}'.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
