@@ -1,0 +1,105 @@
+"""Frames in, label maps and coloured images out: everything between the codec and the publishers.
+
+No ROS here, so the whole path is testable and benchmarkable on its own. The resize choices (bilinear
+down to the model input, nearest back up to the camera size) are the ones ``training.engine.predict_labels``
+uses, so the runtime reproduces the evaluated accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from unet_perception.backends.base import Backend
+from unet_perception.class_table import ClassTable
+
+
+def _check_frame(frame: np.ndarray, index: int) -> None:
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"frame {index} must be a uint8 [H, W, 3] RGB array (decode it with "
+                         f"unet_perception.codec), got {frame.dtype} {list(frame.shape)}")
+
+
+def preprocess(frames: Sequence[np.ndarray], input_hw: tuple[int, int]) -> np.ndarray:
+    """RGB frames of any sizes -> uint8 [N, H, W, 3] at ``input_hw`` (bilinear, as in training)."""
+    if not frames:
+        raise ValueError("preprocess needs at least one frame")
+    h, w = input_hw
+    batch = np.empty((len(frames), h, w, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        _check_frame(frame, i)
+        if frame.shape[:2] == (h, w):
+            batch[i] = frame
+        else:
+            cv2.resize(frame, (w, h), dst=batch[i], interpolation=cv2.INTER_LINEAR)
+    return batch
+
+
+def upscale_labels(labels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Class ids [h, w] -> [H, W] by nearest neighbour (never blends ids), as in training."""
+    if labels.shape == tuple(out_hw):
+        return labels
+    return cv2.resize(labels, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_NEAREST)
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Class ids [H, W] -> RGB [H, W, 3] through a 256x3 uint8 palette (``ClassTable.palette()``)."""
+    if palette.shape != (256, 3) or palette.dtype != np.uint8:
+        raise ValueError(f"palette must be uint8 [256, 3], got {palette.dtype} {list(palette.shape)}")
+    return np.take(palette, labels, axis=0)
+
+
+def blend(image: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha) * image + alpha * color``, rounded, uint8; both arrays [H, W, 3]."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
+    if image.shape != color.shape:
+        raise ValueError(f"cannot blend image {list(image.shape)} with colour labels {list(color.shape)}")
+    return cv2.addWeighted(image, 1.0 - alpha, color, alpha, 0.0)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The coloured outputs of one frame; None where not asked for."""
+
+    color: np.ndarray | None
+    overlay: np.ndarray | None
+
+
+class Segmenter:
+    """A backend plus the class table: ``run(frames) -> labels`` at each frame's own size."""
+
+    def __init__(self, backend: Backend, classes: ClassTable) -> None:
+        self.backend = backend
+        self.classes = classes
+        self.palette = classes.palette()
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.backend.input_hw
+
+    def run(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Label maps (uint8 [H, W]) for RGB frames of any count and sizes, in order."""
+        out: list[np.ndarray] = []
+        step = self.backend.max_batch
+        for start in range(0, len(frames), step):
+            chunk = frames[start:start + step]
+            small = self.backend.infer(preprocess(chunk, self.input_hw))
+            out.extend(upscale_labels(lab, frame.shape[:2]) for frame, lab in zip(chunk, small))
+        return out
+
+    def outputs(self, frame: np.ndarray, labels: np.ndarray, *, color: bool = True, overlay: bool = True,
+                alpha: float = 0.5, overlay_bgr: bool = False) -> Rendered:
+        """Colour labels (RGB) and/or the frame blended with them (RGB, or BGR when ``overlay_bgr``)."""
+        if not (color or overlay):
+            return Rendered(None, None)
+        colored = colorize(labels, self.palette)
+        blended = None
+        if overlay:
+            blended = blend(frame, colored, alpha)
+            if overlay_bgr:
+                blended = cv2.cvtColor(blended, cv2.COLOR_RGB2BGR)
+        return Rendered(colored if color else None, blended)
