@@ -22,13 +22,11 @@ DATA = REPO.parent / "shared" / "data"
 SHIPPED_MODEL = REPO / "models" / "unet_camvid.onnx"
 
 
-def make_tiny_model(path: Path, dataset: str = "camvid", input_hw: tuple[int, int] = (32, 48),
-                    width: int = 4, seed: int = 0) -> Path:
-    """Export a narrow random U-Net through unet_perception.training.export (the real export path)."""
+def make_tiny_unet(dataset: str = "camvid", width: int = 4, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A narrow random U-Net (eval mode) and its class table; the same seed gives the same weights."""
     import torch
 
     from unet_perception.class_table import load_class_table
-    from unet_perception.training.export import export_onnx
     from unet_perception.training.model import UNet
 
     torch.manual_seed(seed)
@@ -39,6 +37,15 @@ def make_tiny_model(path: Path, dataset: str = "camvid", input_hw: tuple[int, in
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
+    return model, table
+
+
+def make_tiny_model(path: Path, dataset: str = "camvid", input_hw: tuple[int, int] = (32, 48),
+                    width: int = 4, seed: int = 0) -> Path:
+    """Export a narrow random U-Net through unet_perception.training.export (the real export path)."""
+    from unet_perception.training.export import export_onnx
+
+    model, table = make_tiny_unet(dataset, width, seed)
     return export_onnx(model, path, table, input_hw, metrics={"note": "random weights, for tests"})
 
 

@@ -1,0 +1,135 @@
+"""ONNX Runtime backend: the embedded CPU default, with the CUDA or TensorRT execution provider on a GPU.
+
+``options.device`` picks the provider chain: ``cpu`` -> CPU; ``cuda`` -> CUDA, CPU; ``tensorrt`` ->
+TensorRT, CUDA, CPU. ``onnxruntime`` is imported lazily so the package imports without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from unet_perception.backends.base import Backend, BackendError
+from unet_perception.backends.factory import BackendOptions
+from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, ModelInfo
+
+DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+           "tensorrt": "TensorrtExecutionProvider"}
+_GPU_HINT = ("install the GPU build: `pip uninstall onnxruntime && pip install onnxruntime-gpu` "
+             "(with CUDA and cuDNN libraries matching it), or set device to cpu")
+
+
+def _missing_provider(device: str) -> str | None:
+    """Why the provider for ``device`` cannot be used here, or None."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        return f"device must be one of {tuple(DEVICES)} for onnxruntime, got '{device}'"
+    available = ort.get_available_providers()
+    if DEVICES[device] not in available:
+        return (f"onnxruntime {ort.__version__} has no {DEVICES[device]} (available: {', '.join(available)}); "
+                + _GPU_HINT)
+    return None
+
+
+def _providers(options: BackendOptions) -> list[Any]:
+    cuda = ("CUDAExecutionProvider", {"device_id": options.gpu_id})
+    if options.device == "cpu":
+        return ["CPUExecutionProvider"]
+    if options.device == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    if options.precision == "int8":
+        raise BackendError("precision int8 with the onnxruntime TensorRT provider needs a calibration table; "
+                           "use backend tensorrt (it calibrates from calibration_data) or precision fp16")
+    trt = {"device_id": options.gpu_id, "trt_fp16_enable": options.precision == "fp16",
+           "trt_max_workspace_size": options.workspace_mb << 20}
+    if options.engine_cache_dir:
+        trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=options.engine_cache_dir,
+                   trt_timing_cache_enable=True, trt_timing_cache_path=options.engine_cache_dir)
+    return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend(Backend):
+    """An ``onnxruntime.InferenceSession`` on the contract's ``image`` -> ``labels``."""
+
+    name = "onnxruntime"
+
+    def __init__(self, info: ModelInfo, options: BackendOptions) -> None:
+        super().__init__(info, options.max_batch)
+        reason = unavailable_reason(options)
+        if reason is not None:
+            raise BackendError(f"onnxruntime backend: {reason}")
+        self.options = options
+        self._providers = _providers(options)
+        self._session: Any = None
+
+    @property
+    def device(self) -> str:
+        used = self._session.get_providers()[0] if self._session is not None else DEVICES[self.options.device]
+        if used == "CPUExecutionProvider":
+            return "cpu"
+        kind = "TensorRT" if used == "TensorrtExecutionProvider" else "CUDA"
+        return f"cuda:{self.options.gpu_id} (onnxruntime {kind})"
+
+    def _activate(self) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.options.threads > 0:
+            so.intra_op_num_threads = self.options.threads
+        try:
+            session = ort.InferenceSession(str(self.info.path), so, providers=self._providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BackendError(f"onnxruntime cannot load '{self.info.path}': {exc}") from exc
+        wanted = DEVICES[self.options.device]
+        if wanted not in session.get_providers():
+            # ORT silently drops a provider whose libraries fail to load; running on CPU unasked would hide it.
+            raise BackendError(f"onnxruntime could not start {wanted} (session uses {session.get_providers()}); "
+                               "check that the CUDA/cuDNN (and TensorRT) libraries onnxruntime-gpu needs are "
+                               "installed and on LD_LIBRARY_PATH, or set device to cpu")
+        self._check_io(session)
+        self._session = session
+
+    def _check_io(self, session: Any) -> None:
+        """The session's tensors must be the contract's: uint8 image [N, H, W, 3] -> uint8 labels [N, H, W]."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        fix = "re-export the model with unet-export"
+        if list(inputs) != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+            raise BackendError(f"model '{self.info.path}' has inputs {list(inputs)} and outputs {list(outputs)}; "
+                               f"the contract needs the single input '{INPUT_NAME}' and output '{OUTPUT_NAME}'; {fix}")
+        h, w = self.input_hw
+        for tensor, want in ((inputs[INPUT_NAME], [None, h, w, 3]), (outputs[OUTPUT_NAME], [None, h, w])):
+            if tensor.type != "tensor(uint8)":
+                raise BackendError(f"model '{self.info.path}': '{tensor.name}' is {tensor.type}, the contract "
+                                   f"needs tensor(uint8); {fix}")
+            shape = list(tensor.shape)
+            static = [d if isinstance(d, int) else None for d in shape]
+            if len(shape) != len(want) or any(s is not None and x is not None and s != x
+                                              for s, x in zip(static, want)):
+                raise BackendError(f"model '{self.info.path}': '{tensor.name}' has shape {shape}, its metadata "
+                                   f"says {['N', *want[1:]]}; {fix}")
+            if static[0] is not None and (static[0], self.max_batch) != (1, 1):
+                raise BackendError(f"model '{self.info.path}' has a fixed batch of {static[0]}; export it with a "
+                                   "dynamic batch axis (unet-export does), or use max_batch 1 with a batch-1 model")
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    def _deactivate(self) -> None:
+        self._session = None
+
+
+def unavailable_reason(options: BackendOptions) -> str | None:
+    """None when onnxruntime imports and has the provider ``options.device`` asks for."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return f"onnxruntime is not importable ({exc}); pip install onnxruntime (or onnxruntime-gpu)"
+    return _missing_provider(options.device)
+
+
+def create(info: ModelInfo, options: BackendOptions) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(info, options)
