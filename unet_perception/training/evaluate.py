@@ -18,11 +18,11 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import cv2
 import numpy as np
 
 from unet_perception.class_table import ClassTable, available_tables, load_class_table
@@ -70,30 +70,14 @@ def _load_checkpoint(path: Path, device: str, batch_size: int) -> LoadedModel:
 
 
 def _load_onnx(path: Path, device: str, batch_size: int) -> LoadedModel:
-    """Through ONNX Runtime with the runtime's pre/post-processing (bilinear in, nearest out)."""
-    import onnxruntime as ort
+    """Through the node's own ONNX Runtime backend and pre/post-processing, so the score is the node's."""
+    from unet_perception.backends.factory import BackendOptions, create_backend
+    from unet_perception.pipeline import Segmenter
 
-    from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, read_model_info
-
-    info = read_model_info(path)
-    providers = {"auto": ["CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"],
-                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-    if device not in providers:
-        raise ValueError(f"--device for an ONNX model must be one of {sorted(providers)}, got '{device}'")
-    session = ort.InferenceSession(str(path), providers=providers[device])
-    h, w = info.input_hw
-
-    def predict(frames: list[np.ndarray]) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        for i in range(0, len(frames), batch_size):
-            chunk = frames[i:i + batch_size]
-            batch = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in chunk])
-            small = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-            out += [cv2.resize(lab, (f.shape[1], f.shape[0]), interpolation=cv2.INTER_NEAREST)
-                    for f, lab in zip(chunk, small)]
-        return out
-
-    return LoadedModel(predict, info.classes, (h, w), "onnx", lambda: None)
+    options = BackendOptions(max_batch=batch_size, device="cpu" if device == "auto" else device)
+    backend = create_backend("onnxruntime", path, options).activate()
+    segmenter = Segmenter(backend, backend.info.classes)
+    return LoadedModel(segmenter.run, backend.info.classes, backend.input_hw, "onnx", backend.close)
 
 
 def dataset_table(model_table: ClassTable, dataset: str | None) -> ClassTable:
@@ -224,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4, help="frames shown in samples.png (0: no figure)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto",
-                   help="auto | cpu | cuda (checkpoints also cuda:N; ONNX models use the matching ONNX Runtime provider)")
+                   help="auto | cpu | cuda[:N] for a checkpoint; cpu | cuda | tensorrt (ONNX Runtime provider) "
+                        "for an ONNX model")
     return p
 
 
