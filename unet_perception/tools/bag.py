@@ -1,0 +1,570 @@
+"""unet-bag: make, label and play rosbag2 files without the ``ros2`` CLI.
+
+* ``from-images DIR OUT``: an image folder -> a rosbag2 of ``sensor_msgs/Image`` or ``CompressedImage``.
+* ``label IN OUT``: every camera topic of a bag through the segmentation pipeline (no ROS graph) -> a new bag
+  with the original messages plus ``<ns>/segmentation/{labels,color,overlay}`` at the same timestamps.
+* ``play BAG``: publish a bag over rclpy at its recorded timing (for machines without ``ros2 bag play``).
+
+Bags are read and written with ``rosbags`` (sqlite3 and mcap, rosbag2 format version 8 as ROS 2 Jazzy writes
+it) and the ROS 2 Jazzy message definitions, so ``ros2 bag info``/``play`` and rviz read what we write.
+Outputs are written into a hidden staging folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from rosbags.interfaces import Connection
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2.reader import DirectoryReader
+from rosbags.typesys import Stores, get_typestore
+from rosbags.typesys.store import Typestore
+from tqdm import tqdm
+
+from unet_perception.backends.base import BackendError
+from unet_perception.model_contract import ModelError
+from unet_perception.topics import is_compressed_topic, output_topics
+
+IMAGE = "sensor_msgs/msg/Image"
+COMPRESSED = "sensor_msgs/msg/CompressedImage"
+CAMERA_TYPES = (IMAGE, COMPRESSED)
+BAG_VERSION = 8  # the rosbag2 format ROS 2 Jazzy writes; Jazzy's reader does not know version 9
+STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+FORMATS = {"jpeg": ".jpg", "png": ".png"}
+
+
+class BagError(RuntimeError):
+    """A bag that cannot be read or written, with what is wrong and how to fix it."""
+
+
+def typestore() -> Typestore:
+    """The ROS 2 Jazzy message definitions (the ones ``ros2 bag`` and rviz on Jazzy expect)."""
+    return get_typestore(Stores.ROS2_JAZZY)
+
+
+def stamp_msg(store: Typestore, ns: int) -> Any:
+    """A ``builtin_interfaces/Time`` for ``ns`` nanoseconds since the epoch."""
+    return store.types["builtin_interfaces/msg/Time"](sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@contextmanager
+def open_bag(path: Path) -> Iterator[Reader]:
+    """An open rosbags Reader, or a ``BagError`` that names the bag and the problem."""
+    if not path.exists():
+        raise BagError(f"no bag at {path}; give a bag folder (with metadata.yaml) or its .db3/.mcap file")
+    try:
+        reader = Reader(path)
+        reader.open()
+    except BagError:
+        raise
+    except Exception as exc:  # rosbags raises ReaderError, sqlite3 and YAML errors for broken bags
+        raise BagError(f"cannot open the bag {path}: {type(exc).__name__}: {exc}; is it a complete rosbag2 "
+                       "folder (metadata.yaml plus its .db3 or .mcap file)?") from exc
+    try:
+        if reader.message_count == 0:
+            raise BagError(f"the bag {path} has no messages; record or make one with data "
+                           "(unet-bag from-images DIR OUT)")
+        yield reader
+    finally:
+        reader.close()
+
+
+def read_messages(reader: Reader, connections: Sequence[Connection] = ()) -> Iterator[tuple[Connection, int, bytes]]:
+    """``reader.messages()`` with storage-level failures (a truncated or corrupt file) turned into ``BagError``."""
+    try:
+        yield from reader.messages(connections=connections)
+    except Exception as exc:  # ReaderError, sqlite3.DatabaseError, struct/zstd errors of a damaged file
+        raise BagError(f"the bag {reader.path} is damaged and cannot be read to the end: "
+                       f"{type(exc).__name__}: {exc}") from exc
+
+
+def select_connections(reader: Reader, topics: Sequence[str] | None) -> list[Connection]:
+    """The connections of ``topics`` (all when None), refusing names the bag does not have."""
+    if not topics:
+        return list(reader.connections)
+    known = {c.topic for c in reader.connections}
+    missing = sorted(set(topics) - known)
+    if missing:
+        raise BagError(f"topics {missing} are not in the bag; it has {sorted(known)}")
+    return [c for c in reader.connections if c.topic in topics]
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def staged_writer(out: Path, storage: str) -> Iterator[Writer]:
+    """A Writer that writes into a hidden staging folder beside ``out`` and moves it to ``out`` only on success.
+
+    A run that fails or is interrupted leaves nothing at ``out``, so a half-written bag never looks complete.
+    """
+    if storage not in STORAGES:
+        raise BagError(f"storage must be one of {sorted(STORAGES)}, got '{storage}'")
+    if out.exists():
+        raise BagError(f"{out} exists already; choose a new output path or remove it first")
+    if not out.parent.is_dir():
+        raise BagError(f"the folder {out.parent} for the output bag does not exist; create it first")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    writer = Writer(staging / out.name, version=BAG_VERSION, storage_plugin=STORAGES[storage])
+    try:
+        writer.open()
+        yield writer
+        writer.close()
+        os.rename(staging / out.name, out)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def storage_of(reader: Reader) -> str:
+    """``sqlite3`` or ``mcap``: the storage plugin of an open bag."""
+    names = {plugin: name for name, plugin in DirectoryReader.STORAGE_PLUGINS.items()}
+    files = getattr(reader.storage, "storages", [reader.storage])  # a bag folder, or one .db3/.mcap file
+    return names[type(files[0])]
+
+
+def copy_connection(writer: Writer, conn: Connection, store: Typestore) -> Connection:
+    """The same topic, type, definition and offered QoS in ``writer``.
+
+    Bags from older ROS distributions carry no definitions; Jazzy's are filled in for the types it knows.
+    """
+    msgdef, digest = conn.msgdef.data, conn.digest
+    if not msgdef or not digest:
+        if conn.msgtype not in store.types:
+            raise BagError(f"unknown message type '{conn.msgtype}' on topic {conn.topic}: the bag carries no "
+                           "definition for it and ROS 2 Jazzy does not define it; leave the topic out with "
+                           "--topics or re-record the bag with a ROS 2 that stores definitions (Iron or later)")
+        msgdef = msgdef or store.generate_msgdef(conn.msgtype, ros_version=2)[0]
+        digest = digest or store.hash_rihs01(conn.msgtype)
+    ext = conn.ext
+    return writer.add_connection(conn.topic, conn.msgtype, msgdef=msgdef, rihs01=digest,
+                                 serialization_format=ext.serialization_format,  # type: ignore[union-attr]
+                                 offered_qos_profiles=ext.offered_qos_profiles)  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------- from-images
+
+
+def list_images(folder: Path, limit: int | None = None) -> list[Path]:
+    """The image files of ``folder`` in name order (at most ``limit``)."""
+    if not folder.is_dir():
+        raise BagError(f"image folder {folder} does not exist; give a folder of .png/.jpg frames")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise BagError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files[:limit] if limit else files
+
+
+def bag_from_images(images: Sequence[Path], out: Path, *, topic: str = "/camera/image_raw", rate: float = 10.0,
+                    frame_id: str = "camera", compressed: bool = False, fmt: str = "jpeg",
+                    storage: str = "sqlite3", encoding: str = "rgb8", start_ns: int | None = None,
+                    progress: bool = True) -> list[int]:
+    """Write ``images`` as one camera topic at ``rate`` Hz; returns each frame's stamp (ns), in order.
+
+    Header stamps equal the bag timestamps: ``start_ns`` (default: now) plus ``i / rate`` seconds.
+    With ``compressed`` the topic gets a ``/compressed`` suffix (image_transport's rule) and the frames are
+    ``fmt`` (jpeg or png) with an image_transport style format string.
+    """
+    if rate <= 0:
+        raise BagError(f"--rate must be > 0 Hz, got {rate}")
+    if encoding not in ("rgb8", "bgr8"):
+        raise BagError(f"--encoding must be rgb8 or bgr8, got '{encoding}'")
+    if fmt not in FORMATS:
+        raise BagError(f"--format must be one of {sorted(FORMATS)}, got '{fmt}'")
+    if compressed and not is_compressed_topic(topic):
+        topic = topic.rstrip("/") + "/compressed"
+    store = typestore()
+    msgtype = COMPRESSED if compressed else IMAGE
+    start_ns = time.time_ns() if start_ns is None else start_ns
+    period_ns = round(1e9 / rate)
+    stamps = []
+    with staged_writer(out, storage) as writer:
+        conn = writer.add_connection(topic, msgtype, typestore=store)
+        for i, path in enumerate(tqdm(images, desc=f"{out.name}", unit="frame", disable=not progress)):
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise BagError(f"cannot read {path} as an image; remove it from the folder or convert it")
+            ns = start_ns + i * period_ns
+            header = store.types["std_msgs/msg/Header"](stamp=stamp_msg(store, ns), frame_id=frame_id)
+            if compressed:
+                ok, buf = cv2.imencode(FORMATS[fmt], bgr)
+                assert ok, f"OpenCV failed to encode {path} as {fmt}"
+                msg = store.types[COMPRESSED](header=header, format=f"bgr8; {fmt} compressed bgr8",
+                                              data=buf.reshape(-1))
+            else:
+                pixels = bgr if encoding == "bgr8" else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                msg = store.types[IMAGE](header=header, height=pixels.shape[0], width=pixels.shape[1],
+                                         encoding=encoding, is_bigendian=0, step=pixels.shape[1] * 3,
+                                         data=pixels.reshape(-1))
+            writer.write(conn, ns, store.serialize_cdr(msg, msgtype))
+            stamps.append(ns)
+    return stamps
+
+
+# ---------------------------------------------------------------------------------------------- label
+
+
+@dataclass
+class LabelSummary:
+    """What ``label_bag`` did."""
+
+    frames: Counter[str] = field(default_factory=Counter)   # labelled frames per input topic
+    errors: list[str] = field(default_factory=list)           # one line per skipped message
+    copied: int = 0                                           # original messages written
+    seconds: float = 0.0
+
+    @property
+    def fps(self) -> float:
+        return sum(self.frames.values()) / self.seconds if self.seconds > 0 else 0.0
+
+    def table(self) -> str:
+        rows = [f"{'topic':40s} {'frames':>7s}"] + [f"{t:40s} {n:7d}" for t, n in sorted(self.frames.items())]
+        rows.append(f"total: {sum(self.frames.values())} frames labelled in {self.seconds:.1f} s "
+                    f"({self.fps:.1f} fps), {self.copied} original messages copied, {len(self.errors)} errors")
+        return "\n".join(rows)
+
+
+@dataclass
+class _Pending:
+    conn: Connection
+    timestamp: int
+    header: Any
+    rgb: np.ndarray
+    overlay_bgr: bool
+
+
+def camera_connections(reader: Reader, topics: Sequence[str] | None) -> list[Connection]:
+    """The Image/CompressedImage connections to label: all of them, or exactly ``topics``."""
+    chosen = select_connections(reader, topics)
+    if topics:
+        wrong = sorted({f"{c.topic} ({c.msgtype})" for c in chosen if c.msgtype not in CAMERA_TYPES})
+        if wrong:
+            raise BagError(f"topics {wrong} are not sensor_msgs/msg/Image or CompressedImage; label only "
+                           "camera topics")
+    cameras = [c for c in chosen if c.msgtype in CAMERA_TYPES]
+    if not cameras:
+        found = sorted({f"{c.topic} ({c.msgtype})" for c in reader.connections})
+        raise BagError(f"the bag {reader.path} has no sensor_msgs/msg/Image or CompressedImage topic; "
+                       f"it has {found}")
+    return cameras
+
+
+def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | None = None,
+              storage: str | None = None, batch: int = 4, alpha: float = 0.5, max_pixels: int | None = None,
+              progress: bool = True, log: Callable[[str], None] = tqdm.write) -> LabelSummary:
+    """Copy every message of ``src`` to ``out`` and add segmentation topics for its camera topics.
+
+    ``segmenter`` is a ``pipeline.Segmenter``. Outputs carry the input's header and bag timestamp. A camera
+    message that cannot be decoded is copied as is, reported through ``log`` and gets no outputs.
+    """
+    from unet_perception.codec import MAX_PIXELS, decode_compressed, decode_image, overlay_encoding
+
+    max_pixels = max_pixels or MAX_PIXELS
+    store = typestore()
+    summary = LabelSummary()
+    started = time.perf_counter()
+    with open_bag(src) as reader:
+        cameras = camera_connections(reader, topics)
+        with staged_writer(out, storage or storage_of(reader)) as writer:
+            copies = {c.id: copy_connection(writer, c, store) for c in reader.connections}
+            taken = {c.topic for c in reader.connections}
+            outputs: dict[int, dict[str, Connection]] = {}
+            per_topic: dict[str, dict[str, Connection]] = {}
+            for cam in cameras:
+                if cam.topic not in per_topic:
+                    names = output_topics(cam.topic)
+                    clash = sorted(set(names.values()) & taken)
+                    if clash:
+                        raise BagError(f"the bag already has {clash}; label only the raw camera topics "
+                                       "(--topics) or start from the unlabelled bag")
+                    per_topic[cam.topic] = {k: writer.add_connection(v, IMAGE, typestore=store)
+                                            for k, v in names.items()}
+                outputs[cam.id] = per_topic[cam.topic]
+            pending: list[_Pending] = []
+
+            def flush() -> None:
+                labels = segmenter.run([p.rgb for p in pending])
+                for p, lab in zip(pending, labels):
+                    rendered = segmenter.outputs(p.rgb, lab, alpha=alpha, overlay_bgr=p.overlay_bgr)
+                    conns = outputs[p.conn.id]
+                    for kind, array, enc in (("labels", lab, "mono8"), ("color", rendered.color, "rgb8"),
+                                             ("overlay", rendered.overlay, "bgr8" if p.overlay_bgr else "rgb8")):
+                        writer.write(conns[kind], p.timestamp, store.serialize_cdr(
+                            image_message(store, array, enc, p.header), IMAGE))
+                    summary.frames[p.conn.topic] += 1
+                pending.clear()
+
+            bar = tqdm(total=reader.message_count, desc=out.name, unit="msg", disable=not progress)
+            for conn, timestamp, raw in read_messages(reader):
+                writer.write(copies[conn.id], timestamp, raw)
+                summary.copied += 1
+                bar.update()
+                if conn.id not in outputs:
+                    continue
+                try:
+                    msg = store.deserialize_cdr(raw, conn.msgtype)
+                    if conn.msgtype == IMAGE:
+                        rgb, enc = decode_image(msg, max_pixels), msg.encoding
+                    else:
+                        rgb, enc = decode_compressed(msg, max_pixels), msg.format
+                except Exception as exc:  # CodecError, or anything from a corrupt CDR payload
+                    line = f"skipped {conn.topic} at {timestamp}: {type(exc).__name__}: {exc}"
+                    summary.errors.append(line)
+                    log(line)
+                    continue
+                pending.append(_Pending(conn, timestamp, msg.header, rgb, overlay_encoding(enc) == "bgr8"))
+                if len(pending) >= batch:
+                    flush()
+            if pending:
+                flush()
+            bar.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def image_message(store: Typestore, array: np.ndarray, encoding: str, header: Any) -> Any:
+    """A rosbags ``sensor_msgs/Image`` holding ``array`` (mono8 [H, W] or rgb8/bgr8 [H, W, 3])."""
+    array = np.ascontiguousarray(array)
+    return store.types[IMAGE](header=header, height=array.shape[0], width=array.shape[1], encoding=encoding,
+                              is_bigendian=0, step=array.strides[0], data=array.reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------------- play
+
+
+@dataclass
+class PlayStats:
+    """What ``play_bag`` published."""
+
+    published: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    loops: int = 0
+
+
+def use_fastdds_profile() -> None:
+    """Give this process's DDS writers the shipped Fast DDS profile (large frames), unless one is set.
+
+    Must run before ``rclpy.init``; see docs/bags.md for ``ros2 bag play`` and camera drivers.
+    """
+    from unet_perception.launch_support import fastdds_env
+
+    for key, value in fastdds_env().items():
+        os.environ.setdefault(key, value)
+
+
+def message_class(msgtype: str, topic: str) -> type:
+    """The rclpy message class of ``pkg/msg/Name``, or a ``BagError`` saying which package is missing."""
+    pkg, _, name = msgtype.rpartition("/")
+    try:
+        return getattr(importlib.import_module(pkg.replace("/", ".")), name)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError) as exc:
+        raise BagError(f"unknown message type '{msgtype}' on topic {topic}: its Python package is not "
+                       f"installed here ({exc}); install it (ros-jazzy-{pkg.split('/')[0].replace('_', '-')}) "
+                       "or leave the topic out with --topics") from exc
+
+
+def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = False, clock: bool = False,
+             clock_hz: float = 40.0, topics: Sequence[str] | None = None, reliable: bool = False,
+             wait_for_subscribers: float = 0.0, progress: bool = True,
+             on_publish: Callable[[str, int], None] | None = None,
+             should_stop: Callable[[], bool] = lambda: False) -> PlayStats:
+    """Publish ``path``'s messages from ``node`` (an rclpy Node) at their recorded spacing / ``rate_factor``.
+
+    Messages go out serialized as recorded (no decode). ``wait_for_subscribers`` seconds: wait until every
+    topic has a subscriber before the first message (0: start at once, as ``ros2 bag play`` does).
+    ``clock`` publishes ``/clock`` with the bag time at ``clock_hz`` and before every message.
+    """
+    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from rosgraph_msgs.msg import Clock
+
+    if rate_factor <= 0:
+        raise BagError(f"--rate-factor must be > 0, got {rate_factor}")
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE) if reliable else qos_profile_sensor_data
+    stats = PlayStats()
+    with open_bag(path) as reader:
+        conns = select_connections(reader, topics)
+        publishers = {}
+        for c in conns:
+            if c.topic not in publishers:
+                publishers[c.topic] = node.create_publisher(message_class(c.msgtype, c.topic), c.topic, qos)
+        clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
+        deadline = time.monotonic() + wait_for_subscribers
+        while (wait_for_subscribers > 0 and time.monotonic() < deadline and not should_stop()
+               and any(p.get_subscription_count() == 0 for p in publishers.values())):
+            time.sleep(0.05)
+        total = sum(c.msgcount for c in conns)
+        started = time.monotonic()
+        while True:
+            bar = tqdm(total=total, desc=path.name, unit="msg", disable=not progress)
+            wall0, bag0 = time.monotonic(), None
+            for conn, timestamp, raw in read_messages(reader, conns):
+                if should_stop():
+                    break
+                bag0 = timestamp if bag0 is None else bag0
+                due = wall0 + (timestamp - bag0) / 1e9 / rate_factor
+                while (now := time.monotonic()) < due:
+                    if clock_pub is not None:
+                        clock_pub.publish(Clock(clock=_ros_time(bag0 + int((now - wall0) * rate_factor * 1e9))))
+                    time.sleep(min(due - now, 1.0 / clock_hz))
+                if clock_pub is not None:
+                    clock_pub.publish(Clock(clock=_ros_time(timestamp)))
+                publishers[conn.topic].publish(bytes(raw))
+                if on_publish is not None:
+                    on_publish(conn.topic, timestamp)
+                stats.published[conn.topic] += 1
+                bar.update()
+            bar.close()
+            stats.loops += 1
+            if not loop or should_stop():
+                break
+    stats.seconds = time.monotonic() - started
+    return stats
+
+
+def _ros_time(ns: int) -> Any:
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _from_images(args: argparse.Namespace) -> int:
+    images = list_images(args.dir, args.limit)
+    stamps = bag_from_images(images, args.out, topic=args.topic, rate=args.rate, frame_id=args.frame_id,
+                             compressed=args.compressed, fmt=args.format, storage=args.storage,
+                             encoding=args.encoding)
+    print(f"wrote {args.out}: {len(stamps)} frames at {args.rate:g} Hz ({args.storage})")
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    from unet_perception.backends.factory import BackendOptions, create_backend
+    from unet_perception.pipeline import Segmenter
+
+    model = args.model or _default_model()
+    if not Path(model).is_file():
+        raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
+    backend = create_backend(args.backend, model, BackendOptions(max_batch=args.batch, threads=args.threads))
+    with backend:
+        summary = label_bag(args.input, args.out, Segmenter(backend, backend.info.classes), topics=args.topics,
+                            storage=args.storage, batch=args.batch, alpha=args.alpha)
+    print(summary.table())
+    print(f"wrote {args.out} (backend {backend.name}, {backend.device})")
+    return 0
+
+
+def _default_model() -> str:
+    from unet_perception.launch_support import default_model_path
+
+    return str(default_model_path())
+
+
+def _play(args: argparse.Namespace) -> int:
+    use_fastdds_profile()
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+
+    rclpy.init()
+    node = rclpy.create_node("unet_bag_player")
+    try:
+        stats = play_bag(node, args.bag, rate_factor=args.rate_factor, loop=args.loop, clock=args.clock,
+                         topics=args.topics, reliable=args.reliable, wait_for_subscribers=args.wait_for_subscribers)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        return 130
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    print(f"published {sum(stats.published.values())} messages on {len(stats.published)} topics "
+          f"in {stats.seconds:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unet-bag", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{from-images,label,play}")
+
+    p = sub.add_parser("from-images", help="make a rosbag2 of camera frames from an image folder",
+                       description="Write the images of DIR (name order) as one camera topic into the new bag OUT.")
+    p.add_argument("dir", type=Path, metavar="DIR", help="folder of .png/.jpg frames")
+    p.add_argument("out", type=Path, metavar="OUT", help="output bag folder (must not exist)")
+    p.add_argument("--topic", default="/camera/image_raw", help="camera topic (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=10.0, help="frame rate in Hz (default: %(default)s)")
+    p.add_argument("--frame-id", default="camera", help="header frame_id (default: %(default)s)")
+    p.add_argument("--compressed", action="store_true",
+                   help="write sensor_msgs/CompressedImage on <topic>/compressed")
+    p.add_argument("--format", choices=sorted(FORMATS), default="jpeg", help="with --compressed (default: jpeg)")
+    p.add_argument("--storage", choices=sorted(STORAGES), default="sqlite3", help="(default: %(default)s)")
+    p.add_argument("--encoding", choices=("rgb8", "bgr8"), default="rgb8",
+                   help="raw Image encoding (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N images only")
+    p.set_defaults(func=_from_images)
+
+    p = sub.add_parser("label", help="label every camera topic of a bag offline (no ROS graph)",
+                       description="Copy every message of IN to the new bag OUT and add "
+                                   "<ns>/segmentation/{labels,color,overlay} for each Image/CompressedImage topic.")
+    p.add_argument("input", type=Path, metavar="IN", help="input bag folder (sqlite3 or mcap)")
+    p.add_argument("out", type=Path, metavar="OUT", help="output bag folder (must not exist)")
+    p.add_argument("--model", default="", help="ONNX model (default: the package's models/unet_camvid.onnx)")
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+                   help="inference backend (default: %(default)s)")
+    p.add_argument("--topics", nargs="+", metavar="TOPIC", help="camera topics to label (default: all)")
+    p.add_argument("--storage", choices=sorted(STORAGES), default=None, help="output storage (default: as IN)")
+    p.add_argument("--batch", type=int, default=4, help="frames per inference batch (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="CPU inference threads, 0 = library default")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask (default: 0.5)")
+    p.set_defaults(func=_label)
+
+    p = sub.add_parser("play", help="publish a bag over rclpy at its recorded timing",
+                       description="Publish BAG's messages at their recorded timing, for machines without "
+                                   "`ros2 bag play`. Uses the package's Fast DDS profile for large frames unless "
+                                   "FASTRTPS_DEFAULT_PROFILES_FILE is set.")
+    p.add_argument("bag", type=Path, metavar="BAG", help="bag folder (sqlite3 or mcap)")
+    p.add_argument("--rate-factor", type=float, default=1.0, help="speed factor (default: %(default)s)")
+    p.add_argument("--loop", action="store_true", help="play again from the start until Ctrl-C")
+    p.add_argument("--clock", action="store_true", help="publish /clock with the bag time (use_sim_time)")
+    p.add_argument("--topics", nargs="+", metavar="TOPIC", help="topics to play (default: all)")
+    p.add_argument("--reliable", action="store_true", help="reliable QoS instead of sensor-data (best effort)")
+    p.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="SEC",
+                   help="wait up to SEC seconds for a subscriber on every topic before playing (default: 0)")
+    p.set_defaults(func=_play)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (BagError, BackendError, ModelError) as exc:
+        print(f"unet-bag {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"unet-bag {args.command}: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
