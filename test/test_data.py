@@ -1,0 +1,155 @@
+"""Dataset loaders on the real layouts (CamVid pair lists, the lab's CARLA folders) and augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import DATA
+
+from unet_perception.class_table import load_class_table
+from unet_perception.training.data import (
+    SegmentationDataset,
+    block_split,
+    list_pairs,
+    read_label,
+    resize_transform,
+    train_transform,
+)
+
+CAMVID, CARLA = DATA / "camvid", DATA / "carla"
+needs_camvid = pytest.mark.skipif(not (CAMVID / "train.txt").is_file(),
+                                  reason=f"CamVid is not at {CAMVID} (see ../shared/data/README.md)")
+needs_carla = pytest.mark.skipif(not (CARLA / "CameraRGB").is_dir(),
+                                 reason=f"the CARLA lab frames are not at {CARLA}")
+
+
+@needs_camvid
+def test_camvid_pair_lists_give_the_segnet_split() -> None:
+    table = load_class_table("camvid")
+    train, val = list_pairs(CAMVID, table, "train"), list_pairs(CAMVID, table, "val")
+    assert (len(train), len(val)) == (367, 101)
+    assert all(p.image.is_file() and p.label.is_file() and p.image.name == p.label.name for p in train + val)
+    assert {p.image.parent.name for p in train} == {"train"} and {p.label.parent.name for p in val} == {"valannot"}
+    assert all(p.image.name.startswith("0016E5") for p in val)  # val is one sequence
+
+
+@needs_camvid
+def test_camvid_frames_are_rgb_with_class_ids_and_void() -> None:
+    table = load_class_table("camvid")
+    ds = SegmentationDataset(CAMVID, table, "val", limit=3)
+    assert len(ds) == 3
+    img, lab = ds[0]
+    assert img.shape == (360, 480, 3) and img.dtype == np.uint8
+    assert lab.shape == (360, 480) and lab.dtype == np.uint8
+    assert lab.max() <= table.ignore_index == 11
+    # RGB order: the sky (class 0) is brighter in blue than in red on these daytime frames.
+    sky = img[lab == 0]
+    assert sky.size and sky[:, 2].mean() >= sky[:, 0].mean()
+    fractions = ds.class_pixel_fractions()
+    assert fractions.shape == (11,) and fractions.sum() == pytest.approx(1.0)
+
+
+@needs_camvid
+def test_camvid_split_without_its_list_file_says_which_file() -> None:
+    with pytest.raises(FileNotFoundError, match=r"split file '.*test\.txt' not found"):
+        list_pairs(CAMVID, load_class_table("camvid"), "test")
+
+
+@needs_carla
+def test_carla_folders_read_channel_0_ids_at_640x480() -> None:
+    table = load_class_table("carla")
+    ds = SegmentationDataset(CARLA, table, "all")
+    assert len(ds) == 14 and table.num_classes == 23
+    for (img, lab), pair in zip((ds[i] for i in range(len(ds))), ds.pairs):
+        assert img.shape == (480, 640, 3) and lab.shape == (480, 640)
+        assert lab.max() < 23
+        raw = cv2.imread(str(pair.label), cv2.IMREAD_UNCHANGED)  # BGRA: red (channel 0) is index 2
+        np.testing.assert_array_equal(lab, raw[:, :, 2])
+    # Road and sky dominate the lab's frames.
+    fractions = ds.class_pixel_fractions()
+    assert fractions[7] > 0.3 and fractions[13] > 0.2
+
+
+@needs_carla
+def test_carla_split_is_by_blocks_of_names() -> None:
+    table = load_class_table("carla")
+    names = lambda split: [p.image.name for p in list_pairs(CARLA, table, split)]
+    every, train, val = names("all"), names("train"), names("val")
+    assert sorted(train + val) == every and not set(train) & set(val)
+    assert 0 < len(val) < len(train)
+    block = table.layout["split_block"]
+    blocks = [set(every[i:i + block]) for i in range(0, len(every), block)]
+    # A block is all train or all val: no val frame has its near-duplicate neighbour of the block in train.
+    assert all(b <= set(val) or not b & set(val) for b in blocks)
+
+
+def test_block_split_sends_every_kth_block_to_val() -> None:
+    names = [f"{i:03d}" for i in range(40)]
+    val = block_split(names, val_fraction=0.25, block=5)
+    assert val == names[15:20] + names[35:40]
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        block_split(names, 1.5, 5)
+
+
+def test_missing_root_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="dataset root '.*nowhere' does not exist"):
+        list_pairs(tmp_path / "nowhere", load_class_table("camvid"), "train")
+
+
+def test_empty_image_folder_is_named(tmp_path: Path) -> None:
+    (tmp_path / "CameraRGB").mkdir()
+    with pytest.raises(FileNotFoundError, match="no PNG frames in '.*CameraRGB'"):
+        list_pairs(tmp_path, load_class_table("carla"), "train")
+
+
+@needs_camvid
+@needs_carla
+@pytest.mark.parametrize("dataset, root", [("camvid", CAMVID), ("carla", CARLA)])
+def test_unknown_split_lists_the_valid_ones(dataset: str, root: Path) -> None:
+    with pytest.raises(ValueError, match="not 'tset'"):
+        list_pairs(root, load_class_table(dataset), "tset")
+
+
+def test_multichannel_mask_needs_a_channel(tmp_path: Path) -> None:
+    path = tmp_path / "mask.png"
+    cv2.imwrite(str(path), np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="must name mask_channel"):
+        read_label(path)
+
+
+def _encoded_pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random 16x16 blocks of classes 0/1; the image is bright where the label is 1, dark where 0."""
+    rng = np.random.default_rng(seed)
+    lab = np.kron(rng.integers(0, 2, (4, 6)), np.ones((16, 16), dtype=np.int64)).astype(np.uint8)
+    img = np.where(lab[..., None] == 1, 230, 40).astype(np.uint8).repeat(3, axis=2)
+    return img, lab
+
+
+def test_augmentation_keeps_image_and_label_aligned() -> None:
+    ignore = 11
+    aug = train_transform((64, 96), scale=(0.6, 1.5), ignore_index=ignore, seed=3)
+    misaligned_scores = []
+    for seed in range(12):
+        img, lab = aug(*_encoded_pair(seed))
+        assert img.shape == (64, 96, 3) and lab.shape == (64, 96) and img.dtype == lab.dtype == np.uint8
+        assert set(np.unique(lab)) <= {0, 1, ignore}  # nearest for labels: no blended ids
+        valid = lab != ignore
+        gray = img.mean(axis=2)
+        # Colour jitter moves both levels: split them halfway between the two classes' medians.
+        bright = gray > (np.median(gray[lab == 0]) + np.median(gray[lab == 1])) / 2
+        # Bilinear image edges against nearest label edges: a few border pixels may differ.
+        assert (bright == (lab == 1))[valid].mean() > 0.95
+        flipped = lab[:, ::-1]
+        both = valid & (flipped != ignore)
+        misaligned_scores.append((bright == (flipped == 1))[both].mean())
+    assert min(misaligned_scores) < 0.8  # the check does notice a label that is off
+
+
+def test_resize_transform_is_bilinear_for_images_and_nearest_for_labels() -> None:
+    img, lab = _encoded_pair(0)
+    small_img, small_lab = resize_transform((32, 48))(img, lab * 5)
+    assert small_img.shape == (32, 48, 3) and small_lab.shape == (32, 48)
+    assert set(np.unique(small_lab)) <= {0, 5}
