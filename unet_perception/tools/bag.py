@@ -16,7 +16,6 @@ import argparse
 import importlib
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -278,7 +277,12 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
     ``segmenter`` is a ``pipeline.Segmenter``. Outputs carry the input's header and bag timestamp. A camera
     message that cannot be decoded is copied as is, reported through ``log`` and gets no outputs.
     """
-    from unet_perception.codec import MAX_PIXELS, decode_compressed, decode_image, overlay_encoding
+    from unet_perception.codec import (
+        MAX_PIXELS,
+        decode_compressed,
+        decode_image,
+        overlay_encoding,
+    )
 
     max_pixels = max_pixels or MAX_PIXELS
     store = typestore()
@@ -328,7 +332,7 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
                         rgb, enc = decode_image(msg, max_pixels), msg.encoding
                     else:
                         rgb, enc = decode_compressed(msg, max_pixels), msg.format
-                except Exception as exc:  # CodecError, or anything from a corrupt CDR payload
+                except Exception as exc:  # noqa: BLE001 - CodecError, or anything a corrupt CDR payload raises
                     line = f"skipped {conn.topic} at {timestamp}: {type(exc).__name__}: {exc}"
                     summary.errors.append(line)
                     log(line)
@@ -362,17 +366,6 @@ class PlayStats:
     loops: int = 0
 
 
-def use_fastdds_profile() -> None:
-    """Give this process's DDS writers the shipped Fast DDS profile (large frames), unless one is set.
-
-    Must run before ``rclpy.init``; see docs/bags.md for ``ros2 bag play`` and camera drivers.
-    """
-    from unet_perception.launch_support import fastdds_env
-
-    for key, value in fastdds_env().items():
-        os.environ.setdefault(key, value)
-
-
 def message_class(msgtype: str, topic: str) -> type:
     """The rclpy message class of ``pkg/msg/Name``, or a ``BagError`` saying which package is missing."""
     pkg, _, name = msgtype.rpartition("/")
@@ -391,7 +384,8 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
              should_stop: Callable[[], bool] = lambda: False) -> PlayStats:
     """Publish ``path``'s messages from ``node`` (an rclpy Node) at their recorded spacing / ``rate_factor``.
 
-    Messages go out serialized as recorded (no decode). ``wait_for_subscribers`` seconds: wait until every
+    Messages go out serialized as recorded (no decode). Call ``launch_support.apply_node_env()`` before
+    ``rclpy.init`` so frames over 512 KiB reach other processes. ``wait_for_subscribers`` seconds: wait until every
     topic has a subscriber before the first message (0: start at once, as ``ros2 bag play`` does).
     ``clock`` publishes ``/clock`` with the bag time at ``clock_hz`` and before every message.
     """
@@ -483,10 +477,12 @@ def _default_model() -> str:
 
 
 def _play(args: argparse.Namespace) -> int:
-    use_fastdds_profile()
     import rclpy
     from rclpy.executors import ExternalShutdownException
 
+    from unet_perception.launch_support import apply_node_env
+
+    apply_node_env()  # before rclpy.init: Fast DDS reads the profile when the participant is created
     rclpy.init()
     node = rclpy.create_node("unet_bag_player")
     try:
