@@ -42,8 +42,8 @@ def _providers(options: BackendOptions) -> list[Any]:
     if options.precision == "int8":
         raise BackendError("precision int8 with the onnxruntime TensorRT provider needs a calibration table; "
                            "use backend tensorrt (it calibrates from calibration_data) or precision fp16")
-    trt = {"device_id": options.gpu_id, "trt_fp16_enable": options.precision == "fp16",
-           "trt_max_workspace_size": options.workspace_mb << 20}
+    trt: dict[str, Any] = {"device_id": options.gpu_id, "trt_fp16_enable": options.precision == "fp16",
+                           "trt_max_workspace_size": options.workspace_mb << 20}
     if options.engine_cache_dir:
         trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=options.engine_cache_dir,
                    trt_timing_cache_enable=True, trt_timing_cache_path=options.engine_cache_dir)
