@@ -1,0 +1,141 @@
+"""ONNX Runtime backend: runs contract models on CPU, refuses models and devices it cannot serve, with
+messages that say how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from unet_perception.backends.base import BackendError
+from unet_perception.backends.factory import BackendOptions
+from unet_perception.backends.onnxruntime import OnnxRuntimeBackend, _providers, create, unavailable_reason
+from unet_perception.class_table import load_class_table
+from unet_perception.model_contract import make_metadata, read_model_info
+
+RNG = np.random.default_rng(2)
+
+
+def frames(n: int, hw: tuple[int, int] = (32, 48)) -> np.ndarray:
+    return RNG.integers(0, 256, (n, *hw, 3), dtype=np.uint8)
+
+
+def test_infer_matches_a_plain_session(tiny_model: Path) -> None:
+    info = read_model_info(tiny_model)
+    batch = frames(3)
+    expected = ort.InferenceSession(str(tiny_model), providers=["CPUExecutionProvider"]).run(
+        ["labels"], {"image": batch})[0]
+    with create(info, BackendOptions(max_batch=3, threads=1)) as backend:
+        assert isinstance(backend, OnnxRuntimeBackend)
+        assert (backend.name, backend.device, backend.input_hw) == ("onnxruntime", "cpu", (32, 48))
+        assert backend._session.get_session_options().intra_op_num_threads == 1
+        got = backend.infer(batch)
+        assert got.dtype == np.uint8 and got.shape == (3, 32, 48)
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(backend.infer(batch[1:2])[0], expected[1])
+    assert not backend.active and backend._session is None
+    np.testing.assert_array_equal(backend.infer(batch[:1])[0], expected[0])  # re-activates on demand
+    backend.close()
+
+
+@pytest.mark.parametrize("batch, match", [
+    (frames(5), "batch of 5 frames, max_batch is 4"),
+    (frames(1, (48, 32)), r"batch must be uint8 \[N, 32, 48, 3\], got uint8 \[1, 48, 32, 3\]"),
+    (frames(1).astype(np.float32), "got float32"),
+])
+def test_bad_batches_are_refused(tiny_model: Path, batch: np.ndarray, match: str) -> None:
+    backend = create(read_model_info(tiny_model), BackendOptions())
+    with pytest.raises(BackendError, match=match):
+        backend.infer(batch)
+    backend.close()
+
+
+@pytest.mark.parametrize("device", ["cuda", "tensorrt"])
+def test_missing_gpu_provider_says_how_to_install_it(tiny_model: Path, device: str) -> None:
+    provider = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[device]
+    if provider in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime has {provider}")
+    options = BackendOptions(device=device)
+    reason = unavailable_reason(options)
+    assert reason is not None and provider in reason and "pip install onnxruntime-gpu" in reason
+    with pytest.raises(BackendError, match=f"has no {provider}.*pip install onnxruntime-gpu"):
+        create(read_model_info(tiny_model), options)
+
+
+def test_unknown_device_is_refused(tiny_model: Path) -> None:
+    with pytest.raises(BackendError, match=r"device must be one of \('cpu', 'cuda', 'tensorrt'\).*got 'gpu'"):
+        create(read_model_info(tiny_model), BackendOptions(device="gpu"))
+    assert unavailable_reason(BackendOptions()) is None
+
+
+def test_provider_chains_follow_the_device_and_precision() -> None:
+    assert _providers(BackendOptions(device="cpu")) == ["CPUExecutionProvider"]
+    assert _providers(BackendOptions(device="cuda", gpu_id=1)) == [
+        ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    trt, cuda, cpu = _providers(BackendOptions(device="tensorrt", precision="fp16", engine_cache_dir="/cache"))
+    assert trt[0] == "TensorrtExecutionProvider" and cuda[0] == "CUDAExecutionProvider"
+    assert cpu == "CPUExecutionProvider"
+    assert trt[1]["trt_fp16_enable"] and trt[1]["trt_engine_cache_enable"]
+    assert trt[1]["trt_engine_cache_path"] == "/cache" and trt[1]["trt_max_workspace_size"] == 1024 << 20
+    fp32 = _providers(BackendOptions(device="tensorrt", precision="fp32"))[0][1]
+    assert not fp32["trt_fp16_enable"] and "trt_engine_cache_enable" not in fp32
+    with pytest.raises(BackendError, match="int8 with the onnxruntime TensorRT provider needs a calibration"):
+        _providers(BackendOptions(device="tensorrt", precision="int8"))
+
+
+def contract_like_model(path: Path, *, input_shape: list, output_type: int = TensorProto.UINT8,
+                        meta_hw: tuple[int, int] = (32, 48)) -> Path:
+    """A tiny graph (labels = max over the colour channels) with the contract's metadata, to bend one rule."""
+    nodes = [helper.make_node("ReduceMax", ["image"], ["max"], keepdims=0, axes=[3])]
+    nodes.append(helper.make_node("Cast", ["max"], ["labels"], to=output_type))
+    graph = helper.make_graph(
+        nodes, "contract_like",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, input_shape)],
+        [helper.make_tensor_value_info("labels", output_type, input_shape[:3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in make_metadata(load_class_table("camvid"), meta_hw).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_hand_made_contract_model_runs(tmp_path: Path) -> None:
+    path = contract_like_model(tmp_path / "ok.onnx", input_shape=["N", 32, 48, 3])
+    batch = frames(2)
+    with create(read_model_info(path), BackendOptions(max_batch=2)) as backend:
+        np.testing.assert_array_equal(backend.infer(batch), batch.max(axis=3))
+
+
+@pytest.mark.parametrize("kwargs, max_batch, match", [
+    ({"input_shape": ["N", 32, 48, 3], "output_type": TensorProto.INT64}, 4,
+     "'labels' is tensor\\(int64\\), the contract needs tensor\\(uint8\\)"),
+    ({"input_shape": ["N", 64, 48, 3]}, 4, r"'image' has shape \['N', 64, 48, 3\], its metadata says \['N', 32"),
+    ({"input_shape": [2, 32, 48, 3]}, 4, "fixed batch of 2; export it with a dynamic batch axis"),
+    ({"input_shape": [1, 32, 48, 3]}, 4, "fixed batch of 1"),
+])
+def test_models_off_the_contract_are_refused(tmp_path: Path, kwargs: dict, max_batch: int, match: str) -> None:
+    path = contract_like_model(tmp_path / "bad.onnx", **kwargs)
+    backend = create(read_model_info(path), BackendOptions(max_batch=max_batch))
+    with pytest.raises(BackendError, match=match):
+        backend.activate()
+    assert not backend.active
+
+
+def test_a_batch_one_model_serves_max_batch_one(tmp_path: Path) -> None:
+    path = contract_like_model(tmp_path / "b1.onnx", input_shape=[1, 32, 48, 3])
+    with create(read_model_info(path), BackendOptions(max_batch=1)) as backend:
+        assert backend.infer(frames(1)).shape == (1, 32, 48)
+
+
+def test_an_unloadable_model_file_names_the_path(tmp_path: Path, tiny_model: Path) -> None:
+    info = read_model_info(tiny_model)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(tiny_model.read_bytes()[:2000])
+    backend = create(type(info)(broken, info.classes, info.input_hw, info.metadata), BackendOptions())
+    with pytest.raises(BackendError, match=f"onnxruntime cannot load '{broken}'"):
+        backend.activate()
