@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         if not ckpt_path.is_file():
             raise SystemExit(f"--resume: no checkpoint at '{ckpt_path}'")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt["scheduler"].get("total_steps") != steps:
+            # OneCycleLR cannot be stretched: stepping past its saved length raises deep inside torch.
+            raise SystemExit(f"--resume: '{ckpt_path}' follows a schedule of {ckpt['args']['epochs']} epochs "
+                             f"({ckpt['scheduler'].get('total_steps')} steps) but this run has {steps}; resume "
+                             "with the same --epochs, --batch-size and --limit, or train into a new --out")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
