@@ -85,6 +85,8 @@ def decode_image(msg: Image, max_pixels: int = MAX_PIXELS, use_cv_bridge: bool |
     """``sensor_msgs/Image`` -> contiguous uint8 [H, W, 3] RGB.
 
     ``use_cv_bridge``: None uses cv_bridge when it imports (``BACKEND``), False forces the NumPy path.
+    An unpadded ``rgb8`` image comes back as a view of ``msg.data`` without a copy (read-only when the
+    data is ``bytes``); copy it before writing into it.
     """
     encoding = msg.encoding
     if encoding not in _ENCODINGS:
