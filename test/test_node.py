@@ -1,0 +1,155 @@
+"""The segmentation node on a real rclpy graph with real ONNX models: outputs, headers, labels, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from sensor_msgs.msg import CompressedImage, Image
+
+from conftest import SHIPPED_MODEL
+from ros_graph import RosGraph, publish_until, start_node_process, stop_process, wait_matched
+from unet_perception.backends.factory import BackendOptions, create_backend
+from unet_perception.codec import decode_compressed, decode_image
+from unet_perception.model_contract import read_model_info
+from unet_perception.pipeline import Segmenter, blend, colorize
+from unet_perception.tools.camera_sim import compressed_message, image_message, synthetic_frame
+
+N_FRAMES = 3
+
+
+def reference_segmenter(model) -> Segmenter:  # type: ignore[no-untyped-def]
+    info = read_model_info(model)
+    return Segmenter(create_backend("onnxruntime", info, BackendOptions(max_batch=4)), info.classes)
+
+
+def as_array(msg: Image) -> np.ndarray:
+    channels = msg.step // msg.width
+    shape = (msg.height, msg.width, channels) if channels > 1 else (msg.height, msg.width)
+    return np.frombuffer(bytes(msg.data), np.uint8).reshape(shape)
+
+
+def stamp(i: int) -> Time:
+    return Time(sec=1000 + i, nanosec=123)
+
+
+def outputs_of(graph: RosGraph, ns: str) -> dict:  # type: ignore[type-arg]
+    return {k: graph.collect(Image, f"{ns}/segmentation/{k}") for k in ("labels", "color", "overlay")}
+
+
+def test_two_cameras_labels_color_overlay(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    cams = {"/cam_a": ((64, 48), "rgb8"), "/cam_b": ((80, 60), "bgr8")}  # (width, height), encoding
+    ref = reference_segmenter(tiny_model)
+    with RosGraph() as graph:
+        graph.segmentation_node(model_path=str(tiny_model),
+                                image_topics=[f"{ns}/image_raw" for ns in cams], overlay_alpha=0.4)
+        pubs = {ns: graph.publisher(Image, f"{ns}/image_raw") for ns in cams}
+        outs = {ns: outputs_of(graph, ns) for ns in cams}
+        for ns in cams:
+            wait_matched(pubs[ns], list(outs[ns].values()))
+        sent: dict[str, list[Image]] = {ns: [] for ns in cams}
+        for i in range(N_FRAMES):
+            for ns, ((w, h), enc) in cams.items():
+                msg = image_message(synthetic_frame(w, h, i), enc, frame_id=f"{ns[1:]}_optical", stamp=stamp(i))
+                sent[ns].append(msg)
+                pubs[ns].publish(msg)
+            for ns in cams:  # one frame at a time per camera: the keep-latest slot drops nothing
+                for collector in outs[ns].values():
+                    collector.wait_for(i + 1)
+        ref_labels = {ns: ref.run([decode_image(m) for m in sent[ns]]) for ns in cams}
+
+    for ns, ((w, h), enc) in cams.items():
+        for i, msg_in in enumerate(sent[ns]):
+            got = {k: c.messages[i] for k, c in outs[ns].items()}
+            for kind, msg in got.items():
+                assert (msg.width, msg.height) == (w, h), (ns, kind)
+                assert msg.header.frame_id == f"{ns[1:]}_optical"
+                assert msg.header.stamp == stamp(i)
+            assert got["labels"].encoding == "mono8"
+            assert got["color"].encoding == "rgb8"
+            assert got["overlay"].encoding == enc  # same family as the input (rgb8 or bgr8)
+            labels = as_array(got["labels"])
+            np.testing.assert_array_equal(labels, ref_labels[ns][i])
+            assert len(np.unique(labels)) > 1, "a random model still gives more than one class"
+            color = colorize(labels, ref.palette)
+            np.testing.assert_array_equal(as_array(got["color"]), color)
+            overlay = blend(decode_image(msg_in), color, 0.4)
+            expected = overlay[:, :, ::-1] if enc == "bgr8" else overlay
+            np.testing.assert_array_equal(as_array(got["overlay"]), expected)
+
+
+def test_compressed_input(tiny_carla_model) -> None:  # type: ignore[no-untyped-def]
+    ref = reference_segmenter(tiny_carla_model)
+    with RosGraph() as graph:
+        graph.segmentation_node(model_path=str(tiny_carla_model), image_topics=["/front/image_raw/compressed"])
+        pub = graph.publisher(CompressedImage, "/front/image_raw/compressed")
+        outs = outputs_of(graph, "/front")
+        wait_matched(pub, list(outs.values()))
+        sent = []
+        for i, fmt in enumerate(("png", "jpeg")):
+            msg = compressed_message(synthetic_frame(96, 72, i), fmt, frame_id="front", stamp=stamp(i))
+            sent.append(msg)
+            pub.publish(msg)
+            for collector in outs.values():
+                collector.wait_for(i + 1)
+    for i, msg_in in enumerate(sent):
+        labels = outs["labels"].messages[i]
+        assert (labels.width, labels.height, labels.encoding) == (96, 72, "mono8")
+        assert labels.header.stamp == stamp(i)
+        np.testing.assert_array_equal(as_array(labels), ref.run([decode_compressed(msg_in)])[0])
+        assert outs["overlay"].messages[i].encoding == "rgb8"
+
+
+def test_colour_and_overlay_only_while_subscribed(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """With only a labels subscriber, colour and overlay are neither computed nor published."""
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/cam/image_raw"],
+                                       publish_overlay=False)
+        pub = graph.publisher(Image, "/cam/image_raw")
+        labels = graph.collect(Image, "/cam/segmentation/labels")
+        wait_matched(pub, [labels])
+        calls = []
+        real_outputs = node._segmenter.outputs
+        node._segmenter.outputs = lambda *a, **kw: calls.append(kw) or real_outputs(*a, **kw)
+        pub.publish(image_message(synthetic_frame(64, 48), "rgb8"))
+        labels.wait_for(1)
+        assert node._cameras[0].publishers["overlay"] is None  # switched off: no publisher at all
+        assert calls == [{"color": False, "overlay": False, "alpha": 0.5, "overlay_bgr": False}]
+
+
+def test_cli_subprocess_with_params_file(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """`python -m unet_perception.node --ros-args --params-file config/seg.yaml -p ...`, stopped by Ctrl-C."""
+    proc = start_node_process({"model_path": str(tiny_model), "image_topics": ["/sub/image_raw"],
+                               "publish_color": False})
+    try:
+        with RosGraph() as graph:
+            pub = graph.publisher(Image, "/sub/image_raw")
+            labels = graph.collect(Image, "/sub/segmentation/labels")
+            overlay = graph.collect(Image, "/sub/segmentation/overlay")
+            wait_matched(pub, [labels, overlay])
+            assert graph.node.count_publishers("/sub/segmentation/color") == 0  # publish_color: false
+            msg = image_message(synthetic_frame(64, 48), "rgb8", frame_id="sub", stamp=stamp(7))
+            got = publish_until(pub, msg, labels)[0]
+            overlay.wait_for(1)
+        assert (got.width, got.height, got.header.frame_id, got.header.stamp) == (64, 48, "sub", stamp(7))
+        np.testing.assert_array_equal(as_array(got), reference_segmenter(tiny_model).run([decode_image(msg)])[0])
+    finally:
+        out = stop_process(proc)
+    assert proc.returncode == 0, out
+    assert "segmenting /sub/image_raw with onnxruntime on cpu" in out
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason=f"shipped model {SHIPPED_MODEL} not trained/exported yet")
+def test_shipped_model_is_the_default() -> None:
+    """No model_path: the node loads the package's models/unet_camvid.onnx; CamVid-sized frame in, labels out."""
+    proc = start_node_process({"image_topics": ["/camvid/image_raw"]})
+    try:
+        with RosGraph() as graph:
+            pub = graph.publisher(Image, "/camvid/image_raw")
+            labels = graph.collect(Image, "/camvid/segmentation/labels")
+            wait_matched(pub, [labels])
+            got = publish_until(pub, image_message(synthetic_frame(480, 360), "rgb8"), labels)[0]
+        assert (got.width, got.height) == (480, 360)
+    finally:
+        out = stop_process(proc)
+    assert "unet_camvid.onnx" in out
