@@ -1,0 +1,94 @@
+"""Torch backend: the training checkpoint behind the same interface, on CPU or CUDA (parity checks, GPU without TensorRT).
+
+It runs ``training.export.ContractWrapper`` (the very module the ONNX file is exported from), so its labels
+are the reference the exported model is checked against. The checkpoint is ``options.checkpoint``, or the
+``.pt`` beside the ONNX model (``models/unet_camvid.onnx`` -> ``models/unet_camvid.pt``). On CUDA,
+``precision: fp16`` runs under ``torch.autocast``; everything else runs in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unet_perception.backends.base import Backend, BackendError
+from unet_perception.backends.factory import BackendOptions
+from unet_perception.model_contract import ModelInfo
+
+DEVICES = ("cpu", "cuda")
+
+
+def checkpoint_path(info: ModelInfo, options: BackendOptions) -> Path:
+    return Path(options.checkpoint).expanduser() if options.checkpoint else info.path.with_suffix(".pt")
+
+
+class TorchBackend(Backend):
+    """``ContractWrapper(model)`` from a training checkpoint; ``device`` cpu or cuda (``cuda:<gpu_id>``)."""
+
+    name = "torch"
+
+    def __init__(self, info: ModelInfo, options: BackendOptions) -> None:
+        super().__init__(info, options.max_batch)
+        if options.device not in DEVICES:
+            raise BackendError(f"device must be one of {DEVICES} for the torch backend, got '{options.device}'")
+        self.options = options
+        self.checkpoint = checkpoint_path(info, options)
+        if not self.checkpoint.is_file():
+            raise BackendError(f"torch backend: checkpoint '{self.checkpoint}' does not exist; set checkpoint to the "
+                               "training checkpoint (best.pt) the model was exported from")
+        self._torch_device = "cpu" if options.device == "cpu" else f"cuda:{options.gpu_id}"
+        self._half = options.device == "cuda" and options.precision == "fp16"
+        self._wrapper: Any = None
+
+    @property
+    def device(self) -> str:
+        return self._torch_device + (" (fp16 autocast)" if self._half else "")
+
+    def _activate(self) -> None:
+        import torch
+
+        from unet_perception.training.export import ContractWrapper, checkpoint_table, load_checkpoint
+
+        if self.options.threads and self.options.device == "cpu":
+            torch.set_num_threads(self.options.threads)
+        try:
+            model, ckpt = load_checkpoint(self.checkpoint, self._torch_device)
+            names = checkpoint_table(ckpt).names
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise BackendError(f"torch backend: '{self.checkpoint}' is not a usable training checkpoint "
+                               f"({type(exc).__name__}: {exc})") from exc
+        if names != self.info.classes.names:
+            raise BackendError(f"torch backend: checkpoint '{self.checkpoint}' has classes {names}, the model "
+                               f"'{self.info.path}' has {self.info.classes.names}; pass the checkpoint it was "
+                               "exported from")
+        self._wrapper = ContractWrapper(model).to(self._torch_device).eval()
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._half):
+            labels = self._wrapper(torch.from_numpy(batch).to(self._torch_device))
+        result: np.ndarray = labels.cpu().numpy()
+        return result
+
+    def _deactivate(self) -> None:
+        self._wrapper = None
+
+
+def unavailable_reason(options: BackendOptions) -> str | None:
+    """None when torch imports and, for device cuda, sees a GPU."""
+    if importlib.util.find_spec("torch") is None:
+        return "torch not importable (pip install -r requirements/train.txt)"
+    if options.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"CUDA asked but torch {torch.__version__} sees no CUDA GPU"
+    return None
+
+
+def create(info: ModelInfo, options: BackendOptions) -> TorchBackend:
+    return TorchBackend(info, options)
