@@ -69,7 +69,7 @@ def export_onnx(model: nn.Module, path: str | Path, table: ClassTable, input_hw:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ContractWrapper(model.eval()).cpu()
+    wrapper = ContractWrapper(model).cpu().eval()  # eval the wrapper: export restores its mode onto model
     example = torch.zeros(1, *input_hw, 3, dtype=torch.uint8)
     tmp = path.with_name(path.name + ".tmp")
     with torch.inference_mode():
@@ -94,7 +94,7 @@ def label_agreement(model: nn.Module, onnx_path: str | Path, frames: np.ndarray)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    wrapper = ContractWrapper(model.eval()).cpu()
+    wrapper = ContractWrapper(model).cpu().eval()
     with torch.inference_mode():
         expected = wrapper(torch.from_numpy(frames)).numpy()
     got = session.run([OUTPUT_NAME], {INPUT_NAME: frames})[0]
