@@ -101,6 +101,9 @@ def test_default_path_is_the_available_backend() -> None:
     assert codec.BACKEND in ("numpy", "cv_bridge")
     msg = image_msg(RGB[:, :, ::-1], "bgr8", pad=1)
     np.testing.assert_array_equal(decode_image(msg), RGB)
+    if codec.BACKEND == "numpy":
+        with pytest.raises(CodecError, match="cv_bridge is not importable; install ros-jazzy-cv-bridge"):
+            decode_image(msg, use_cv_bridge=True)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -22,9 +22,10 @@ from std_msgs.msg import Header
 try:  # a real ROS install; the PyPI wheels have no cv_bridge
     from cv_bridge import CvBridge, CvBridgeError
 except ImportError:  # pragma: no cover - depends on the machine
-    CvBridge = None
+    _BRIDGE = None
     BACKEND = "numpy"
 else:  # pragma: no cover - depends on the machine
+    _BRIDGE = CvBridge()
     BACKEND = "cv_bridge"
 
 MAX_PIXELS = 4096 * 4096
@@ -120,9 +121,12 @@ def decode_image(msg: Image, max_pixels: int = MAX_PIXELS, use_cv_bridge: bool |
     return cv2.cvtColor(pixels if channels > 1 else pixels[:, :, 0], conversion)
 
 
-def _decode_cv_bridge(msg: Image) -> np.ndarray:  # pragma: no cover - needs a ROS install with cv_bridge
-    try:
-        return np.ascontiguousarray(CvBridge().imgmsg_to_cv2(msg, "rgb8"))
+def _decode_cv_bridge(msg: Image) -> np.ndarray:
+    if _BRIDGE is None:
+        raise CodecError("use_cv_bridge=True but cv_bridge is not importable; install ros-jazzy-cv-bridge "
+                         "or leave use_cv_bridge unset to use the NumPy path")
+    try:  # pragma: no cover - needs a ROS install with cv_bridge
+        return np.ascontiguousarray(_BRIDGE.imgmsg_to_cv2(msg, "rgb8"))
     except (CvBridgeError, cv2.error, TypeError, ValueError) as exc:
         raise CodecError(f"cv_bridge cannot convert the '{msg.encoding}' image to rgb8: {exc}") from exc
 
