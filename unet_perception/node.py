@@ -137,13 +137,14 @@ class CameraStats:
     """Counters of one camera; guarded by the node's lock."""
 
     frames_in: int = 0
+    decoded: int = 0  # frames_in that passed decoding and validation
     frames_out: int = 0
     drops: int = 0
     errors: int = 0
     last_error: str = ""
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     # the counters at the previous diagnostics message, for rates and "recent" levels
-    prev: tuple[int, int, int, int] = (0, 0, 0, 0)
+    prev: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
 
 
 @dataclass
@@ -271,6 +272,7 @@ class SegmentationNode(Node):
         encoding = msg.format if isinstance(msg, CompressedImage) else msg.encoding
         with self._lock:
             cam.stats.frames_in += 1
+            cam.stats.decoded += 1
             if cam.pending is not None:
                 cam.stats.drops += 1
             cam.pending = Frame(rgb, msg.header, encoding, received)
@@ -338,12 +340,12 @@ class SegmentationNode(Node):
 
     def _camera_status(self, cam: Camera, dt: float, backend: str, device: str) -> DiagnosticStatus:
         s = cam.stats
-        d_in, d_out, d_drops, d_errors = (now - before for now, before in
-                                          zip((s.frames_in, s.frames_out, s.drops, s.errors), s.prev))
-        s.prev = (s.frames_in, s.frames_out, s.drops, s.errors)
+        counters = (s.frames_in, s.decoded, s.frames_out, s.drops, s.errors)
+        d_in, d_decoded, d_out, d_drops, d_errors = (now - before for now, before in zip(counters, s.prev))
+        s.prev = counters
         lat_ms = np.asarray(s.latencies, dtype=np.float64) * 1000.0
-        if d_in and not d_out:
-            level, text = DiagnosticStatus.ERROR, f"no output for {d_in} input frames in the last {dt:.1f} s"
+        if d_decoded and not d_out:  # good frames came in, nothing went out: inference is failing or stuck
+            level, text = DiagnosticStatus.ERROR, f"no output for {d_decoded} good frames in the last {dt:.1f} s"
         elif d_errors or d_drops:
             level, text = DiagnosticStatus.WARN, f"{d_errors} errors, {d_drops} drops in the last {dt:.1f} s"
         else:

@@ -1,0 +1,151 @@
+"""Bad input and a failing backend: logged, counted in /diagnostics, and the node keeps serving."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from sensor_msgs.msg import CompressedImage, Image
+
+from ros_graph import Collector, RosGraph, wait_matched, wait_until
+from unet_perception.tools.camera_sim import compressed_message, image_message, synthetic_frame
+
+RAW, COMPRESSED = "/bad/image_raw", "/bad_c/image_raw/compressed"
+MAX_PIXELS = 100 * 100
+DIAG_KEYS = {"rate_in_hz", "rate_out_hz", "frames_in", "frames_out", "drops", "latency_mean_ms",
+             "latency_p99_ms", "backend", "device", "model", "errors", "last_error"}
+
+
+class Rig:
+    """One node with a raw and a compressed camera, publishers, output and /diagnostics collectors."""
+
+    def __init__(self, graph: RosGraph, model: str) -> None:
+        self.node = graph.segmentation_node(model_path=model, image_topics=[RAW, COMPRESSED],
+                                            max_image_pixels=MAX_PIXELS, diagnostics_period=0.2)
+        self.pub = {RAW: graph.publisher(Image, RAW), COMPRESSED: graph.publisher(CompressedImage, COMPRESSED)}
+        self.labels = {RAW: graph.collect(Image, "/bad/segmentation/labels"),
+                       COMPRESSED: graph.collect(Image, "/bad_c/segmentation/labels")}
+        self.diagnostics = graph.collect(DiagnosticArray, "/diagnostics", 10)
+        for topic in self.pub:
+            wait_matched(self.pub[topic], [self.labels[topic]])
+
+    def status(self, topic: str) -> DiagnosticStatus:
+        """The latest /diagnostics status of ``topic``."""
+        self.diagnostics.wait_for(1)
+        return next(s for s in self.diagnostics.messages[-1].status if s.hardware_id == topic)
+
+    def errors(self, topic: str) -> int:
+        return int(values(self.status(topic))["errors"])
+
+    def good_frame_answered(self, topic: str) -> None:
+        before = len(self.labels[topic])
+        rgb = synthetic_frame(64, 48)
+        self.pub[topic].publish(compressed_message(rgb, "png") if topic == COMPRESSED else image_message(rgb))
+        self.labels[topic].wait_for(before + 1)
+
+
+def values(status: DiagnosticStatus) -> dict[str, str]:
+    return {kv.key: kv.value for kv in status.values}
+
+
+@pytest.fixture(scope="module")
+def rig(tiny_model) -> Iterator[Rig]:  # type: ignore[no-untyped-def]
+    with RosGraph() as graph:
+        yield Rig(graph, str(tiny_model))
+
+
+def raw(encoding: str, width: int, height: int, step: int, size: int) -> Image:
+    msg = Image(encoding=encoding, width=width, height=height, step=step)
+    msg.data = bytes(size)
+    return msg
+
+
+def corrupt_jpeg() -> CompressedImage:
+    msg = CompressedImage(format="jpeg")
+    msg.data = b"\xff\xd8\xff\xe0" + bytes(200)
+    return msg
+
+
+BAD_INPUTS = {
+    "unsupported encoding": (RAW, raw("32FC1", 64, 48, 64 * 4, 64 * 48 * 4), "encoding '32FC1'"),
+    "0x0 image": (RAW, raw("rgb8", 0, 0, 0, 0), "0x0"),
+    "data length": (RAW, raw("rgb8", 64, 48, 192, 100), "needs 9216 bytes"),
+    "step too small": (RAW, raw("rgb8", 64, 48, 64, 64 * 48), "step 64"),
+    "oversize": (RAW, raw("rgb8", 200, 100, 600, 60000), "over the limit"),
+    "corrupt compressed": (COMPRESSED, corrupt_jpeg(), "not a decodable"),
+    "oversize compressed": (COMPRESSED, compressed_message(synthetic_frame(200, 100), "png"), "over the limit"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_is_counted_and_node_keeps_serving(rig: Rig, kind: str) -> None:
+    topic, msg, needle = BAD_INPUTS[kind]
+    before = rig.errors(topic)
+    rig.pub[topic].publish(msg)
+    wait_until(lambda: rig.errors(topic) == before + 1, what=f"errors of {topic} to reach {before + 1}")
+    status = rig.status(topic)
+    assert needle in values(status)["last_error"]
+    assert status.level == DiagnosticStatus.WARN
+    rig.good_frame_answered(topic)
+
+
+def test_backend_failure_on_one_batch(rig: Rig) -> None:
+    backend = rig.node._segmenter.backend
+    real_infer = backend._infer
+
+    def fail_once(batch: np.ndarray) -> np.ndarray:
+        backend._infer = real_infer
+        raise RuntimeError("simulated device failure")
+
+    before = rig.errors(RAW)
+    backend._infer = fail_once
+    frames_out = len(rig.labels[RAW])
+    rig.pub[RAW].publish(image_message(synthetic_frame(64, 48)))
+    wait_until(lambda: rig.errors(RAW) == before + 1, what="the backend failure to be counted")
+    assert "inference failed on /bad/image_raw: RuntimeError: simulated device failure" in \
+        values(rig.status(RAW))["last_error"]
+    assert len(rig.labels[RAW]) == frames_out  # the failed frame published nothing
+    rig.good_frame_answered(RAW)
+
+
+def test_diagnostics_content(rig: Rig) -> None:
+    rig.good_frame_answered(RAW)
+    count = len(rig.diagnostics)
+    rig.diagnostics.wait_for(count + 2)  # a fresh period with no new input or errors: level OK
+    wait_until(lambda: rig.status(RAW).level == DiagnosticStatus.OK, what="an OK status of a quiet camera")
+    msg = rig.diagnostics.messages[-1]
+    assert [s.name for s in msg.status] == [f"unet_perception: {RAW}", f"unet_perception: {COMPRESSED}"]
+    v = values(rig.status(RAW))
+    assert set(v) == DIAG_KEYS
+    assert v["backend"] == "onnxruntime" and v["device"] == "cpu" and v["model"].endswith("tiny_camvid.onnx")
+    assert int(v["frames_out"]) >= 1 and int(v["frames_in"]) >= int(v["frames_out"]) + int(v["errors"])
+    assert 0.0 < float(v["latency_mean_ms"]) <= float(v["latency_p99_ms"])
+    assert float(v["rate_in_hz"]) == 0.0  # nothing arrived during the last period
+
+
+def test_keep_latest_slot_counts_drops(rig: Rig) -> None:
+    """Frames that arrive while the worker is busy replace the waiting one and count as drops."""
+    backend = rig.node._segmenter.backend
+    real_infer = backend._infer
+    release = threading.Event()
+
+    def blocked(batch: np.ndarray) -> np.ndarray:
+        release.wait(10)
+        return real_infer(batch)
+
+    drops = int(values(rig.status(RAW))["drops"])
+    done = len(rig.labels[RAW])
+    backend._infer = blocked
+    try:
+        for i in range(4):  # 1 goes to the (blocked) worker, then 3 into the slot: 2 replaced
+            rig.pub[RAW].publish(image_message(synthetic_frame(64, 48, i)))
+            if i == 0:
+                wait_until(lambda: rig.node._cameras[0].pending is None, what="the worker to take frame 0")
+        wait_until(lambda: int(values(rig.status(RAW))["drops"]) == drops + 2, what="2 drops")
+    finally:
+        backend._infer = real_infer
+        release.set()
+    rig.labels[RAW].wait_for(done + 2)  # the blocked frame and the latest one
