@@ -27,6 +27,11 @@ $(STAMP): requirements/*.txt setup.py package.xml
 
 venv: $(STAMP)
 
+# Road frames -> rosbag2 -> the node (as seg.launch.py starts it) -> recorded bag, overlay PNGs and a summary
+# in out/demo. DEMO_ARGS passes more options, e.g. DEMO_ARGS="--model path/to/model.onnx --frames 30".
+demo: $(STAMP)
+	$(VENV)/bin/unet-demo --images $(IMAGES) --out out/demo $(DEMO_ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q test
 
