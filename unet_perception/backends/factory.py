@@ -66,7 +66,7 @@ def create_backend(kind: str, model: str | Path | ModelInfo, options: BackendOpt
     info = model if isinstance(model, ModelInfo) else read_model_info(model)
     if kind != "auto":
         return _module(kind).create(info, options)
-    reasons = []
+    reasons: list[str] = []
     for candidate in AUTO_ORDER:
         try:
             reason = _module(candidate).unavailable_reason(options)
