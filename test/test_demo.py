@@ -1,0 +1,60 @@
+"""unet-demo end to end: a real node process, a real bag replayed and recorded, PNGs and a summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+from conftest import DATA, REPO
+from rosbags.rosbag2 import Reader
+
+CAMVID_VAL = DATA / "camvid" / "val"
+
+
+def _demo(args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "unet_perception.tools.demo", *args], cwd=REPO, env=os.environ,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(not CAMVID_VAL.is_dir(), reason=f"CamVid val frames not found at {CAMVID_VAL}")
+def test_demo_end_to_end(tmp_path: Path, tiny_model: Path) -> None:
+    out = tmp_path / "demo"
+    run = _demo(["--images", str(CAMVID_VAL), "--model", str(tiny_model), "--frames", "6", "--rate", "5",
+                 "--pngs", "3", "--out", str(out)])
+    assert run.returncode == 0, run.stdout + run.stderr + (out / "node.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames_in"] == 6
+    # the node keeps only the newest frame per camera, so a frame can be dropped, never invented
+    assert 1 <= summary["frames_out"] <= 6
+    assert summary["node_frames_in"] == 6
+    assert summary["frames_out"] + summary["node_drops"] == 6 and summary["node_errors"] == 0
+    assert summary["backend"] == "onnxruntime" and summary["latency_mean_ms"] > 0
+    assert summary["miou_frames"] == summary["frames_out"] and 0.0 <= summary["miou"] <= 1.0
+    assert "mIoU vs ground truth" in run.stdout and "frames out (labels received)" in run.stdout
+
+    with Reader(out / "output_bag") as reader:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+        types = {c.topic: c.msgtype for c in reader.connections}
+    for kind in ("labels", "color", "overlay"):
+        assert counts[f"/camera/segmentation/{kind}"] == summary["frames_out"]
+        assert types[f"/camera/segmentation/{kind}"] == "sensor_msgs/msg/Image"
+    assert counts["/diagnostics"] >= 1
+    with Reader(out / "input_bag") as reader:
+        assert [c.msgcount for c in reader.connections] == [6]
+
+    pngs = sorted(out.glob("overlay_*.png"))
+    assert [p.name for p in pngs] == [f"overlay_{i:03d}.png" for i in range(min(3, summary["frames_out"]))]
+    first_frame = cv2.imread(str(sorted(CAMVID_VAL.iterdir())[0]))
+    assert cv2.imread(str(pngs[0])).shape == first_frame.shape
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]
+
+
+def test_demo_without_a_model_says_how_to_get_one(tmp_path: Path) -> None:
+    run = _demo(["--images", str(tmp_path), "--model", str(tmp_path / "missing.onnx"), "--out", str(tmp_path)])
+    assert run.returncode == 1
+    assert "no model at" in run.stderr and "--model" in run.stderr
