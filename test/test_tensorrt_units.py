@@ -438,12 +438,18 @@ def test_cli_build_fails_clearly_without_tensorrt(tiny_model: Path, tmp_path: Pa
 
 
 def test_auto_falls_back_to_onnxruntime_saying_why(tiny_model: Path) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has CUDA here, so auto picks onnxruntime (cuda)")
     logs: list[str] = []
     backend = create_backend("auto", tiny_model, BackendOptions(max_batch=2), log=logs.append)
     try:
         assert backend.name == "onnxruntime"
         assert len(logs) == 1 and "using onnxruntime" in logs[0]
         assert "tensorrt is not usable: tensorrt Python bindings not importable" in logs[0]
+        assert "onnxruntime (cuda) is not usable: " in logs[0]  # tried before the CPU provider
+        assert backend.options.device == "cpu"  # type: ignore[attr-defined]
     finally:
         backend.close()
 

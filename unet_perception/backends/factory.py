@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,9 @@ MODULES = {"tensorrt": "unet_perception.backends.tensorrt",
            "onnxruntime": "unet_perception.backends.onnxruntime",
            "torch": "unet_perception.backends.torch_backend"}
 AUTO_ORDER = ("tensorrt", "onnxruntime")
+# With device cpu (the default), auto also tries ONNX Runtime's CUDA provider before its CPU one, so GPU
+# machines without the TensorRT Python bindings still get the GPU; set backend: onnxruntime to force the CPU.
+AUTO_GPU_FIRST = {"onnxruntime": "cuda"}
 
 
 @dataclass(frozen=True)
@@ -67,20 +70,26 @@ def create_backend(kind: str, model: str | Path | ModelInfo, options: BackendOpt
     if kind != "auto":
         return _module(kind).create(info, options)
     reasons: list[str] = []
+    chain = []
     for candidate in AUTO_ORDER:
+        if candidate in AUTO_GPU_FIRST and options.device == "cpu":
+            gpu = AUTO_GPU_FIRST[candidate]
+            chain.append((candidate, f"{candidate} ({gpu})", replace(options, device=gpu)))
+        chain.append((candidate, candidate, options))
+    for candidate, label, opts in chain:
         try:
-            reason = _module(candidate).unavailable_reason(options)
+            reason = _module(candidate).unavailable_reason(opts)
         except ImportError as exc:
             reason = f"cannot import its module ({exc})"
         if reason is None:
             try:
-                backend = _module(candidate).create(info, options)
+                backend = _module(candidate).create(info, opts)
                 backend.activate()
             except Exception as exc:  # a parse/build failure falls through to the next candidate
                 reason = f"failed to start ({type(exc).__name__}: {exc})"
             else:
                 why = "; ".join(reasons)
-                log(f"backend auto: using {candidate}" + (f" because {why}" if why else ""))
+                log(f"backend auto: using {label}" + (f" because {why}" if why else ""))
                 return backend
-        reasons.append(f"{candidate} is not usable: {reason}")
+        reasons.append(f"{label} is not usable: {reason}")
     raise BackendError("backend auto: no backend can run here: " + "; ".join(reasons))
