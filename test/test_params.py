@@ -1,0 +1,95 @@
+"""Parameter validation: a bad value stops start-up with one message naming it; descriptors are real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from rcl_interfaces.msg import ParameterType
+from rclpy.parameter import Parameter
+
+from ros_graph import RosGraph
+from unet_perception.launch_support import node_command, node_env
+from unet_perception.node import PARAMS, StartupError
+
+TIMEOUT_S = 60
+
+
+def run_node(tmp_path: Path, params: dict) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    """The real CLI with a params file (rcl drops a -p value whose type differs from the file's, so the
+    file here sets only what no case overrides)."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("/**:\n  ros__parameters:\n    image_topics: [cli/image_raw]\n")
+    return subprocess.run(node_command(params_file, params), env=os.environ | node_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def corrupt_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bad") / "corrupt.onnx"
+    path.write_bytes(b"\x08\x07not a protobuf at all" * 10)
+    return path
+
+
+# through the real CLI: exit status 1 and exactly one FATAL line naming the parameter or path
+CLI_CASES = {
+    "bad backend": ({"backend": "tpu"}, ["parameter 'backend' is 'tpu'", "onnxruntime"]),
+    "max_batch not a number": ({"max_batch": "many"}, ["parameter 'max_batch'", "'many'"]),
+    "missing model": ({"model_path": "/nonexistent/model.onnx"}, ["model_path", "'/nonexistent/model.onnx'",
+                                                                  "does not exist"]),
+    "corrupt model": (None, ["model_path", "corrupt.onnx", "not a readable ONNX model"]),
+}
+# in-process (faster): the same StartupError that main() turns into that FATAL line
+IN_PROCESS_CASES = {
+    "max_batch 0": ({"max_batch": 0}, "parameter 'max_batch' rejected: .*out of range"),
+    "bad qos": ({"qos_reliability": "sometimes"}, "parameter 'qos_reliability' is 'sometimes'.*best_effort"),
+    "alpha out of range": ({"overlay_alpha": 1.5}, "parameter 'overlay_alpha' rejected: .*out of range"),
+    "bad class colour": ({"class_colors": ["Road=300,0,0"]}, "class_colors entry 'Road=300,0,0'"),
+    "unknown class colour": ({"class_colors": ["Lava=1,2,3"]}, "class_colors: .*Lava"),
+    "empty topic list": ({"image_topics": ["/"]}, "parameter 'image_topics'"),
+    "invalid topic name": ({"image_topics": ["cam 1/image_raw"]}, "parameter 'image_topics'.*cam 1"),
+    "no outputs": ({"publish_labels": False, "publish_color": False, "publish_overlay": False},
+                   "switch at least one output on"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_invalid_start_up_exits_with_one_clear_message(case: str, tiny_model: Path, corrupt_model: Path,
+                                                       tmp_path: Path) -> None:
+    params, needles = CLI_CASES[case]
+    params = {"model_path": str(tiny_model), **(params if params is not None else
+                                                 {"model_path": str(corrupt_model)})}
+    result = run_node(tmp_path, params)
+    assert result.returncode == 1, result.stderr
+    fatal = [line for line in result.stderr.splitlines() if "[FATAL]" in line]
+    assert len(fatal) == 1, result.stderr
+    for needle in needles:
+        assert needle in fatal[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case", list(IN_PROCESS_CASES))
+def test_invalid_parameter_stops_start_up(case: str, tiny_model: Path) -> None:
+    params, pattern = IN_PROCESS_CASES[case]
+    with RosGraph() as graph, pytest.raises(StartupError, match=pattern):
+        graph.segmentation_node(**{"model_path": str(tiny_model), **params})
+
+
+def test_descriptors_ranges_and_read_only(tiny_model: Path) -> None:
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/p/image_raw"])
+        for spec in PARAMS:
+            d = node.describe_parameter(spec.name)
+            assert d.description, spec.name
+            assert d.read_only == (spec.name != "overlay_alpha"), spec.name
+        assert node.describe_parameter("max_batch").integer_range[0].from_value == 1
+        assert node.describe_parameter("class_colors").type == ParameterType.PARAMETER_STRING_ARRAY
+        assert "best_effort" in node.describe_parameter("qos_reliability").additional_constraints
+        # overlay_alpha changes at run time within its range; read-only ones and bad values are refused
+        assert node.set_parameters([Parameter("overlay_alpha", value=0.8)])[0].successful
+        assert node._alpha == 0.8
+        assert not node.set_parameters([Parameter("overlay_alpha", value=2.0)])[0].successful
+        assert not node.set_parameters([Parameter("max_batch", value=2)])[0].successful
+        assert node._alpha == 0.8
