@@ -69,7 +69,7 @@ def test_from_images_raw(tmp_path: Path, storage: str) -> None:
     assert stamps == [START, START + 250_000_000, START + 500_000_000]
     assert _types(out) == {"/cam/image_raw": IMAGE}
     msgs = _read(out)["/cam/image_raw"]
-    for (ts, msg), path, stamp in zip(msgs, images, stamps):
+    for (ts, msg), path, stamp in zip(msgs, images, stamps, strict=True):
         assert ts == stamp == msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
         assert msg.header.frame_id == "cam_optical" and msg.encoding == "rgb8"
         np.testing.assert_array_equal(_pixels(msg), cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -33,7 +33,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.rosbag2.reader import DirectoryReader
 from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from unet_perception.backends.base import BackendError
 from unet_perception.model_contract import ModelError
@@ -42,7 +42,7 @@ from unet_perception.topics import is_compressed_topic, output_topics
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
 CAMERA_TYPES = (IMAGE, COMPRESSED)
-BAG_VERSION = 8  # the rosbag2 format ROS 2 Jazzy writes; Jazzy's reader does not know version 9
+BAG_VERSION: Literal[8] = 8  # the rosbag2 format ROS 2 Jazzy writes; Jazzy's reader does not know version 9
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 FORMATS = {"jpeg": ".jpg", "png": ".png"}
@@ -309,7 +309,7 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
 
             def flush() -> None:
                 labels = segmenter.run([p.rgb for p in pending])
-                for p, lab in zip(pending, labels):
+                for p, lab in zip(pending, labels, strict=True):
                     rendered = segmenter.outputs(p.rgb, lab, alpha=alpha, overlay_bgr=p.overlay_bgr)
                     conns = outputs[p.conn.id]
                     for kind, array, enc in (("labels", lab, "mono8"), ("color", rendered.color, "rgb8"),
@@ -327,7 +327,7 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
                 if conn.id not in outputs:
                     continue
                 try:
-                    msg = store.deserialize_cdr(raw, conn.msgtype)
+                    msg: Any = store.deserialize_cdr(raw, conn.msgtype)
                     if conn.msgtype == IMAGE:
                         rgb, enc = decode_image(msg, max_pixels), msg.encoding
                     else:
@@ -390,7 +390,7 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
     ``clock`` publishes ``/clock`` with the bag time at ``clock_hz`` and before every message.
     """
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-    from rosgraph_msgs.msg import Clock
+    from rosgraph_msgs.msg import Clock  # type: ignore[import-untyped]
 
     if rate_factor <= 0:
         raise BagError(f"--rate-factor must be > 0, got {rate_factor}")
@@ -437,7 +437,7 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
 
 
 def _ros_time(ns: int) -> Any:
-    from builtin_interfaces.msg import Time
+    from builtin_interfaces.msg import Time  # type: ignore[import-untyped]
 
     return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 

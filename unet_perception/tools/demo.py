@@ -103,9 +103,9 @@ class Recorder:
     """
 
     def __init__(self, node: Any, writer: Any, topics: dict[str, str]) -> None:
-        from diagnostic_msgs.msg import DiagnosticArray
+        from diagnostic_msgs.msg import DiagnosticArray  # type: ignore[import-untyped]
         from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import Image
+        from sensor_msgs.msg import Image  # type: ignore[import-untyped]
 
         self.store = typestore()
         self.received: dict[int, float] = {}       # labels stamp -> monotonic receive time
@@ -129,7 +129,7 @@ class Recorder:
     def _on_image(self, topic: str, kind: str, raw: bytes) -> None:
         now = time.monotonic()
         self._write(topic, raw)
-        msg = self.store.deserialize_cdr(raw, "sensor_msgs/msg/Image")
+        msg: Any = self.store.deserialize_cdr(raw, "sensor_msgs/msg/Image")
         if kind == "labels":
             stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
             self.received[stamp] = now
@@ -139,7 +139,7 @@ class Recorder:
 
     def _on_diagnostics(self, raw: bytes) -> None:
         self._write("/diagnostics", raw)
-        msg = self.store.deserialize_cdr(raw, "diagnostic_msgs/msg/DiagnosticArray")
+        msg: Any = self.store.deserialize_cdr(raw, "diagnostic_msgs/msg/DiagnosticArray")
         for status in msg.status:
             if status.hardware_id == TOPIC:
                 self.diagnostics = {kv.key: kv.value for kv in status.values}
@@ -244,7 +244,7 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
             old.unlink()
     print(f"[1/4] bag of {len(files)} frames from {images} at {rate:g} Hz -> {out / 'input_bag'}")
     stamps = bag_from_images(files, out / "input_bag", topic=TOPIC, rate=rate, frame_id="camera")
-    by_stamp = dict(zip(stamps, files))
+    by_stamp = dict(zip(stamps, files, strict=True))
 
     launch_support.apply_node_env()  # this process publishes camera frames too
     import rclpy
