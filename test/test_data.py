@@ -63,7 +63,7 @@ def test_carla_folders_read_channel_0_ids_at_640x480() -> None:
     table = load_class_table("carla")
     ds = SegmentationDataset(CARLA, table, "all")
     assert len(ds) == 14 and table.num_classes == 23
-    for (img, lab), pair in zip((ds[i] for i in range(len(ds))), ds.pairs):
+    for (img, lab), pair in zip((ds[i] for i in range(len(ds))), ds.pairs, strict=True):
         assert img.shape == (480, 640, 3) and lab.shape == (480, 640)
         assert lab.max() < 23
         raw = cv2.imread(str(pair.label), cv2.IMREAD_UNCHANGED)  # BGRA: red (channel 0) is index 2
@@ -76,8 +76,8 @@ def test_carla_folders_read_channel_0_ids_at_640x480() -> None:
 @needs_carla
 def test_carla_split_is_by_blocks_of_names() -> None:
     table = load_class_table("carla")
-    names = lambda split: [p.image.name for p in list_pairs(CARLA, table, split)]
-    every, train, val = names("all"), names("train"), names("val")
+    every, train, val = ([p.image.name for p in list_pairs(CARLA, table, split)]
+                         for split in ("all", "train", "val"))
     assert sorted(train + val) == every and not set(train) & set(val)
     assert 0 < len(val) < len(train)
     block = table.layout["split_block"]

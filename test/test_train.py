@@ -84,8 +84,8 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
     assert resumed["history"][:2] == interrupted["history"]
     assert resumed["scheduler"]["last_epoch"] == 3 * 3  # the one-cycle schedule ran to its end, not restarted
     assert "resumed from" in (out / "train.log").read_text()
-    moved = [not torch.equal(a, b) for a, b in zip(interrupted["model"].values(), resumed["model"].values())
-             if a.is_floating_point()]
+    pairs = zip(interrupted["model"].values(), resumed["model"].values(), strict=True)
+    moved = [not torch.equal(a, b) for a, b in pairs if a.is_floating_point()]
     assert any(moved)
 
 

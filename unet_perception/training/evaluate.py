@@ -143,9 +143,9 @@ def plot_samples(images: list[np.ndarray], truths: list[np.ndarray], preds: list
     n = len(images)
     aspect = images[0].shape[0] / images[0].shape[1]
     fig, axes = plt.subplots(n, 3, figsize=(10, 10 / 3 * aspect * n + 0.5), squeeze=False)
-    for row, (img, truth, pred) in enumerate(zip(images, truths, preds)):
+    for row, (img, truth, pred) in enumerate(zip(images, truths, preds, strict=True)):
         for ax, picture, title in zip(axes[row], (img, lut[truth], lut[pred]),
-                                      ("input", "truth", "prediction")):
+                                      ("input", "truth", "prediction"), strict=True):
             ax.imshow(picture)
             ax.set_axis_off()
             if row == 0:
