@@ -48,6 +48,7 @@ def test_evaluate_checkpoint_writes_report_figures_and_the_23_class_table(
     report = json.loads((out / "report.json").read_text())
     assert report["frames"] == 14 and report["frame_size"] == [480, 640] and report["dataset"] == "carla"
     assert report["model_kind"] == "checkpoint" and report["input_size"] == [48, 64]
+    assert report["split"] == "all" and report["seconds"] > 0 and report["evaluated_at"]
     cm = np.array(report["confusion_matrix"])
     assert cm.shape == (23, 23) and cm.sum() == 14 * 480 * 640  # no ignore id in CARLA: every pixel counts
     assert len(report["per_class_iou"]) == 23 and 0 <= report["mean_iou"] <= 1

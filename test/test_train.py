@@ -99,6 +99,14 @@ def test_resume_with_another_schedule_is_refused(trained: Path) -> None:
         run(trained, 20, "--resume")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the AMP path)")
+def test_cuda_training_uses_mixed_precision(tmp_path: Path) -> None:
+    ckpt = run(tmp_path / "cuda", 2, "--device", "cuda")
+    assert ckpt["scaler"] is not None  # GradScaler state: autocast float16 was on
+    assert all(h["loss"] == h["loss"] for h in ckpt["history"])  # finite, not NaN
+
+
 @pytest.mark.parametrize("size", ["50x64", "48x", "big"])
 def test_bad_input_size_is_rejected_with_a_hint(size: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):

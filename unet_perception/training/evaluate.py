@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,7 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, *, datas
         "classes_present": int((cm.sum(1) > 0).sum()),
         "ignore_index": table.ignore_index,
         "confusion_matrix": cm.tolist(),
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3), "frames_per_s": round(len(frames) / seconds, 3) if seconds else None,
     }
     out.mkdir(parents=True, exist_ok=True)
