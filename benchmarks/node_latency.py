@@ -1,0 +1,133 @@
+"""Raw backend time per frame vs the segmentation node end to end, for 640x480 cameras.
+
+    python benchmarks/node_latency.py [--model models/unet_camvid.onnx] [--rounds 20] [--threads 0]
+
+The node runs in-process on a real rclpy graph with subscribers on labels, colour and overlay (so all
+three outputs are computed and published). Each round publishes one rgb8 frame per camera and waits
+for every overlay, so the node never drops and the time per frame is ``round time / cameras``.
+"Node overhead" = node time per frame - raw inference per frame at the same batch size: decode,
+preprocess, postprocess (upscale, colour, overlay), message encoding, publishing and the DDS hops.
+Goal: overhead <= 10% of raw inference and <= 5 ms per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pipeline as stages  # noqa: E402  (benchmarks/pipeline.py: model and frame helpers)
+
+from unet_perception.backends.factory import BackendOptions, create_backend  # noqa: E402
+from unet_perception.node import SegmentationNode  # noqa: E402
+from unet_perception.pipeline import preprocess  # noqa: E402
+from unet_perception.tools.camera_sim import image_message  # noqa: E402
+
+OUTPUTS = ("labels", "color", "overlay")
+
+
+def raw_ms_per_frame(model: Path, frame: np.ndarray, batch: int, threads: int, rounds: int) -> float:
+    """Backend inference alone on an already preprocessed batch, ms per frame."""
+    backend = create_backend("onnxruntime", model, BackendOptions(max_batch=batch, threads=threads))
+    with backend:
+        inputs = preprocess([frame] * batch, backend.input_hw)
+        return stages.measure(lambda: backend.infer(inputs), rounds, per=batch)[0]
+
+
+def node_ms_per_frame(model: Path, frame: np.ndarray, cameras: int, threads: int,
+                      rounds: int) -> tuple[float, float, float]:
+    """(ms per frame, receive->publish latency mean, p99 in ms) of the node with ``cameras`` cameras."""
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    topics = [f"/bench{i}/image_raw" for i in range(cameras)]
+    node = SegmentationNode(context=context, parameter_overrides=[
+        Parameter("model_path", value=str(model)), Parameter("image_topics", value=topics),
+        Parameter("backend", value="onnxruntime"), Parameter("max_batch", value=4),
+        Parameter("threads", value=threads)])
+    probe = rclpy.create_node("bench_probe", context=context)
+    received = threading.Semaphore(0)
+    subs = [probe.create_subscription(Image, f"/bench{i}/segmentation/{kind}",
+                                      (lambda _m: received.release()) if kind == "overlay" else (lambda _m: None),
+                                      qos_profile_sensor_data)
+            for i in range(cameras) for kind in OUTPUTS]
+    pubs = [probe.create_publisher(Image, t, qos_profile_sensor_data) for t in topics]
+    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor.add_node(node)
+    executor.add_node(probe)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (all(p.get_subscription_count() for p in pubs) and all(s.get_publisher_count() for s in subs)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("benchmark graph did not connect within 30 s")
+            time.sleep(0.01)
+        msg = image_message(frame, "rgb8")
+        times = []
+        for r in range(rounds + 1):  # round 0 warms up
+            start = time.perf_counter()
+            for pub in pubs:
+                pub.publish(msg)
+            for _ in pubs:
+                if not received.acquire(timeout=30):
+                    raise RuntimeError("no overlay within 30 s")
+            if r:
+                times.append((time.perf_counter() - start) * 1e3 / cameras)
+        latencies = np.concatenate([np.asarray(c.stats.latencies) for c in node._cameras]) * 1e3
+        return float(np.mean(times)), float(latencies.mean()), float(np.percentile(latencies, 99))
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        probe.destroy_node()
+        rclpy.try_shutdown(context=context)
+        spinner.join(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"ONNX model (default: {stages.SHIPPED_MODEL} if present, else the seed-size U-Net)")
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds (one frame per camera each)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is not None:
+            model, what = args.model, str(args.model)
+        elif stages.SHIPPED_MODEL.is_file():
+            model, what = stages.SHIPPED_MODEL, "shipped models/unet_camvid.onnx"
+        else:
+            model, what = stages.seed_model(Path(tmp)), "seed-size U-Net, random weights (no shipped model yet)"
+        frame, source = stages.camera_frame()
+        rows = []
+        for cameras, batch in ((1, 1), (4, 4)):
+            raw = raw_ms_per_frame(model, frame, batch, args.threads, args.rounds)
+            node, lat_mean, lat_p99 = node_ms_per_frame(model, frame, cameras, args.threads, args.rounds)
+            rows.append((cameras, batch, raw, node, lat_mean, lat_p99))
+    print(f"model: {what}; frames 640x480 rgb8 ({source}); onnxruntime CPU, threads {args.threads or 'default'}; "
+          f"{platform.machine()}, {os.cpu_count()} cores; {args.rounds} rounds")
+    print("\n| cameras | batch | raw infer ms/frame | node ms/frame | overhead ms/frame | overhead % "
+          "| latency mean ms | latency p99 ms |")
+    print("|--------:|------:|-------------------:|--------------:|------------------:|-----------:"
+          "|----------------:|---------------:|")
+    for cameras, batch, raw, node, lat_mean, lat_p99 in rows:
+        over = node - raw
+        print(f"| {cameras:7d} | {batch:5d} | {raw:18.2f} | {node:13.2f} | {over:17.2f} | {100 * over / raw:9.1f}% "
+              f"| {lat_mean:15.2f} | {lat_p99:14.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
