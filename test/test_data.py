@@ -153,3 +153,31 @@ def test_resize_transform_is_bilinear_for_images_and_nearest_for_labels() -> Non
     small_img, small_lab = resize_transform((32, 48))(img, lab * 5)
     assert small_img.shape == (32, 48, 3) and small_lab.shape == (32, 48)
     assert set(np.unique(small_lab)) <= {0, 5}
+
+
+def _augmented_batches(workers: int, seed: int) -> list[np.ndarray]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    img, lab = _encoded_pair(0)
+    aug = train_transform((64, 96), scale=(0.6, 1.5), ignore_index=11, seed=3)
+    dataset = [(img, lab)] * 4  # the same frame four times: any difference comes from augmentation
+
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(dataset)
+
+        def __getitem__(self, i: int) -> np.ndarray:
+            return aug(*dataset[i])[0]
+
+    loader = DataLoader(Augmented(), batch_size=1, num_workers=workers,
+                        generator=torch.Generator().manual_seed(seed))
+    return [b[0].numpy() for b in loader]
+
+
+def test_each_loader_worker_draws_its_own_augmentations() -> None:
+    out = _augmented_batches(workers=2, seed=0)
+    # Samples 0 and 1 are the first ones of worker 0 and worker 1: equal if the workers shared the state.
+    assert not np.array_equal(out[0], out[1])
+    again = _augmented_batches(workers=2, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(out, again, strict=True))  # still deterministic

@@ -148,6 +148,7 @@ def train_transform(crop_hw: tuple[int, int], scale: tuple[float, float], ignore
     No vertical flips or large rotations: the sky is up and the road is down in every frame we serve.
     """
     import albumentations as A
+    from torch.utils.data import get_worker_info
 
     fill_mask = 0 if ignore_index is None else ignore_index
     aug = A.Compose([
@@ -159,8 +160,15 @@ def train_transform(crop_hw: tuple[int, int], scale: tuple[float, float], ignore
         A.HorizontalFlip(p=0.5),
         A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
     ], seed=seed)
+    reseeded_in: list[int] = []  # the DataLoader worker whose seed this copy of ``aug`` took
 
     def apply(img: np.ndarray, lab: np.ndarray) -> Sample:
+        worker = get_worker_info()
+        if worker is not None and reseeded_in != [worker.id]:
+            # Every worker gets a copy of the same random state and would draw the same augmentations;
+            # torch's per-worker seed differs by worker and epoch and follows the loader's generator.
+            aug.set_random_seed(worker.seed % 2**32)
+            reseeded_in[:] = [worker.id]
         out: dict[str, Any] = aug(image=img, mask=lab)
         return out["image"], out["mask"]
 
