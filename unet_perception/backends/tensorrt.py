@@ -91,13 +91,13 @@ class TensorRTBackend(Backend):
                                    f"unet-build-engine {self.info.path} --precision {self.options.precision} "
                                    f"--max-batch {self.max_batch} --cache-dir {path.parent}")
             self._engine = engine
-            specs = self._io_tensors(engine)
-            context = engine.create_execution_context()
-            if context is None:
-                raise BackendError(f"TensorRT could not create an execution context for '{path}' "
-                                   "(out of GPU memory?); close other GPU programs or lower max_batch")
-            self._context = context
             try:
+                specs = self._io_tensors(engine)
+                context = engine.create_execution_context()
+                if context is None:
+                    raise BackendError(f"TensorRT could not create an execution context for '{path}' "
+                                       "(out of GPU memory?); close other GPU programs or lower max_batch")
+                self._context = context
                 self._stream = cuda.create_stream()
                 for name, (is_input, item_shape, dtype) in specs.items():
                     self._allocate(cuda, context, name, is_input, item_shape, dtype)
