@@ -11,7 +11,7 @@ import importlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from unet_perception.backends.base import Backend, BackendError
 from unet_perception.model_contract import ModelInfo, read_model_info

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import cv2
 import numpy as np

@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,11 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH (e.g. 240x320), got '{text}'")
+        raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH (e.g. 240x320), got '{text}'") from None
     m = 2**DEPTH
     if h <= 0 or w <= 0 or h % m or w % m:
-        raise argparse.ArgumentTypeError(
-            f"size {h}x{w} is not a positive multiple of {m}; use {max(m, round(h / m) * m)}x{max(m, round(w / m) * m)}")
+        hint = f"{max(m, round(h / m) * m)}x{max(m, round(w / m) * m)}"
+        raise argparse.ArgumentTypeError(f"size {h}x{w} is not a positive multiple of {m}; use {hint}")
     return h, w
 
 
@@ -111,6 +112,14 @@ def log(rank: int, msg: str, logfile: Path | None = None) -> None:
     if logfile is not None:
         with logfile.open("a") as f:
             f.write(msg + "\n")
+
+
+def _progress_callback(bar: Any, world: int) -> Callable[[float, float], None]:
+    """Per-step progress: loss and images/s (over all ranks) on the tqdm bar."""
+    def progress(loss: float, ips: float) -> None:
+        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips * world:.2f}")
+        bar.update(1)
+    return progress
 
 
 def make_loss(args: argparse.Namespace, table: ClassTable, train_set: SegmentationDataset,
@@ -202,13 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             from tqdm import tqdm
             bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                        file=sys.stderr)
-
-        def progress(loss: float, ips: float) -> None:
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips * world:.2f}")
-                bar.update(1)
-
-        stats = train_one_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, device, scaler, progress)
+        stats = train_one_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, device, scaler,
+                                None if bar is None else _progress_callback(bar, world))
         if bar is not None:
             bar.close()
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": stats["loss"],
