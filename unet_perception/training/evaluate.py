@@ -172,8 +172,9 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, *, datas
         cm = confusion_on_frames(loaded.predict, frames.images, frames.labels, table.num_classes,
                                  table.ignore_index, batch_size).numpy()
         seconds = time.perf_counter() - start
-        shown = min(samples, len(frames))
-        sample_preds = loaded.predict(frames.images[:shown]) if shown else []
+        # Spread over the split: neighbouring video frames would show the same scene N times.
+        picks = np.linspace(0, len(frames) - 1, min(samples, len(frames))).round().astype(int).tolist()
+        sample_preds = loaded.predict([frames.images[i] for i in picks]) if picks else []
     finally:
         loaded.close()
     report: dict[str, Any] = {
@@ -191,8 +192,9 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, *, datas
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot_confusion(cm, table.names, out / "confusion.png",
                    f"{Path(model_path).name} on {table.name} {split} (mIoU {report['mean_iou']:.3f})")
-    if shown:
-        plot_samples(frames.images[:shown], frames.labels[:shown], sample_preds, table, out / "samples.png")
+    if picks:
+        plot_samples([frames.images[i] for i in picks], [frames.labels[i] for i in picks], sample_preds, table,
+                     out / "samples.png")
     return report
 
 
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split to score (default: val)")
     p.add_argument("--out", default="eval", help="folder for report.json, confusion.png, samples.png")
     p.add_argument("--limit", type=int, default=None, help="score only the first N frames")
-    p.add_argument("--samples", type=int, default=4, help="frames shown in samples.png (0: no figure)")
+    p.add_argument("--samples", type=int, default=4,
+                   help="frames shown in samples.png, spread over the split (0: no figure)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto",
                    help="auto | cpu | cuda[:N] for a checkpoint; cpu | cuda | tensorrt (ONNX Runtime provider) "
@@ -219,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
+    if args.samples < 0 or args.batch_size < 1:
+        raise SystemExit(f"--samples must be >= 0 and --batch-size >= 1, got {args.samples} and {args.batch_size}")
     try:
         report = evaluate(args.model, args.data, args.out, dataset=args.dataset, split=args.split,
                           limit=args.limit, samples=args.samples, device=args.device,
