@@ -14,7 +14,8 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skipif(shutil.which("colcon") is None, reason="colcon is not installed (pip install colcon-common-extensions)")
+@pytest.mark.skipif(shutil.which("colcon") is None,
+                    reason="colcon is not installed (pip install colcon-common-extensions)")
 def test_colcon_build_installs_executable_launch_config_models(tmp_path: Path) -> None:
     build, install = tmp_path / "build", tmp_path / "install"
     # --paths: exactly the repo's package (a recursive crawl would also find packages inside .venv)

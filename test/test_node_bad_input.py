@@ -10,7 +10,7 @@ import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from sensor_msgs.msg import CompressedImage, Image
 
-from ros_graph import Collector, RosGraph, wait_matched, wait_until
+from ros_graph import RosGraph, wait_matched, wait_until
 from unet_perception.tools.camera_sim import compressed_message, image_message, synthetic_frame
 
 RAW, COMPRESSED = "/bad/image_raw", "/bad_c/image_raw/compressed"

@@ -319,6 +319,7 @@ class SegmentationNode(Node):
         images = {"labels": (labels, "mono8"), "color": (rendered.color, "rgb8"), "overlay": (rendered.overlay, enc)}
         for kind, pub in wanted.items():
             array, encoding = images[kind]
+            assert array is not None  # outputs() computed every wanted image
             pub.publish(encode_image(array, encoding, frame.header))
         with self._lock:
             cam.stats.frames_out += 1
