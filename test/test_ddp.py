@@ -18,7 +18,8 @@ from unet_perception.training.data import SegmentationDataset
 CAMVID = DATA / "camvid"
 LIMIT, BATCH = 8, 2
 
-pytestmark = [pytest.mark.skipif(not (CAMVID / "train.txt").is_file(),
+pytestmark = [pytest.mark.slow,  # 12-20 s on 2 busy cores: two processes import torch
+              pytest.mark.skipif(not (CAMVID / "train.txt").is_file(),
                                  reason=f"CamVid is not at {CAMVID} (see ../shared/data/README.md)"),
               pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                  reason="this torch build has no gloo process groups")]
