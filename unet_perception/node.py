@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,10 @@ LOG_THROTTLE_S = 5.0          # at most one bad-input / backend-failure line per
 
 class StartupError(RuntimeError):
     """A parameter, model or backend problem that stops start-up; the message names what to fix."""
+
+
+class BuildOnlyDone(Exception):  # noqa: N818 (not an error: the build_only run finished)
+    """Raised by the node when ``build_only`` has built the engine; ``main()`` exits 0."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               float_range=(0.0, 1.0), read_only=False),
     ParamSpec("max_image_pixels", 4096 * 4096, "Frames with more pixels are refused as bad input.",
               int_range=(1, 1 << 30)),
+    ParamSpec("build_only", False, "Build (or find in engine_cache_dir) the TensorRT engine for the model and "
+              "exit, without subscribing: for container image builds and CI on a GPU machine."),
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.05, 60.0)),
     ParamSpec("class_colors", Parameter.Type.STRING_ARRAY, "Colour overrides, 'Class=R,G,B' with a class "
               "name of the model (class names and ids always come from the model)."),
@@ -178,6 +185,8 @@ class SegmentationNode(Node):
         options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
                                  workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"])
+        if p["build_only"]:
+            self._build_engine_and_stop(info.path, options)
         try:
             backend = create_backend(p["backend"], info, options, log=self.get_logger().info)
             backend.activate()
@@ -210,6 +219,14 @@ class SegmentationNode(Node):
             f"{info.input_hw[0]}), max_batch {self._max_batch}, QoS {p['qos_reliability']} depth {p['qos_depth']}")
 
     # -- start-up -----------------------------------------------------------------------------
+    def _build_engine_and_stop(self, model: Path, options: BackendOptions) -> None:
+        try:
+            from unet_perception.backends.tensorrt_build import build_only
+            engine = build_only(model, options, log=self.get_logger().info)
+        except Exception as exc:  # no TensorRT, no GPU, parse or build failure: all stop start-up
+            raise StartupError(f"build_only: cannot build a TensorRT engine for '{model}': {exc}") from exc
+        raise BuildOnlyDone(str(engine))
+
     def _declare_parameters(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for spec in PARAMS:
@@ -388,6 +405,8 @@ def main(args: list[str] | None = None) -> int:
     except StartupError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
         return 1
+    except BuildOnlyDone as done:
+        rclpy.logging.get_logger(NODE_NAME).info(f"build_only: engine ready at {done}")
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
