@@ -26,7 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pipeline as stages  # noqa: E402  (benchmarks/pipeline.py: seed model, CamVid folder)
+import pipeline as stages  # noqa: E402  (benchmarks/pipeline.py: default model, CamVid folder)
 
 from unet_perception.launch_support import apply_node_env, node_command, node_env  # noqa: E402
 from unet_perception.tools.camera_sim import image_message, load_frames, synthetic_frame  # noqa: E402
@@ -57,7 +59,6 @@ class LoadConfig:
     cameras: int = 4
     rate: float = 30.0
     size: tuple[int, int] = (640, 480)  # width, height
-    model: Path | None = None
     backend: str = "auto"
     max_batch: int = 4
     threads: int = 0
@@ -121,12 +122,16 @@ class Probe:
         for k, topic in enumerate(self.topics):
             for kind, name in output_topics(topic).items():
                 if kind in config.outputs:  # raw: not deserialised, to spare this process's CPU
-                    callback = (lambda data, k=k: self._on_labels(k, data)) if kind == "labels" else (lambda _: None)
+                    callback = partial(self._on_labels, k) if kind == "labels" else self._ignore
                     self.subscriptions.append(self.node.create_subscription(
                         Image, name, callback, qos_profile_sensor_data, raw=True))
         self.diagnostics: dict[str, dict[str, str]] = {}
         self.diagnostics_received = 0
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+
+    @staticmethod
+    def _ignore(data: bytes) -> None:
+        """Color and overlay are received (the node computes only what is subscribed) but not examined."""
 
     def _on_labels(self, k: int, data: bytes) -> None:
         now = time.time_ns()
@@ -179,7 +184,7 @@ def publish_load(probe: Probe, config: LoadConfig, pid: int, rss: list[tuple[flo
     rss.append((time.monotonic() - start, vm_rss_mb(pid)))
 
 
-def wait_for(predicate: Any, timeout: float, what: str, log: Path) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -301,16 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.duration <= 0 or args.cameras < 1 or args.rate <= 0:
         p.error("--duration, --cameras and --rate must be positive")
-    config = LoadConfig(args.duration, args.cameras, args.rate, args.size, args.model, args.backend,
+    config = LoadConfig(args.duration, args.cameras, args.rate, args.size, args.backend,
                         args.max_batch, args.threads, args.outputs)
     apply_node_env()  # this process publishes camera-sized frames too: the large-frame profile, before rclpy
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is not None:
-            model, label = args.model, str(args.model)
-        elif stages.SHIPPED_MODEL.is_file():
-            model, label = stages.SHIPPED_MODEL, "shipped models/unet_camvid.onnx"
-        else:
-            model, label = stages.seed_model(Path(tmp)), "seed-size U-Net 240x320, random weights (no shipped model)"
+        model, label = stages.model_or_default(args.model, Path(tmp))
         result = run_load(config, model, Path(tmp), label)
     print(format_table(result))
     if args.json:

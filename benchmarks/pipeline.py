@@ -42,6 +42,15 @@ def seed_model(folder: Path) -> Path:
     return export_onnx(UNet(table.num_classes).eval(), folder / "seed_unet_240x320.onnx", table, (240, 320))
 
 
+
+def model_or_default(model: Path | None, folder: Path) -> tuple[Path, str]:
+    """``model``, else the shipped model, else the seed-size U-Net exported into ``folder``; and its name for tables."""
+    if model is not None:
+        return model, str(model)
+    if SHIPPED_MODEL.is_file():
+        return SHIPPED_MODEL, f"shipped {SHIPPED_MODEL.relative_to(REPO)}"
+    return seed_model(folder), "seed-size U-Net exported now (random weights; no shipped model)"
+
 def camera_frame() -> tuple[np.ndarray, str]:
     """A 640x480 RGB road frame (CamVid val upscaled) or, without the data, smooth noise."""
     for path in sorted(CAMVID_VAL.glob("*.png"))[:1]:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +141,12 @@ def test_size_and_encoding_change_mid_stream(tiny_model: Path) -> None:
         with Stream(pub, make, count=len(phases) * per_phase) as stream:
             stream.join()
         last = make(len(phases) * per_phase - 1).header.stamp
+
+        def answered(collector: Collector) -> bool:
+            return len(collector) > 0 and collector.messages[-1].header.stamp == last
+
         for collector in outs.values():
-            wait_until(lambda c=collector: len(c) and c.messages[-1].header.stamp == last,  # type: ignore[misc]
-                       what=f"the last frame's output on {collector.topic}")
+            wait_until(partial(answered, collector), what=f"the last frame's output on {collector.topic}")
         assert diag.value(topic, "errors") == 0
 
     ref_info = read_model_info(tiny_model)
