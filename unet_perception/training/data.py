@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
+from torch.utils.data import Dataset
 
 from unet_perception.class_table import ClassTable
 
@@ -106,7 +107,7 @@ def block_split(names: list[str], val_fraction: float, block: int) -> list[str]:
             (len(blocks) < every and b == len(blocks) - 1 and len(blocks) > 1) for n in chunk]
 
 
-class SegmentationDataset:
+class SegmentationDataset(Dataset[Sample]):
     """Frames of one split held in memory, with an optional joint image/label transform."""
 
     def __init__(self, root: str | Path, table: ClassTable, split: str,

@@ -22,6 +22,8 @@ def enet_class_weights(fractions: np.ndarray, c: float = 1.02, max_weight: float
 class CEDiceLoss(nn.Module):
     """Weighted cross-entropy + ``dice_weight`` x soft Dice over the classes present in the batch."""
 
+    weight: torch.Tensor
+
     def __init__(self, num_classes: int, weight: torch.Tensor | None = None,
                  ignore_index: int | None = None, dice_weight: float = 0.5) -> None:
         super().__init__()

@@ -156,12 +156,14 @@ def main(argv: list[str] | None = None) -> int:
                                                   args.input_size[0] / frame_h * 1.25)
     train_set.transform = train_transform(crop, scale, table.ignore_index, seed=args.seed + rank)
 
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
+    sampler: DistributedSampler[Any] | None = None
+    if world > 1:
+        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=args.workers, collate_fn=collate, drop_last=len(train_set) > args.batch_size,
-                        generator=gen, persistent_workers=args.workers > 0,
-                        pin_memory=device.type == "cuda")
+    loader: DataLoader[Any] = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=args.workers,
+        collate_fn=collate, drop_last=len(train_set) > args.batch_size, generator=gen,
+        persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
 
     model = UNet(table.num_classes, width=args.width, dropout=args.dropout, norm=args.norm).to(device)
     if world > 1:
