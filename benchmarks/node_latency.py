@@ -104,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is not None:
-            model, what = args.model, str(args.model)
-        elif stages.SHIPPED_MODEL.is_file():
-            model, what = stages.SHIPPED_MODEL, "shipped models/unet_camvid.onnx"
-        else:
-            model, what = stages.seed_model(Path(tmp)), "seed-size U-Net, random weights (no shipped model yet)"
+        model, what = stages.model_or_default(args.model, Path(tmp))
         frame, source = stages.camera_frame()
         rows = []
         for cameras, batch in ((1, 1), (4, 4)):

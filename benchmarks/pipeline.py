@@ -51,6 +51,7 @@ def model_or_default(model: Path | None, folder: Path) -> tuple[Path, str]:
         return SHIPPED_MODEL, f"shipped {SHIPPED_MODEL.relative_to(REPO)}"
     return seed_model(folder), "seed-size U-Net exported now (random weights; no shipped model)"
 
+
 def camera_frame() -> tuple[np.ndarray, str]:
     """A 640x480 RGB road frame (CamVid val upscaled) or, without the data, smooth noise."""
     for path in sorted(CAMVID_VAL.glob("*.png"))[:1]:
@@ -82,12 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is not None:
-            model, what = args.model, str(args.model)
-        elif SHIPPED_MODEL.is_file():
-            model, what = SHIPPED_MODEL, f"shipped {SHIPPED_MODEL.relative_to(REPO)}"
-        else:
-            model, what = seed_model(Path(tmp)), "seed-size U-Net exported now (random weights; no shipped model)"
+        model, what = model_or_default(args.model, Path(tmp))
         backend = create_backend("onnxruntime", model, BackendOptions(max_batch=4, threads=args.threads))
         with backend:
             segmenter = Segmenter(backend, backend.info.classes)
