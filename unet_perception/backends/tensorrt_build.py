@@ -1,6 +1,7 @@
 """Build TensorRT engines from the contract's ONNX model, and cache them so a stale engine is never loaded.
 
-    unet-build-engine models/unet_camvid.onnx --precision fp16 --max-batch 4 --cache-dir ~/.cache/unet_perception/engines
+    unet-build-engine models/unet_camvid.onnx --precision fp16 --max-batch 4 \
+        --cache-dir ~/.cache/unet_perception/engines
 
 An engine is tied to the exact ONNX file, the GPU model, the TensorRT version, the precision and the
 optimisation profile. All of them go into the cache key; the engine is stored as ``<cache_dir>/<key>.engine``
@@ -88,7 +89,8 @@ def make_key(onnx_path: str | Path, input_hw: tuple[int, int], precision: str, m
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {PRECISIONS}, got '{precision}'")
     shapes = profile_shapes(input_hw, max_batch)
-    return EngineKey(file_sha256(onnx_path), gpu_name, f"{compute_capability[0]}.{compute_capability[1]}", tensorrt_version,
+    capability = f"{compute_capability[0]}.{compute_capability[1]}"
+    return EngineKey(file_sha256(onnx_path), gpu_name, capability, tensorrt_version,
                      precision, tuple(tuple(shapes[k]) for k in ("min", "opt", "max")))
 
 
@@ -184,7 +186,8 @@ def ensure_engine(key: EngineKey, settings: BuildSettings, cache_dir: Path, cuda
         log(f"tensorrt: using cached engine {plan.engine}")
         return plan.engine
     h, w = settings.input_hw
-    log(f"tensorrt: building a {settings.precision} engine for {settings.onnx_path.name} (batch 1..{settings.max_batch}, "
+    log(f"tensorrt: building a {settings.precision} engine for {settings.onnx_path.name} "
+        f"(batch 1..{settings.max_batch}, "
         f"{h}x{w}) on {key.gpu_name}, TensorRT {key.tensorrt_version}, because {plan.reason}; "
         "this takes a minute or more the first time")
     start = time.perf_counter()

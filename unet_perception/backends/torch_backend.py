@@ -1,4 +1,6 @@
-"""Torch backend: the training checkpoint behind the same interface, on CPU or CUDA (parity checks, GPU without TensorRT).
+"""Torch backend: the training checkpoint behind the same interface, on CPU or CUDA.
+
+For parity checks, and for GPU users without TensorRT.
 
 It runs ``training.export.ContractWrapper`` (the very module the ONNX file is exported from), so its labels
 are the reference the exported model is checked against. The checkpoint is ``options.checkpoint``, or the
