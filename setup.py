@@ -24,7 +24,6 @@ setup(
     maintainer_email="unet-perception@example.com",
     description="U-Net semantic segmentation node for ROS 2 cameras: TensorRT, ONNX Runtime or torch backends",
     license="Apache-2.0",
-    tests_require=["pytest"],
     entry_points={
         "console_scripts": [
             "segmentation_node = unet_perception.node:main",
