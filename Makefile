@@ -32,8 +32,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/unet-demo --images $(IMAGES) --out out/demo $(DEMO_ARGS)
 
+# The venv's bin/ goes first on PATH so the tests find its colcon and console scripts.
 test: $(STAMP)
-	$(PY) -m pytest -q test
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q test
 
 clean:
 	rm -rf $(VENV) build install log

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -14,8 +13,7 @@ def run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_is_clean() -> None:
-    ruff = shutil.which("ruff") or "ruff"
-    result = run(ruff, "check", "unet_perception", "benchmarks", "launch", "test")
+    result = run(sys.executable, "-m", "ruff", "check", "unet_perception", "benchmarks", "launch", "test")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
