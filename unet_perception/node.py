@@ -90,6 +90,7 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("engine_cache_dir", "", "TensorRT engine and timing cache folder; empty = the backend's default."),
     ParamSpec("workspace_mb", 1024, "TensorRT builder workspace in MiB.", int_range=(16, 1 << 20)),
     ParamSpec("gpu_id", 0, "CUDA device index.", int_range=(0, 63)),
+    ParamSpec("calibration_data", "", "TensorRT int8: folder of camera frames for the entropy calibrator."),
     ParamSpec("qos_reliability", "best_effort", "Reliability of image subscriptions and publishers; "
               "best_effort is the sensor-data QoS camera drivers use.", choices=tuple(RELIABILITY)),
     ParamSpec("qos_depth", 5, "History depth (keep last) of image subscriptions and publishers.",
@@ -184,7 +185,8 @@ class SegmentationNode(Node):
         classes = parse_class_colors(p["class_colors"], info.classes)
         options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
-                                 workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"])
+                                 workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"],
+                                 calibration_data=p["calibration_data"])
         if p["build_only"]:
             self._build_engine_and_stop(info.path, options)
         try:
