@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     log(rank, f"done: best val mIoU {best:.4f}, {(time.perf_counter() - t_start) / 60:.1f} min "
               f"for epochs {start_epoch + 1}..{args.epochs}", logfile)
     if world > 1:
+        # Every rank reaches this point before any tears the group down: a rank leaving while another
+        # still talks to it aborts the other's gloo threads ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
