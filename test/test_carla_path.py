@@ -16,7 +16,7 @@ from conftest import DATA
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.model_contract import read_model_info
 from unet_perception.training import evaluate, export, train
-from unet_perception.training.data import read_rgb
+from unet_perception.image_files import read_rgb
 
 CARLA = DATA / "carla"
 pytestmark = pytest.mark.skipif(not (CARLA / "CameraRGB").is_dir(),

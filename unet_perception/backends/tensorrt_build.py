@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     import tensorrt
 
 Log = Callable[[str], None]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DEFAULT_CALIBRATION_FRAMES = 256
 
 
@@ -202,22 +201,20 @@ def ensure_engine(key: EngineKey, settings: BuildSettings, cache_dir: Path, cuda
 
 def calibration_frames(folder: str | Path, input_hw: tuple[int, int], limit: int) -> np.ndarray:
     """Up to ``limit`` camera frames from ``folder`` (evenly spread), RGB, resized as the node resizes them."""
-    import cv2
-
+    from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files, read_rgb
     from unet_perception.pipeline import preprocess
 
-    folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = list_image_files(folder)
     if not files:
         raise BackendError(f"calibration data '{folder}' has no {'/'.join(IMAGE_SUFFIXES)} images; point it at a "
                            "folder of camera frames such as ../shared/data/camvid/train")
     picked = [files[int(i)] for i in np.linspace(0, len(files) - 1, min(limit, len(files)))]
     frames = []
     for path in picked:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise BackendError(f"calibration image '{path}' cannot be read")
-        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        try:
+            frames.append(read_rgb(path))
+        except OSError as exc:
+            raise BackendError(f"calibration image '{path}' cannot be read") from exc
     return preprocess(frames, input_hw)
 
 

@@ -36,6 +36,7 @@ from rosbags.typesys.store import Typestore
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from unet_perception.backends.base import BackendError
+from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files
 from unet_perception.model_contract import ModelError
 from unet_perception.topics import is_compressed_topic, output_topics
 
@@ -44,7 +45,6 @@ COMPRESSED = "sensor_msgs/msg/CompressedImage"
 CAMERA_TYPES = (IMAGE, COMPRESSED)
 BAG_VERSION: Literal[8] = 8  # the rosbag2 format ROS 2 Jazzy writes; Jazzy's reader does not know version 9
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 FORMATS = {"jpeg": ".jpg", "png": ".png"}
 
 
@@ -169,7 +169,7 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
     """The image files of ``folder`` in name order (at most ``limit``)."""
     if not folder.is_dir():
         raise BagError(f"image folder {folder} does not exist; give a folder of .png/.jpg frames")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_image_files(folder)
     if not files:
         raise BagError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files[:limit] if limit else files
@@ -213,9 +213,7 @@ def bag_from_images(images: Sequence[Path], out: Path, *, topic: str = "/camera/
                                               data=buf.reshape(-1))
             else:
                 pixels = bgr if encoding == "bgr8" else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-                msg = store.types[IMAGE](header=header, height=pixels.shape[0], width=pixels.shape[1],
-                                         encoding=encoding, is_bigendian=0, step=pixels.shape[1] * 3,
-                                         data=pixels.reshape(-1))
+                msg = image_message(store, pixels, encoding, header)
             writer.write(conn, ns, store.serialize_cdr(msg, msgtype))
             stamps.append(ns)
     return stamps

@@ -25,10 +25,10 @@ import cv2
 import numpy as np
 
 from unet_perception.codec import encode_image
+from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files, read_rgb
 
 ENCODINGS = ("rgb8", "bgr8", "mono8")
 FORMATS = ("jpeg", "png")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def synthetic_frame(width: int, height: int, index: int = 0) -> np.ndarray:
@@ -49,18 +49,18 @@ def synthetic_frame(width: int, height: int, index: int = 0) -> np.ndarray:
 
 def load_frames(folder: str | Path, width: int, height: int, limit: int = 0) -> list[np.ndarray]:
     """RGB frames from the images in ``folder`` (sorted), resized to ``width`` x ``height``."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = list_image_files(folder)
     if limit:
         paths = paths[:limit]
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
     frames = []
     for path in paths:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"cannot read image '{path}'")
-        frames.append(cv2.cvtColor(cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA),
-                                   cv2.COLOR_BGR2RGB))
+        try:
+            rgb = read_rgb(path)
+        except OSError as exc:
+            raise ValueError(str(exc)) from exc
+        frames.append(cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA))
     return frames
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from unet_perception.class_table import ClassTable
+from unet_perception.image_files import read_rgb
 
 Sample = tuple[np.ndarray, np.ndarray]  # RGB uint8 HxWx3, labels uint8 HxW
 
@@ -30,14 +31,6 @@ Sample = tuple[np.ndarray, np.ndarray]  # RGB uint8 HxWx3, labels uint8 HxW
 class Pair:
     image: Path
     label: Path
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (alpha dropped), with an error that names the file."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise OSError(f"cannot read image '{path}'")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def read_label(path: Path, channel: int | None = None) -> np.ndarray:
