@@ -27,7 +27,7 @@ import torch
 from unet_perception.backends.factory import MODULES, BackendOptions, create_backend
 from unet_perception.class_table import load_class_table
 from unet_perception.training.export import export_onnx
-from unet_perception.training.model import UNet
+from unet_perception.networks.seed_unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIBRATION = REPO.parent / "shared" / "data" / "camvid" / "train"

@@ -36,7 +36,7 @@ def seed_model(folder: Path) -> Path:
     """The seed's U-Net (32..512 filters) exported at 240x320 with random weights."""
     from unet_perception.class_table import load_class_table
     from unet_perception.training.export import export_onnx
-    from unet_perception.training.model import UNet
+    from unet_perception.networks.seed_unet import UNet
 
     table = load_class_table("camvid")
     return export_onnx(UNet(table.num_classes).eval(), folder / "seed_unet_240x320.onnx", table, (240, 320))
@@ -95,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             jpeg = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
             jpeg_msg = CompressedImage(header=header, format="rgb8; jpeg compressed bgr8", data=jpeg.tobytes())
             batch4 = preprocess([frame] * 4, (h, w))
-            small = backend.infer(batch4[:1])[0]
+            small = backend.infer(batch4[:1]).labels[0]
             labels = upscale_labels(small, FRAME_HW)
             rendered = segmenter.outputs(frame, labels)
             ni, n = args.infer_iterations, args.iterations
 
             def full_path() -> None:  # what the node does per bgr8 frame, minus ROS transport
                 rgb = decode_image(bgr_msg, use_cv_bridge=False)
-                lab = segmenter.run([rgb])[0]
+                lab = segmenter.run([rgb])[0].labels
                 out = segmenter.outputs(rgb, lab, alpha=0.5, overlay_bgr=True)
                 encode_image(lab, "mono8", header)
                 encode_image(out.color, "rgb8", header)  # type: ignore[arg-type]

@@ -24,10 +24,11 @@ import torch
 
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.class_table import load_class_table
-from unet_perception.training.engine import to_model_input
-from unet_perception.training.export import ContractWrapper, export_onnx
+from unet_perception.torch_contract import ContractWrapper, to_model_input
+from unet_perception.training.export import export_onnx
 from unet_perception.training.losses import CEDiceLoss
-from unet_perception.training.model import UNet, count_parameters
+from unet_perception.networks import count_parameters
+from unet_perception.networks.seed_unet import UNet
 from unet_perception.training.train import parse_size
 
 SIZES = ("96x128", "176x240", "240x320")

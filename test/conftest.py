@@ -27,7 +27,7 @@ def make_tiny_unet(dataset: str = "camvid", width: int = 4, seed: int = 0):  # t
     import torch
 
     from unet_perception.class_table import load_class_table
-    from unet_perception.training.model import UNet
+    from unet_perception.networks.seed_unet import UNet
 
     torch.manual_seed(seed)
     table = load_class_table(dataset)

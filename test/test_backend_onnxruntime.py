@@ -33,12 +33,12 @@ def test_infer_matches_a_plain_session(tiny_model: Path) -> None:
         assert isinstance(backend, OnnxRuntimeBackend)
         assert (backend.name, backend.device, backend.input_hw) == ("onnxruntime", "cpu", (32, 48))
         assert backend._session.get_session_options().intra_op_num_threads == 1
-        got = backend.infer(batch)
+        got = backend.infer(batch).labels
         assert got.dtype == np.uint8 and got.shape == (3, 32, 48)
         np.testing.assert_array_equal(got, expected)
-        np.testing.assert_array_equal(backend.infer(batch[1:2])[0], expected[1])
+        np.testing.assert_array_equal(backend.infer(batch[1:2]).labels[0], expected[1])
     assert not backend.active and backend._session is None
-    np.testing.assert_array_equal(backend.infer(batch[:1])[0], expected[0])  # re-activates on demand
+    np.testing.assert_array_equal(backend.infer(batch[:1]).labels[0], expected[0])  # re-activates on demand
     backend.close()
 
 
@@ -108,7 +108,7 @@ def test_a_hand_made_contract_model_runs(tmp_path: Path) -> None:
     path = contract_like_model(tmp_path / "ok.onnx", input_shape=["N", 32, 48, 3])
     batch = frames(2)
     with create(read_model_info(path), BackendOptions(max_batch=2)) as backend:
-        np.testing.assert_array_equal(backend.infer(batch), batch.max(axis=3))
+        np.testing.assert_array_equal(backend.infer(batch).labels, batch.max(axis=3))
 
 
 @pytest.mark.parametrize("kwargs, max_batch, match", [
@@ -129,7 +129,7 @@ def test_models_off_the_contract_are_refused(tmp_path: Path, kwargs: dict, max_b
 def test_a_batch_one_model_serves_max_batch_one(tmp_path: Path) -> None:
     path = contract_like_model(tmp_path / "b1.onnx", input_shape=[1, 32, 48, 3])
     with create(read_model_info(path), BackendOptions(max_batch=1)) as backend:
-        assert backend.infer(frames(1)).shape == (1, 32, 48)
+        assert backend.infer(frames(1)).labels.shape == (1, 32, 48)
 
 
 def test_an_unloadable_model_file_names_the_path(tmp_path: Path, tiny_model: Path) -> None:

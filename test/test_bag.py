@@ -138,7 +138,7 @@ def test_label_adds_outputs_and_keeps_originals(tmp_path: Path, segmenter: Segme
         assert raw_out[topic] == raw_in[topic]
     assert [m.data for _, m in got["/note"]] == [f"n{i}" for i in range(5)]
 
-    expected = segmenter.run(frames)
+    expected = [s.labels for s in segmenter.run(frames)]
     palette = segmenter.classes.palette()
     for ns, cam, offset in (("/front", "/front/image_raw", 0), ("/rear", "/rear/image_raw/compressed", 1)):
         labels = got[f"{ns}/segmentation/labels"]

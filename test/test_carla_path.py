@@ -67,7 +67,7 @@ def test_exported_model_carries_the_carla_table_and_labels_in_range(run_dir: Pat
     frames = np.stack([cv2.resize(read_rgb(p), (64, 48), interpolation=cv2.INTER_LINEAR)
                        for p in sorted((CARLA / "CameraRGB").glob("*.png"))[:3]])
     with create_backend("onnxruntime", info, BackendOptions(max_batch=3)) as backend:
-        labels = backend.infer(frames)
+        labels = backend.infer(frames).labels
     assert labels.shape == (3, 48, 64) and labels.dtype == np.uint8 and labels.max() <= 22
 
 

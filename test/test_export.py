@@ -12,10 +12,10 @@ import torch
 from conftest import DATA, make_tiny_unet
 
 from unet_perception import __version__
-from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, read_model_info
+from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, read_model_info
 from unet_perception.training import export, train
+from unet_perception.torch_contract import ContractWrapper
 from unet_perception.training.export import (
-    ContractWrapper,
     check_frames,
     export_onnx,
     label_agreement,
@@ -49,7 +49,7 @@ def test_onnx_labels_match_torch_on_real_frames(exported: tuple[torch.nn.Module,
     frames, what = check_frames(str(CAMVID), table, HW, count=6)
     assert frames.shape == (6, *HW, 3) and "6 val frames" in what
     with torch.inference_mode():
-        torch_labels = ContractWrapper(model)(torch.from_numpy(frames)).numpy()
+        torch_labels = ContractWrapper(model)(torch.from_numpy(frames))[0].numpy()
     assert len(np.unique(torch_labels)) > 2  # a real comparison, not one class everywhere
     assert label_agreement(model, path, frames) >= export.MIN_AGREEMENT
 
@@ -71,12 +71,15 @@ def test_batch_axis_is_dynamic_and_io_follows_the_contract(exported: tuple[torch
                                                            batch: int) -> None:
     _, path = exported
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    (inp,), (out, conf) = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.type, inp.shape[1:]) == (INPUT_NAME, "tensor(uint8)", [*HW, 3])
     assert (out.name, out.type, out.shape[1:]) == (OUTPUT_NAME, "tensor(uint8)", list(HW))
+    assert (conf.name, conf.type, conf.shape[1:]) == (CONFIDENCE_NAME, "tensor(uint8)", list(HW))
     frames = np.random.default_rng(batch).integers(0, 256, (batch, *HW, 3), dtype=np.uint8)
-    labels = session.run([OUTPUT_NAME], {INPUT_NAME: frames})[0]
+    labels, confidence = session.run([OUTPUT_NAME, CONFIDENCE_NAME], {INPUT_NAME: frames})
     assert labels.shape == (batch, *HW) and labels.dtype == np.uint8 and labels.max() < 11
+    # the winning class of 11 has probability >= 1/11, i.e. confidence >= 23
+    assert confidence.shape == labels.shape and confidence.dtype == np.uint8 and confidence.min() >= 23
     # Frames are independent: frame 0 alone gets the labels it gets inside the batch.
     alone = session.run([OUTPUT_NAME], {INPUT_NAME: frames[:1]})[0]
     np.testing.assert_array_equal(alone[0], labels[0])
@@ -88,7 +91,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"CamVid is not at {CAMVID}")
     out = tmp_path_factory.mktemp("ckpt")
     assert train.main(["--dataset", "camvid", "--data", str(CAMVID), "--out", str(out), "--input-size", "32x48",
-                       "--epochs", "1", "--batch-size", "4", "--limit", "4", "--width", "4", "--workers", "0",
+                       "--epochs", "1", "--batch-size", "4", "--limit", "4", "--arch", "seed", "--width", "4", "--workers", "0",
                        "--threads", "1", "--no-progress"]) == 0
     return out / "best.pt"
 

@@ -26,7 +26,7 @@ def test_onnxruntime_by_name_from_a_path_or_model_info(tiny_model: Path) -> None
     for model in (tiny_model, str(tiny_model), read_model_info(tiny_model)):
         with create_backend("onnxruntime", model) as backend:
             assert isinstance(backend, OnnxRuntimeBackend) and backend.max_batch == 4
-            labels = backend.infer(np.zeros((2, 32, 48, 3), np.uint8))
+            labels = backend.infer(np.zeros((2, 32, 48, 3), np.uint8)).labels
             assert labels.shape == (2, 32, 48) and labels.dtype == np.uint8
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unet_perception.training.model import UNet, build_model, count_parameters
+from unet_perception.networks import build_model, count_parameters
+from unet_perception.networks.seed_unet import UNet
 
 
 def test_seed_configuration_has_the_labs_parameter_count() -> None:
@@ -14,7 +15,7 @@ def test_seed_configuration_has_the_labs_parameter_count() -> None:
 
 
 def test_default_is_the_seed_configuration() -> None:
-    assert UNet().config == {"num_classes": 23, "width": 32, "dropout": 0.3, "norm": "none"}
+    assert UNet().config == {"arch": "seed", "num_classes": 23, "width": 32, "dropout": 0.3, "norm": "none"}
 
 
 @pytest.mark.parametrize("batch, hw", [(1, (32, 48)), (3, (64, 96))])

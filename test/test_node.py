@@ -56,7 +56,7 @@ def test_two_cameras_labels_color_overlay(tiny_model) -> None:  # type: ignore[n
             for ns in cams:  # one frame at a time per camera: the keep-latest slot drops nothing
                 for collector in outs[ns].values():
                     collector.wait_for(i + 1)
-        ref_labels = {ns: ref.run([decode_image(m) for m in sent[ns]]) for ns in cams}
+        ref_labels = {ns: [s.labels for s in ref.run([decode_image(m) for m in sent[ns]])] for ns in cams}
 
     for ns, ((w, h), enc) in cams.items():
         for i, msg_in in enumerate(sent[ns]):
@@ -96,7 +96,7 @@ def test_compressed_input(tiny_carla_model) -> None:  # type: ignore[no-untyped-
         labels = outs["labels"].messages[i]
         assert (labels.width, labels.height, labels.encoding) == (96, 72, "mono8")
         assert labels.header.stamp == stamp(i)
-        np.testing.assert_array_equal(as_array(labels), ref.run([decode_compressed(msg_in)])[0])
+        np.testing.assert_array_equal(as_array(labels), ref.run([decode_compressed(msg_in)])[0].labels)
         assert outs["overlay"].messages[i].encoding == "rgb8"
 
 
@@ -132,7 +132,7 @@ def test_cli_subprocess_with_params_file(tiny_model) -> None:  # type: ignore[no
             got = publish_until(pub, msg, labels)[0]
             overlay.wait_for(1)
         assert (got.width, got.height, got.header.frame_id, got.header.stamp) == (64, 48, "sub", stamp(7))
-        np.testing.assert_array_equal(as_array(got), reference_segmenter(tiny_model).run([decode_image(msg)])[0])
+        np.testing.assert_array_equal(as_array(got), reference_segmenter(tiny_model).run([decode_image(msg)])[0].labels)
     finally:
         out = stop_process(proc)
     assert proc.returncode == 0, out

@@ -83,11 +83,11 @@ def segmenter(tiny_model: Path) -> Segmenter:
 def test_run_chunks_any_count_of_mixed_sizes(segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch) -> None:
     sizes = [(32, 48), (480, 640), (17, 29), (360, 480), (32, 48), (100, 60), (64, 96)]
     frames = [smooth_frame(h, w) for h, w in sizes]
-    singles = [segmenter.run([f])[0] for f in frames]
+    singles = [segmenter.run([f])[0].labels for f in frames]
     batches: list[int] = []
     infer = segmenter.backend._infer
     monkeypatch.setattr(segmenter.backend, "_infer", lambda b: batches.append(len(b)) or infer(b))
-    labels = segmenter.run(frames)
+    labels = [s.labels for s in segmenter.run(frames)]
     assert batches == [3, 3, 1]
     assert [lab.shape for lab in labels] == sizes and all(lab.dtype == np.uint8 for lab in labels)
     for lab, single in zip(labels, singles):
@@ -98,7 +98,7 @@ def test_run_chunks_any_count_of_mixed_sizes(segmenter: Segmenter, monkeypatch: 
 
 def test_outputs_colour_and_overlay(segmenter: Segmenter) -> None:
     frame = smooth_frame(40, 50)
-    labels = segmenter.run([frame])[0]
+    labels = segmenter.run([frame])[0].labels
     both = segmenter.outputs(frame, labels, alpha=0.25)
     assert both.color is not None and both.overlay is not None
     np.testing.assert_array_equal(both.color, segmenter.palette[labels])
@@ -132,7 +132,7 @@ def test_segmenter_labels_equal_training_predict_labels(tmp_path: Path) -> None:
     expected = predict_labels(model, frames, input_hw, torch.device("cpu"))
     with create_backend("onnxruntime", path, BackendOptions(max_batch=2)) as backend:
         assert isinstance(backend, OnnxRuntimeBackend)
-        got = Segmenter(backend, table).run(frames)
+        got = [s.labels for s in Segmenter(backend, table).run(frames)]
     assert [g.shape for g in got] == [f.shape[:2] for f in frames]
     agreement = np.mean(np.concatenate([(g == e).ravel() for g, e in zip(got, expected)]))
     assert agreement >= 0.999, f"torch vs ONNX Runtime labels agree on {agreement:.4%} of {what}"

@@ -160,7 +160,7 @@ def test_size_and_encoding_change_mid_stream(tiny_model: Path) -> None:
             assert msg.encoding == {"labels": "mono8", "color": "rgb8", "overlay": overlay_family[encoding]}[kind]
             seen.add(i // per_phase)
             if kind == "labels":
-                expected = reference.run([decode_image(make(i))])[0]
+                expected = reference.run([decode_image(make(i))])[0].labels
                 np.testing.assert_array_equal(np.frombuffer(bytes(msg.data), np.uint8).reshape(height, width),
                                               expected)
     assert seen == set(range(len(phases))), "every phase produced outputs"
@@ -237,12 +237,13 @@ class FailingBackend(Backend):
     def _activate(self) -> None:
         self.inner.activate()
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if self._armed.is_set():
             self._armed.clear()
             self.failed_batches.append(len(batch))
             raise RuntimeError("injected device failure")
-        return self.inner.infer(batch)
+        pred = self.inner.infer(batch)
+        return pred.labels, pred.confidence
 
     def _deactivate(self) -> None:
         self.inner.close()

@@ -29,9 +29,9 @@ def test_engine_labels_match_onnxruntime(tiny_model: Path, tmp_path: Path, preci
     with trt_backend.TensorRTBackend(read_model_info(tiny_model), options,
                                      log=logs.append) as engine_backend, \
             create_backend("onnxruntime", tiny_model, BackendOptions(max_batch=4)) as ort_backend:
-        want = ort_backend.infer(frames)
+        want = ort_backend.infer(frames).labels
         for n in (4, 1, 3):  # smaller batches reuse the max_batch buffers
-            got = engine_backend.infer(frames[:n])
+            got = engine_backend.infer(frames[:n]).labels
             assert got.shape == (n, 32, 48) and got.dtype == np.uint8
             assert (got == want[:n]).mean() >= min_agreement
     assert any("building a" in line for line in logs)
@@ -40,7 +40,7 @@ def test_engine_labels_match_onnxruntime(tiny_model: Path, tmp_path: Path, preci
     logs.clear()  # a second backend loads the cached engine instead of building
     with trt_backend.TensorRTBackend(read_model_info(tiny_model), options,
                                      log=logs.append) as again:
-        np.testing.assert_array_equal(again.infer(frames[:2]), engine_backend.infer(frames[:2]))
+        np.testing.assert_array_equal(again.infer(frames[:2]).labels, engine_backend.infer(frames[:2]).labels)
     assert any("using cached engine" in line for line in logs) and not any("building" in line for line in logs)
 
 
@@ -55,7 +55,7 @@ def test_int8_engine_with_calibration_cache(tiny_model: Path, tmp_path: Path) ->
     options = BackendOptions(max_batch=2, precision="int8", engine_cache_dir=str(tmp_path / "cache"),
                              calibration_data=str(frames_dir), workspace_mb=256)
     with trt_backend.TensorRTBackend(read_model_info(tiny_model), options) as backend:
-        labels = backend.infer(rng.integers(0, 256, (2, 32, 48, 3), dtype=np.uint8))
+        labels = backend.infer(rng.integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)).labels
     assert labels.shape == (2, 32, 48)
     assert len(list((tmp_path / "cache").glob("calib-*.cache"))) == 1
 

@@ -360,7 +360,7 @@ def test_buffers_allocated_once_and_smaller_batches_reuse_them(fake_trt: Any) ->
         assert sorted(cuda.memory[p].nbytes for p in context.addresses.values()) == [4 * h * w, 4 * h * w * 3]
         for n, seed in ((4, 0), (2, 1), (2, 2), (1, 3), (4, 4)):
             batch = frames(n, (h, w), seed)
-            got = backend.infer(batch)
+            got = backend.infer(batch).labels
             assert got.shape == (n, h, w) and got.dtype == np.uint8
             np.testing.assert_array_equal(got, fake_labels(batch))
         # the shape is set only when the batch size changes; addresses are set once, to the buffers made once

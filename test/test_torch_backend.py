@@ -45,11 +45,11 @@ def test_torch_matches_onnxruntime(exported: Path) -> None:
     with create_backend("torch", exported, options) as torch_backend, \
             create_backend("onnxruntime", exported, options) as ort_backend:
         assert torch_backend.name == "torch" and torch_backend.device == "cpu"
-        got, want = torch_backend.infer(frames), ort_backend.infer(frames)
+        got, want = torch_backend.infer(frames).labels, ort_backend.infer(frames).labels
     assert got.shape == (3, *HW) and got.dtype == np.uint8
     assert len(np.unique(want)) > 1  # a random net that does not predict one class everywhere
     assert (got == want).mean() >= 0.999
-    np.testing.assert_array_equal(torch_backend.infer(frames[:1]), got[:1])  # reactivates after close
+    np.testing.assert_array_equal(torch_backend.infer(frames[:1]).labels, got[:1])  # reactivates after close
 
 
 def test_explicit_checkpoint_and_missing_one(exported: Path, tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 - input ``image``: uint8 [N, H, W, 3] RGB at the model's input size; normalisation is in the graph.
 - output ``labels``: uint8 [N, H, W] class ids (argmax in the graph).
+- optional output ``confidence``: uint8 [N, H, W], the winning class's softmax probability x 255
+  (rounded). Models exported before it existed lack it; the runtime then publishes no confidence.
 - metadata props (all strings): ``format`` (= METADATA_FORMAT), ``classes`` (JSON list of
   {id, name, color}), ``ignore_index``, ``input_height``, ``input_width``, ``dataset``,
   ``metrics`` (JSON), ``training`` (JSON), ``version``.
@@ -20,6 +22,9 @@ from unet_perception.class_table import METADATA_FORMAT, ClassTable
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "labels"
+CONFIDENCE_NAME = "confidence"
+MAX_INPUT_SIDE = 8192
+UNKNOWN_LABEL = 255  # label for pixels under the unknown threshold; never a class id (at most 255 classes)
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class ModelInfo:
     classes: ClassTable
     input_hw: tuple[int, int]
     metadata: dict[str, str] = field(default_factory=dict, compare=False)
+    has_confidence: bool = False
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -68,7 +74,13 @@ def info_from_metadata(path: Path, meta: dict[str, str], inputs: list[str], outp
         hw = (int(meta["input_height"]), int(meta["input_width"]))
     except (KeyError, ValueError) as exc:
         raise ModelError(f"model '{path}' has invalid metadata: {exc}") from exc
-    return ModelInfo(path, table, hw, meta)
+    if min(hw) < 1 or max(hw) > MAX_INPUT_SIDE:
+        raise ModelError(f"model '{path}' has input size {hw[0]}x{hw[1]} in its metadata; each side must be "
+                         f"1..{MAX_INPUT_SIDE} (re-export it with unet-export)")
+    if table.num_classes >= UNKNOWN_LABEL:
+        raise ModelError(f"model '{path}' has {table.num_classes} classes; mono8 labels hold at most "
+                         f"{UNKNOWN_LABEL - 1} (id {UNKNOWN_LABEL} means unknown)")
+    return ModelInfo(path, table, hw, meta, has_confidence=CONFIDENCE_NAME in outputs)
 
 
 def make_metadata(table: ClassTable, input_hw: tuple[int, int], *, metrics: dict | None = None,

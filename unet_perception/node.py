@@ -325,8 +325,8 @@ class SegmentationNode(Node):
             for cam, _ in batch:
                 self._record_error(cam, f"inference failed on {cam.topic}: {type(exc).__name__}: {exc}")
             return
-        for (cam, frame), lab in zip(batch, labels):
-            self._publish(cam, frame, lab)
+        for (cam, frame), seg in zip(batch, labels):
+            self._publish(cam, frame, seg.labels)
 
     def _publish(self, cam: Camera, frame: Frame, labels: np.ndarray) -> None:
         assert self._segmenter is not None

@@ -2,7 +2,8 @@
 
 No ROS here, so the whole path is testable and benchmarkable on its own. The resize choices (bilinear
 down to the model input, nearest back up to the camera size) are the ones ``training.engine.predict_labels``
-uses, so the runtime reproduces the evaluated accuracy.
+uses, so the runtime reproduces the evaluated accuracy. Confidence is upscaled the same way, so it stays
+aligned with the labels pixel for pixel.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from unet_perception.backends.base import Backend
 from unet_perception.class_table import ClassTable
+from unet_perception.model_contract import UNKNOWN_LABEL
 
 
 def _check_frame(frame: np.ndarray, index: int) -> None:
@@ -62,6 +64,14 @@ def blend(image: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Segmentation:
+    """One frame's result at the frame's own size."""
+
+    labels: np.ndarray                 # uint8 [H, W] class ids, UNKNOWN_LABEL under the unknown threshold
+    confidence: np.ndarray | None      # uint8 [H, W] or None when the model has no confidence output
+
+
+@dataclass(frozen=True)
 class Rendered:
     """The coloured outputs of one frame; None where not asked for."""
 
@@ -70,25 +80,48 @@ class Rendered:
 
 
 class Segmenter:
-    """A backend plus the class table: ``run(frames) -> labels`` at each frame's own size."""
+    """A backend plus the class table: ``run(frames) -> [Segmentation]`` at each frame's own size.
 
-    def __init__(self, backend: Backend, classes: ClassTable) -> None:
+    ``unknown_threshold`` (0-255, 0 = off): pixels whose confidence is below it get label UNKNOWN_LABEL (255).
+    """
+
+    def __init__(self, backend: Backend, classes: ClassTable, unknown_threshold: int = 0) -> None:
+        if not 0 <= unknown_threshold <= 255:
+            raise ValueError(f"unknown_threshold must be 0..255, got {unknown_threshold}")
         self.backend = backend
         self.classes = classes
         self.palette = classes.palette()
+        self.unknown_threshold = unknown_threshold
 
     @property
     def input_hw(self) -> tuple[int, int]:
         return self.backend.input_hw
 
-    def run(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Label maps (uint8 [H, W]) for RGB frames of any count and sizes, in order."""
-        out: list[np.ndarray] = []
+    def run(self, frames: Sequence[np.ndarray]) -> list[Segmentation]:
+        """Labels (and confidence) for RGB frames of any count and sizes, in order.
+
+        Raises ValueError when the model emits a class id outside its class table: such labels could be
+        neither coloured nor named, so they are never published.
+        """
+        out: list[Segmentation] = []
         step = self.backend.max_batch
+        n = self.classes.num_classes
         for start in range(0, len(frames), step):
             chunk = frames[start:start + step]
-            small = self.backend.infer(preprocess(chunk, self.input_hw))
-            out.extend(upscale_labels(lab, frame.shape[:2]) for frame, lab in zip(chunk, small))
+            pred = self.backend.infer(preprocess(chunk, self.input_hw))
+            top = int(pred.labels.max())
+            if top >= n:
+                raise ValueError(f"the model emitted class id {top} but has {n} classes (0..{n - 1}); "
+                                 "its output does not match its metadata")
+            for i, frame in enumerate(chunk):
+                labels = pred.labels[i]
+                confidence = None if pred.confidence is None else pred.confidence[i]
+                if confidence is not None and self.unknown_threshold > 0:
+                    labels = np.where(confidence < self.unknown_threshold, np.uint8(UNKNOWN_LABEL), labels)
+                labels = upscale_labels(labels, frame.shape[:2])
+                if confidence is not None:
+                    confidence = upscale_labels(confidence, frame.shape[:2])
+                out.append(Segmentation(labels, confidence))
         return out
 
     def outputs(self, frame: np.ndarray, labels: np.ndarray, *, color: bool = True, overlay: bool = True,

@@ -1,13 +1,14 @@
 """The one interface every inference backend implements.
 
 A backend takes a batch of RGB frames already resized to the model's input size and returns class
-ids at that size. Lifecycle follows Polygraphy's runners: construct (cheap, validates), ``activate()``
+ids at that size, with the per-pixel confidence when the model has that output. Lifecycle follows Polygraphy's runners: construct (cheap, validates), ``activate()``
 (allocate once), ``infer()`` many times, ``close()`` (free); usable as a context manager.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
@@ -19,8 +20,16 @@ class BackendError(RuntimeError):
     """A backend that cannot be created or run, with a message that says why and how to fix it."""
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """What a backend returns for a batch, at the model's input size."""
+
+    labels: np.ndarray                 # uint8 [N, H, W] class ids
+    confidence: np.ndarray | None      # uint8 [N, H, W] winning softmax probability x 255; None: model has none
+
+
 class Backend(ABC):
-    """``infer(uint8 [N, H, W, 3] RGB) -> uint8 [N, H, W]`` at ``input_hw``, N <= ``max_batch``."""
+    """``infer(uint8 [N, H, W, 3] RGB) -> Prediction`` at ``input_hw``, N <= ``max_batch``."""
 
     name: str = "backend"
 
@@ -51,7 +60,7 @@ class Backend(ABC):
             self._deactivate()
             self.active = False
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def infer(self, batch: np.ndarray) -> Prediction:
         h, w = self.input_hw
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (h, w, 3):
             raise BackendError(f"{self.name}: batch must be uint8 [N, {h}, {w}, 3], got "
@@ -60,15 +69,21 @@ class Backend(ABC):
             raise BackendError(f"{self.name}: batch of {batch.shape[0]} frames, max_batch is {self.max_batch}")
         if not self.active:
             self.activate()
-        return self._infer(np.ascontiguousarray(batch))
+        labels, confidence = self._infer(np.ascontiguousarray(batch))
+        n = batch.shape[0]
+        for what, array in (("labels", labels), ("confidence", confidence)):
+            if array is not None and (array.dtype != np.uint8 or array.shape != (n, h, w)):
+                raise BackendError(f"{self.name}: the model returned {what} {array.dtype} {list(array.shape)}, "
+                                   f"the contract says uint8 [{n}, {h}, {w}]; re-export it with unet-export")
+        return Prediction(labels, confidence)
 
     @abstractmethod
     def _activate(self) -> None:
         """Load the model and allocate what inference needs, once."""
 
     @abstractmethod
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        """Run a validated, contiguous batch."""
+    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run a validated, contiguous batch: (labels, confidence or None)."""
 
     def _deactivate(self) -> None:
         """Free what ``_activate`` allocated."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from unet_perception.backends.base import Backend, BackendError
 from unet_perception.backends.factory import BackendOptions
-from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, ModelInfo
+from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, ModelInfo
 
 DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
            "tensorrt": "TensorrtExecutionProvider"}
@@ -101,7 +101,10 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"model '{self.info.path}' has inputs {list(inputs)} and outputs {list(outputs)}; "
                                f"the contract needs the single input '{INPUT_NAME}' and output '{OUTPUT_NAME}'; {fix}")
         h, w = self.input_hw
-        for tensor, want in ((inputs[INPUT_NAME], [None, h, w, 3]), (outputs[OUTPUT_NAME], [None, h, w])):
+        checked = [(inputs[INPUT_NAME], [None, h, w, 3]), (outputs[OUTPUT_NAME], [None, h, w])]
+        if CONFIDENCE_NAME in outputs:
+            checked.append((outputs[CONFIDENCE_NAME], [None, h, w]))
+        for tensor, want in checked:
             if tensor.type != "tensor(uint8)":
                 raise BackendError(f"model '{self.info.path}': '{tensor.name}' is {tensor.type}, the contract "
                                    f"needs tensor(uint8); {fix}")
@@ -115,8 +118,11 @@ class OnnxRuntimeBackend(Backend):
                 raise BackendError(f"model '{self.info.path}' has a fixed batch of {static[0]}; export it with a "
                                    "dynamic batch axis (unet-export does), or use max_batch 1 with a batch-1 model")
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.info.has_confidence:
+            labels, confidence = self._session.run([OUTPUT_NAME, CONFIDENCE_NAME], {INPUT_NAME: batch})
+            return labels, confidence
+        return self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], None
 
     def _deactivate(self) -> None:
         self._session = None

@@ -148,7 +148,7 @@ class TensorRTBackend(Backend):
         if not context.set_tensor_address(name, device):
             raise BackendError(f"TensorRT set_tensor_address('{name}', {device:#x}) failed")
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         assert self._context is not None and self._cuda is not None
         cuda, context, n = self._cuda, self._context, len(batch)
         image, labels = self._buffers[INPUT_NAME], self._buffers[OUTPUT_NAME]
@@ -171,7 +171,7 @@ class TensorRTBackend(Backend):
             cuda.copy_to_host(labels.host, labels.device, n * labels.item_bytes, self._stream,
                               f"output '{OUTPUT_NAME}'")
             cuda.synchronize(self._stream)
-            return labels.host[:n].copy()  # the pinned buffer is reused by the next batch
+            return labels.host[:n].copy(), None  # the pinned buffer is reused by the next batch
 
     def _deactivate(self) -> None:
         cuda = self._cuda

@@ -2,7 +2,7 @@
 
 For parity checks, and for GPU users without TensorRT.
 
-It runs ``training.export.ContractWrapper`` (the very module the ONNX file is exported from), so its labels
+It runs ``torch_contract.ContractWrapper`` (the very module the ONNX file is exported from), so its labels
 are the reference the exported model is checked against. The checkpoint is ``options.checkpoint``, or the
 ``.pt`` beside the ONNX model (``models/unet_camvid.onnx`` -> ``models/unet_camvid.pt``). On CUDA,
 ``precision: fp16`` runs under ``torch.autocast``; everything else runs in fp32.
@@ -52,7 +52,7 @@ class TorchBackend(Backend):
     def _activate(self) -> None:
         import torch
 
-        from unet_perception.training.export import ContractWrapper, checkpoint_table, load_checkpoint
+        from unet_perception.torch_contract import ContractWrapper, checkpoint_table, load_checkpoint
 
         if self.options.threads and self.options.device == "cpu":
             torch.set_num_threads(self.options.threads)
@@ -68,13 +68,12 @@ class TorchBackend(Backend):
                                "exported from")
         self._wrapper = ContractWrapper(model).to(self._torch_device).eval()
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._half):
-            labels = self._wrapper(torch.from_numpy(batch).to(self._torch_device))
-        result: np.ndarray = labels.cpu().numpy()
-        return result
+            labels, confidence = self._wrapper(torch.from_numpy(batch).to(self._torch_device))
+        return labels.cpu().numpy(), confidence.cpu().numpy()
 
     def _deactivate(self) -> None:
         self._wrapper = None

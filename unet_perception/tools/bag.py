@@ -306,8 +306,8 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
             pending: list[_Pending] = []
 
             def flush() -> None:
-                labels = segmenter.run([p.rgb for p in pending])
-                for p, lab in zip(pending, labels, strict=True):
+                results = segmenter.run([p.rgb for p in pending])
+                for p, lab in zip(pending, [r.labels for r in results], strict=True):
                     rendered = segmenter.outputs(p.rgb, lab, alpha=alpha, overlay_bgr=p.overlay_bgr)
                     conns = outputs[p.conn.id]
                     for kind, array, enc in (("labels", lab, "mono8"), ("color", rendered.color, "rgb8"),

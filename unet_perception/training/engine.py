@@ -13,12 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unet_perception.torch_contract import to_model_input
 from unet_perception.training.metrics import confusion_matrix
-
-
-def to_model_input(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] RGB -> float [N, 3, H, W] in [0, 1] (the seed's scaling)."""
-    return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def collate(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:

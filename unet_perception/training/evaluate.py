@@ -78,7 +78,7 @@ def _load_onnx(path: Path, device: str, batch_size: int) -> LoadedModel:
     options = BackendOptions(max_batch=batch_size, device="cpu" if device == "auto" else device)
     backend = create_backend("onnxruntime", path, options).activate()
     segmenter = Segmenter(backend, backend.info.classes)
-    return LoadedModel(segmenter.run, backend.info.classes, backend.input_hw, "onnx", backend.close)
+    return LoadedModel(lambda frames: [s.labels for s in segmenter.run(frames)], backend.info.classes, backend.input_hw, "onnx", backend.close)
 
 
 def dataset_table(model_table: ClassTable, dataset: str | None) -> ClassTable:

@@ -20,46 +20,11 @@ from torch import nn
 
 from unet_perception import __version__
 from unet_perception.class_table import ClassTable, load_class_table
-from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, make_metadata
-from unet_perception.training.engine import to_model_input
-from unet_perception.training.model import UNet, build_model
+from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, make_metadata
+from unet_perception.torch_contract import ContractWrapper, checkpoint_table, load_checkpoint
 
 MIN_AGREEMENT = 0.999
 OPSET = 17
-
-
-class ContractWrapper(nn.Module):
-    """uint8 NHWC RGB -> model -> uint8 class ids NHW: the contract's pre/post-processing in-graph."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(to_model_input(image)).argmax(1).to(torch.uint8)
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """Rebuild the model of a training checkpoint (eval mode) and return it with the checkpoint dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
-def checkpoint_table(ckpt: dict[str, Any]) -> ClassTable:
-    """The class table a checkpoint was trained with (its dataset layout too, when known)."""
-    layout = ckpt.get("layout")
-    if layout is None:  # checkpoints written before the layout was stored: take the shipped table's
-        try:
-            layout = load_class_table(ckpt["args"]["dataset"]).layout
-        except ValueError:
-            layout = {}
-    return ClassTable.from_dict({"name": ckpt["dataset"], "classes": ckpt["class_table"],
-                                 "ignore_index": ckpt.get("ignore_index"), "layout": layout})
 
 
 def export_onnx(model: nn.Module, path: str | Path, table: ClassTable, input_hw: tuple[int, int], *,
@@ -73,8 +38,10 @@ def export_onnx(model: nn.Module, path: str | Path, table: ClassTable, input_hw:
     example = torch.zeros(1, *input_hw, 3, dtype=torch.uint8)
     tmp = path.with_name(path.name + ".tmp")
     with torch.inference_mode():
-        torch.onnx.export(wrapper, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        torch.onnx.export(wrapper, (example,), str(tmp), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME, CONFIDENCE_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
+                                        CONFIDENCE_NAME: {0: "batch"}},
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
     proto = onnx.load(str(tmp))
     del proto.metadata_props[:]
@@ -96,7 +63,7 @@ def label_agreement(model: nn.Module, onnx_path: str | Path, frames: np.ndarray)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     wrapper = ContractWrapper(model).cpu().eval()
     with torch.inference_mode():
-        expected = wrapper(torch.from_numpy(frames)).numpy()
+        expected = wrapper(torch.from_numpy(frames))[0].numpy()
     got = session.run([OUTPUT_NAME], {INPUT_NAME: frames})[0]
     return float((expected == got).mean())
 

@@ -29,7 +29,8 @@ from unet_perception.training.engine import (all_reduce_confusion, collate, conf
                                              predict_labels, train_one_epoch)
 from unet_perception.training.losses import CEDiceLoss, enet_class_weights
 from unet_perception.training.metrics import mean_iou, summarize
-from unet_perception.training.model import DEPTH, UNet, count_parameters
+from unet_perception.networks import ARCHS, count_parameters
+from unet_perception.networks.seed_unet import DEPTH, UNet
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -43,6 +44,28 @@ def parse_size(text: str) -> tuple[int, int]:
         hint = f"{max(m, round(h / m) * m)}x{max(m, round(w / m) * m)}"
         raise argparse.ArgumentTypeError(f"size {h}x{w} is not a positive multiple of {m}; use {hint}")
     return h, w
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """'128,64,48,32' -> (128, 64, 48, 32)."""
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must look like 128,64,48,32, got '{text}'") from None
+    if len(widths) != 4 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"give 4 positive widths (strides 16, 8, 4, 2), got '{text}'")
+    return widths
+
+
+def make_model(args: argparse.Namespace, num_classes: int) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """The network and its optimizer parameter groups (a pretrained encoder learns at a lower rate)."""
+    if args.arch == "seed":
+        seed = UNet(num_classes, width=args.width, dropout=args.dropout, norm=args.norm)
+        return seed, [{"params": list(seed.parameters()), "lr": args.lr}]
+    from unet_perception.networks.lite_unet import LiteUNet
+    lite = LiteUNet(num_classes, decoder=args.decoder, pretrained=not args.no_pretrained)
+    return lite, [{"params": lite.encoder_parameters(), "lr": args.lr * args.encoder_lr},
+                  {"params": lite.decoder_parameters(), "lr": args.lr}]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="per process (seed: 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, one-cycle)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--width", type=int, default=32, help="filters of the first block (seed: 32)")
-    p.add_argument("--norm", choices=("none", "batch"), default="none", help="batch norm after convs")
-    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--arch", choices=ARCHS, default="lite",
+                   help="lite: U-Net decoder on an ImageNet-pretrained EfficientNet-Lite0 (default); "
+                        "seed: the lab's U-Net")
+    p.add_argument("--decoder", type=parse_widths, default=(128, 64, 48, 32),
+                   help="lite: decoder widths at strides 16, 8, 4, 2 (default 128,64,48,32)")
+    p.add_argument("--encoder-lr", type=float, default=0.25,
+                   help="lite: the encoder's learning rate as a fraction of --lr (default 0.25)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="lite: start the encoder from random weights instead of ImageNet")
+    p.add_argument("--width", type=int, default=32, help="seed: filters of the first block (32)")
+    p.add_argument("--norm", choices=("none", "batch"), default="none", help="seed: batch norm after convs")
+    p.add_argument("--dropout", type=float, default=0.3, help="seed: dropout in the two deepest blocks")
     p.add_argument("--loss", choices=("ce", "weighted-ce", "weighted-ce-dice"), default="weighted-ce-dice",
                    help="ce is the seed's loss; the weighted ones handle class imbalance")
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and on the last)")
@@ -165,17 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         collate_fn=collate, drop_last=len(train_set) > args.batch_size, generator=gen,
         persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
 
-    model = UNet(table.num_classes, width=args.width, dropout=args.dropout, norm=args.norm).to(device)
+    model, groups = make_model(args, table.num_classes)
+    model = model.to(device)
     if world > 1:
         ddp_model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         ddp_model = model
     loss_fn = make_loss(args, table, train_set, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     steps = max(1, len(loader)) * args.epochs
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps,
-                                                    pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
+                                                    total_steps=steps, pct_start=0.1)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not args.no_amp else None
 
     start_epoch, best, history = 0, -1.0, []
@@ -201,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         log(rank, f"resumed from {ckpt_path} at epoch {start_epoch}", logfile)
 
     log(rank, f"unet-train: {table.name}, {len(train_set)} train / {len(val_set)} val frames, "
-              f"{table.num_classes} classes, model {count_parameters(model):,} parameters, "
+              f"{table.num_classes} classes, model {args.arch} {count_parameters(model):,} parameters, "
               f"input {args.input_size}, crop {crop}, scale {scale[0]:.2f}-{scale[1]:.2f}, "
               f"device {device}, world {world}", logfile)
     t_start = time.perf_counter()

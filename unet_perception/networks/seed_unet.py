@@ -56,7 +56,7 @@ class UNet(nn.Module):
             raise ValueError(f"norm must be 'none' or 'batch', got '{norm}'")
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
-        self.config = {"num_classes": num_classes, "width": width, "dropout": dropout, "norm": norm}
+        self.config = {"arch": "seed", "num_classes": num_classes, "width": width, "dropout": dropout, "norm": norm}
         f = [width * 2**i for i in range(DEPTH + 1)]  # 32, 64, 128, 256, 512
         drops = [0.0, 0.0, 0.0, dropout, dropout]  # dropout in the two deepest blocks
         self.down = nn.ModuleList(
@@ -94,11 +94,3 @@ class UNet(nn.Module):
             x = block(x, skip)
         return self.head(x)
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def build_model(config: dict) -> UNet:
-    """Rebuild a model from the ``config`` dict saved in checkpoints."""
-    return UNet(**config)
