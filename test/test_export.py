@@ -14,7 +14,7 @@ from conftest import DATA, make_tiny_unet
 from unet_perception import __version__
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, read_model_info
 from unet_perception.training import export, train
-from unet_perception.torch_contract import ContractWrapper
+from unet_perception.torch_contract import ContractWrapper, checkpoint_table
 from unet_perception.training.export import (
     check_frames,
     export_onnx,
@@ -91,8 +91,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"CamVid is not at {CAMVID}")
     out = tmp_path_factory.mktemp("ckpt")
     assert train.main(["--dataset", "camvid", "--data", str(CAMVID), "--out", str(out), "--input-size", "32x48",
-                       "--epochs", "1", "--batch-size", "4", "--limit", "4", "--arch", "seed", "--width", "4", "--workers", "0",
-                       "--threads", "1", "--no-progress"]) == 0
+                       "--epochs", "1", "--batch-size", "4", "--limit", "4", "--decoder", "16,16,8,8",
+                       "--workers", "0", "--threads", "1", "--no-progress"]) == 0
     return out / "best.pt"
 
 
@@ -106,7 +106,11 @@ def test_export_cli_writes_a_checked_model_with_training_metadata(checkpoint: Pa
     assert info.input_hw == (32, 48) and info.classes.num_classes == 11
     assert info.metrics["mean_iou"] == pytest.approx(ckpt["best_miou"])
     training = json.loads(info.metadata["training"])
-    assert training["epochs_trained"] == 1 and training["model_config"]["width"] == 4
+    # the architecture and the class table travel with the model file
+    assert training["epochs_trained"] == 1
+    assert training["model_config"] == {"arch": "lite", "num_classes": 11, "encoder": "lite0",
+                                        "decoder": [16, 16, 8, 8]}
+    assert info.classes == checkpoint_table(ckpt)
     assert not list(out.parent.glob("*.tmp"))
 
 

@@ -6,9 +6,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
-
-from unet_perception.training.metrics import (
+from unet_perception.metrics import (
     confusion_matrix,
     iou_per_class,
     mean_iou,
@@ -17,9 +15,9 @@ from unet_perception.training.metrics import (
 )
 
 # 3 classes + void (id 3). Rows are truth, columns prediction.
-TRUTH = torch.tensor([[0, 0, 1, 1],
+TRUTH = np.array([[0, 0, 1, 1],
                       [2, 2, 3, 3]])
-PRED = torch.tensor([[0, 1, 1, 1],
+PRED = np.array([[0, 1, 1, 1],
                      [2, 0, 0, 2]])
 
 
@@ -29,7 +27,7 @@ def test_confusion_matrix_counts_truth_rows_and_prediction_columns() -> None:
     assert cm.tolist() == [[1, 1, 0],
                            [0, 2, 0],
                            [1, 0, 1]]
-    assert cm.dtype == torch.int64
+    assert cm.dtype == np.int64
 
 
 def test_out_of_range_truth_is_dropped_without_ignore_index() -> None:
@@ -38,7 +36,7 @@ def test_out_of_range_truth_is_dropped_without_ignore_index() -> None:
 
 
 def test_predictions_beyond_the_classes_count_in_the_last_column() -> None:
-    cm = confusion_matrix(torch.tensor([0, 1]), torch.tensor([7, 1]), num_classes=2)
+    cm = confusion_matrix(np.array([0, 1]), np.array([7, 1]), num_classes=2)
     assert cm.tolist() == [[0, 1], [0, 1]]
 
 
@@ -84,9 +82,18 @@ def test_empty_matrix_gives_nan_not_an_error() -> None:
 
 
 def test_summarize_is_json_ready_with_null_for_undefined_iou() -> None:
-    cm = torch.tensor([[3, 1, 0], [0, 4, 0], [0, 0, 0]])
+    cm = np.array([[3, 1, 0], [0, 4, 0], [0, 0, 0]])
     report = summarize(cm, ["a", "b", "c"])
     assert report["per_class_iou"] == {"a": 0.75, "b": 0.8, "c": None}
     assert report["truth_pixels"] == {"a": 4, "b": 4, "c": 0}
     assert report["pixel_accuracy"] == pytest.approx(7 / 8)
     assert report["mean_iou"] == pytest.approx(0.775)
+
+
+def test_an_ignore_id_inside_the_class_range_is_dropped() -> None:
+    # CARLA's class 0 "Unlabeled" is both a valid id and the ignore id: its pixels must not count.
+    truth = np.array([0, 0, 1, 2])
+    pred = np.array([1, 2, 1, 2])
+    cm = confusion_matrix(truth, pred, num_classes=3, ignore_index=0)
+    assert cm.tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert mean_iou(cm) == pytest.approx(1.0)

@@ -1,4 +1,5 @@
-"""The seed U-Net: the lab's parameter count, shapes, the input-size error and the width/norm options."""
+"""The networks: the seed U-Net (the lab's parameter count, shapes, options) and the default U-Net on
+EfficientNet-Lite0 (ImageNet weights, skips, rebuild from a checkpoint config)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from unet_perception.networks import build_model, count_parameters
+from unet_perception.networks.lite_unet import LiteEncoder, LiteUNet, load_imagenet_weights, pretrained_weights_path
 from unet_perception.networks.seed_unet import UNet
 
 
@@ -68,3 +70,41 @@ def test_build_model_rebuilds_from_saved_config() -> None:
     rebuilt = build_model(model.config)
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.config == model.config
+
+
+def test_lite_encoder_loads_the_imagenet_weights_strictly_and_they_matter() -> None:
+    state = torch.load(pretrained_weights_path("lite0"), map_location="cpu", weights_only=True)
+    encoder = LiteEncoder("lite0")
+    load_imagenet_weights(encoder, "lite0")  # strict=True inside: a renamed or missing tensor raises
+    mine = encoder.state_dict()
+    for name, tensor in mine.items():
+        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0)
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 96)
+    pretrained, scratch = LiteUNet(11, pretrained=True).eval(), LiteUNet(11, pretrained=False).eval()
+    with torch.inference_mode():
+        a, b = pretrained.encoder(x)[-1], scratch.encoder(x)[-1]
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_lite_encoder_refuses_a_state_dict_that_does_not_match() -> None:
+    state = torch.load(pretrained_weights_path("lite0"), map_location="cpu", weights_only=True)
+    state.pop("_blocks.3._depthwise_conv.weight")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        LiteEncoder("lite0").load_state_dict(
+            {k: v for k, v in state.items() if not k.startswith(("_conv_head", "_bn1.", "_fc"))}, strict=True)
+
+
+def test_lite_unet_shapes_skips_and_rebuild() -> None:
+    model = LiteUNet(num_classes=7, decoder=(32, 16, 16, 8)).eval()
+    assert model.encoder.channels == [16, 24, 40, 112, 320]  # strides 2, 4, 8, 16, 32
+    with torch.inference_mode():
+        for h, w in ((64, 96), (240, 320), (72, 100)):  # any size: 240 -> ... -> 15 -> 8 at stride 32
+            assert model(torch.rand(1, 3, h, w)).shape == (1, 7, h, w)
+    rebuilt = build_model(model.config)
+    assert isinstance(rebuilt, LiteUNet) and rebuilt.config == model.config
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="4 positive widths"):
+        LiteUNet(decoder=(32, 16))
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model({"arch": "resnet", "num_classes": 3})

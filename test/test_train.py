@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(not (CAMVID / "train.txt").is_file(),
 
 # 6 frames at 48x64, width 8 with batch norm: 3 steps per epoch, about half a second per epoch on 2 cores.
 TINY = ["--dataset", "camvid", "--data", str(CAMVID), "--input-size", "48x64", "--batch-size", "2",
-        "--limit", "6", "--width", "8", "--norm", "batch", "--lr", "3e-3", "--workers", "0", "--threads", "1",
-        "--no-progress", "--seed", "7"]
+        "--limit", "6", "--arch", "seed", "--width", "8", "--norm", "batch", "--lr", "3e-3", "--workers", "0",
+        "--threads", "1", "--no-progress", "--seed", "7"]
 
 
 def run(out: Path, epochs: int, *extra: str) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def test_checkpoints_hold_what_export_and_resume_need(trained: Path) -> None:
         ckpt = torch.load(trained / name, weights_only=False)
         assert {"model", "optimizer", "scheduler", "epoch", "args", "model_config", "input_size",
                 "class_table", "history", "best_miou", "rng"} <= set(ckpt)
-        assert ckpt["model_config"] == {"num_classes": 11, "width": 8, "dropout": 0.3, "norm": "batch"}
+        assert ckpt["model_config"] == {"arch": "seed", "num_classes": 11, "width": 8, "dropout": 0.3, "norm": "batch"}
         assert ckpt["input_size"] == [48, 64] and ckpt["dataset"] == "camvid"
     last = torch.load(trained / "last.pt", weights_only=False)
     assert last["epoch"] == 11 and len(last["history"]) == 12

@@ -147,11 +147,9 @@ class Recorder:
 
 def score(labels: dict[int, Any], frames: dict[int, Path], truth_dir: Path | None, classes: Any) -> tuple[float, int]:
     """(mIoU, frames scored) of the node's label messages against ``truth_dir``, matched by header stamp."""
-    import torch
+    from unet_perception.metrics import confusion_matrix, mean_iou
 
-    from unet_perception.training.metrics import confusion_matrix, mean_iou
-
-    cm = torch.zeros((classes.num_classes, classes.num_classes), dtype=torch.int64)
+    cm = np.zeros((classes.num_classes, classes.num_classes), dtype=np.int64)
     scored = 0
     for stamp, msg in labels.items():
         truth_path = truth_dir / frames[stamp].name if truth_dir and stamp in frames else None
@@ -159,8 +157,7 @@ def score(labels: dict[int, Any], frames: dict[int, Path], truth_dir: Path | Non
         pred = msg.data.reshape(msg.height, msg.step)[:, : msg.width]
         if truth is None or truth.shape != pred.shape:
             continue
-        cm += confusion_matrix(torch.from_numpy(truth), torch.from_numpy(pred.copy()), classes.num_classes,
-                               classes.ignore_index)
+        cm += confusion_matrix(truth, pred, classes.num_classes, classes.ignore_index)
         scored += 1
     return mean_iou(cm), scored
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unet_perception.torch_contract import to_model_input
-from unet_perception.training.metrics import confusion_matrix
+from unet_perception.metrics import confusion_matrix
 
 
 def collate(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,22 +76,22 @@ def predict_labels(model: nn.Module, frames: list[np.ndarray], input_hw: tuple[i
 
 def confusion_on_frames(predict: Callable[[list[np.ndarray]], list[np.ndarray]], images: list[np.ndarray],
                         labels: list[np.ndarray], num_classes: int, ignore_index: int | None,
-                        batch_size: int = 8) -> torch.Tensor:
+                        batch_size: int = 8) -> np.ndarray:
     """Confusion matrix of ``predict`` (frames -> label maps) over frames at their own resolution."""
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     for i in range(0, len(images), batch_size):
         preds = predict(images[i:i + batch_size])
         for truth, pred in zip(labels[i:i + batch_size], preds):
-            cm += confusion_matrix(torch.from_numpy(truth), torch.from_numpy(pred), num_classes, ignore_index)
+            cm += confusion_matrix(truth, pred, num_classes, ignore_index)
     return cm
 
 
-def all_reduce_confusion(cm: torch.Tensor) -> torch.Tensor:
+def all_reduce_confusion(cm: np.ndarray) -> np.ndarray:
     """Sum a confusion matrix over DDP ranks (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
-        t = cm.clone()
+        t = torch.from_numpy(cm.astype(np.int64))
         if dist.get_backend() == "nccl":
             t = t.cuda()
         dist.all_reduce(t)
-        return t.cpu()
+        return t.cpu().numpy()
     return cm

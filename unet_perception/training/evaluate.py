@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from unet_perception.class_table import ClassTable, available_tables, load_class_table
-from unet_perception.training.metrics import summarize
+from unet_perception.metrics import summarize
 
 Predict = Callable[[list[np.ndarray]], list[np.ndarray]]  # RGB frames (any size) -> labels at that size
 
@@ -78,7 +78,10 @@ def _load_onnx(path: Path, device: str, batch_size: int) -> LoadedModel:
     options = BackendOptions(max_batch=batch_size, device="cpu" if device == "auto" else device)
     backend = create_backend("onnxruntime", path, options).activate()
     segmenter = Segmenter(backend, backend.info.classes)
-    return LoadedModel(lambda frames: [s.labels for s in segmenter.run(frames)], backend.info.classes, backend.input_hw, "onnx", backend.close)
+    def predict(frames: list[np.ndarray]) -> list[np.ndarray]:
+        return [s.labels for s in segmenter.run(frames)]
+
+    return LoadedModel(predict, backend.info.classes, backend.input_hw, "onnx", backend.close)
 
 
 def dataset_table(model_table: ClassTable, dataset: str | None) -> ClassTable:

@@ -28,7 +28,7 @@ from unet_perception.training.data import SegmentationDataset, train_transform
 from unet_perception.training.engine import (all_reduce_confusion, collate, confusion_on_frames,
                                              predict_labels, train_one_epoch)
 from unet_perception.training.losses import CEDiceLoss, enet_class_weights
-from unet_perception.training.metrics import mean_iou, summarize
+from unet_perception.metrics import mean_iou, summarize
 from unet_perception.networks import ARCHS, count_parameters
 from unet_perception.networks.seed_unet import DEPTH, UNet
 

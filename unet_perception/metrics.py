@@ -1,25 +1,27 @@
-"""Segmentation metrics from a confusion matrix (rows = truth, columns = prediction)."""
+"""Segmentation metrics from a confusion matrix (rows = truth, columns = prediction).
+
+NumPy only: training, evaluation and the runtime's demo all score with these.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
-def confusion_matrix(truth: torch.Tensor, pred: torch.Tensor, num_classes: int,
-                     ignore_index: int | None = None) -> torch.Tensor:
-    """Accumulate a [C, C] int64 confusion matrix with ``torch.bincount``; ignored and out-of-range
-    truth pixels are dropped."""
-    truth = truth.reshape(-1).long()
-    pred = pred.reshape(-1).long()
+def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int,
+                     ignore_index: int | None = None) -> np.ndarray:
+    """A [C, C] int64 confusion matrix; ignored and out-of-range truth pixels are dropped, predictions
+    beyond the classes (e.g. the unknown label 255) count in the last column."""
+    truth = np.asarray(truth).reshape(-1).astype(np.int64)
+    pred = np.asarray(pred).reshape(-1).astype(np.int64)
     keep = (truth >= 0) & (truth < num_classes)
     if ignore_index is not None:
         keep &= truth != ignore_index
-    idx = truth[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    idx = truth[keep] * num_classes + np.clip(pred[keep], 0, num_classes - 1)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def iou_per_class(cm: np.ndarray | torch.Tensor) -> np.ndarray:
+def iou_per_class(cm: np.ndarray) -> np.ndarray:
     """IoU of each class; NaN where the class is neither in the truth nor predicted."""
     cm = np.asarray(cm, dtype=np.float64)
     tp = np.diag(cm)
@@ -28,7 +30,7 @@ def iou_per_class(cm: np.ndarray | torch.Tensor) -> np.ndarray:
         return np.where(union > 0, tp / union, np.nan)
 
 
-def mean_iou(cm: np.ndarray | torch.Tensor) -> float:
+def mean_iou(cm: np.ndarray) -> float:
     """Mean IoU over the classes present in the truth (classes absent from it are not averaged)."""
     cm = np.asarray(cm, dtype=np.float64)
     present = cm.sum(1) > 0
@@ -37,13 +39,13 @@ def mean_iou(cm: np.ndarray | torch.Tensor) -> float:
     return float(np.nanmean(iou_per_class(cm)[present]))
 
 
-def pixel_accuracy(cm: np.ndarray | torch.Tensor) -> float:
+def pixel_accuracy(cm: np.ndarray) -> float:
     cm = np.asarray(cm, dtype=np.float64)
     total = cm.sum()
     return float(np.trace(cm) / total) if total else float("nan")
 
 
-def summarize(cm: np.ndarray | torch.Tensor, names: list[str] | tuple[str, ...]) -> dict:
+def summarize(cm: np.ndarray, names: list[str] | tuple[str, ...]) -> dict:
     """A JSON-ready report: pixel accuracy, mIoU and per-class IoU (null where undefined)."""
     cm = np.asarray(cm)
     ious = iou_per_class(cm)
