@@ -9,9 +9,9 @@ DATA ?= ../shared/data
 IMAGES ?= $(DATA)/camvid/val
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test model clean
+.PHONY: venv vision_msgs demo test model clean
 
-$(STAMP): requirements/*.txt setup.py package.xml
+$(STAMP): requirements/*.txt setup.py package.xml interfaces/vision_msgs/msg/*.msg
 	@if [ "$$ROS_DISTRO" = "jazzy" ]; then \
 	  echo "ROS 2 Jazzy is sourced: venv with system site packages"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -23,9 +23,22 @@ $(STAMP): requirements/*.txt setup.py package.xml
 	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/train.txt -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps tensorrt-stubs
 	$(PY) -m pip install -q --no-deps -e .
+	@if [ "$$ROS_DISTRO" != "jazzy" ]; then $(MAKE) --no-print-directory vision_msgs; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# vision_msgs (LabelInfo) has no PyPI wheel: build our two-message stand-in, interfaces/vision_msgs, with the
+# rosidl generator wheels (requirements/ros-wheels.txt) and install it into the venv, next to the other ROS
+# wheels. On a ROS 2 system the package.xml dependency brings the official ros-jazzy-vision-msgs instead.
+VM_BUILD := build/vision_msgs
+vision_msgs:
+	@V=$(abspath $(VENV)); export PATH=$$V/bin:$$PATH AMENT_PREFIX_PATH=$$V CMAKE_PREFIX_PATH=$$V LD_LIBRARY_PATH=$$V/lib; \
+	mkdir -p $(VM_BUILD) && \
+	{ cmake -S interfaces/vision_msgs -B $(VM_BUILD) -DCMAKE_INSTALL_PREFIX=$$V -DPython3_EXECUTABLE=$$V/bin/python \
+	    -DBUILD_TESTING=OFF && cmake --build $(VM_BUILD) -j 2 && cmake --install $(VM_BUILD); } > $(VM_BUILD).log 2>&1 \
+	  || { tail -30 $(VM_BUILD).log; echo "building interfaces/vision_msgs failed (log: $(VM_BUILD).log)"; exit 1; }
+	@echo "vision_msgs (LabelInfo, VisionClass) built and installed into $(VENV)"
 
 # Road frames -> rosbag2 -> the node (as seg.launch.py starts it) -> recorded bag, overlay PNGs and a summary
 # in out/demo. DEMO_ARGS passes more options, e.g. DEMO_ARGS="--model path/to/model.onnx --frames 30".
