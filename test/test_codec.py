@@ -10,8 +10,10 @@ import pytest
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
+import hostile
 from unet_perception import codec
-from unet_perception.codec import CodecError, decode_compressed, decode_image, encode_image, overlay_encoding
+from unet_perception.codec import (CodecError, check, decode, decode_compressed, decode_image, encode_image,
+                                   overlay_encoding, source_encoding)
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (6, 10, 3), dtype=np.uint8)
@@ -171,8 +173,8 @@ def test_oversize_compressed_is_refused(ext: str) -> None:
 
 @pytest.mark.parametrize("data, match", [
     (b"", "has no data"),
-    (b"\xff\xd8\xff\xe0 definitely not a jpeg", "not a decodable JPEG or PNG"),
-    (bytes(range(200)), "not a decodable JPEG or PNG"),
+    (b"\xff\xd8\xff\xe0 definitely not a jpeg", "not a decodable JPEG"),
+    (bytes(range(200)), "holds an unknown format, not JPEG or PNG"),
 ])
 def test_bad_compressed_data_raises_codec_error(data: bytes, match: str) -> None:
     with pytest.raises(CodecError, match=match):
@@ -181,7 +183,7 @@ def test_bad_compressed_data_raises_codec_error(data: bytes, match: str) -> None
 
 def test_truncated_png_raises_codec_error() -> None:
     data = compressed_msg(SCENE, ".png", "png").data
-    with pytest.raises(CodecError, match="not a decodable"):
+    with pytest.raises(CodecError, match="PNG ends before its IEND chunk"):
         decode_compressed(CompressedImage(format="png", data=data[: len(data) // 2]))
 
 
@@ -189,6 +191,85 @@ def test_compressed_depth_is_refused() -> None:
     msg = compressed_msg(SCENE, ".png", "16UC1; compressedDepth png")
     with pytest.raises(CodecError, match="is a depth image"):
         decode_compressed(msg)
+
+
+# -- hostile compressed input (test/hostile.py: one payload per class of attack) --------------------
+LIMIT = 640 * 480
+
+
+@pytest.mark.parametrize("name", list(hostile.CLASSES))
+def test_hostile_payload_is_refused(name: str) -> None:
+    build, fmt, phrase = hostile.CLASSES[name]
+    with pytest.raises(CodecError, match=phrase):
+        decode(CompressedImage(format=fmt, data=build()), max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize("name", ["webp as jpeg", "tiff as png", "hidden-size jpeg", "truncated jpeg",
+                                  "bit-flipped jpeg"])
+def test_opencv_alone_would_have_decoded_it(name: str) -> None:
+    """Why the strict path exists: OpenCV decodes these by content, or despite libjpeg's warnings."""
+    data = hostile.CLASSES[name][0]()
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+@pytest.mark.parametrize("name", ["ppm bomb", "bmp bomb", "hidden-size jpeg", "webp as jpeg", "tiff as png"])
+def test_refused_before_any_decoder_runs(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wrong formats and oversize headers never reach a decoder (which would allocate the claimed size)."""
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a decoder ran")
+
+    monkeypatch.setattr(codec.cv2, "imdecode", never)
+    monkeypatch.setattr(codec.simplejpeg, "decode_jpeg", never)
+    build, fmt, phrase = hostile.CLASSES[name]
+    msg = CompressedImage(format=fmt, data=build())
+    for call in (check, decode):
+        with pytest.raises(CodecError, match=phrase):
+            call(msg, LIMIT)
+
+
+def test_format_string_does_not_decide() -> None:
+    """A real PNG sent as "jpeg" decodes as the PNG it is; the magic bytes decide."""
+    np.testing.assert_array_equal(decode(compressed_msg(SCENE, ".png", "jpeg")), SCENE)
+
+
+def test_too_many_jpeg_scans_are_refused() -> None:
+    data = compressed_msg(SCENE, ".jpg", "jpeg").data
+    with pytest.raises(CodecError, match=f"scans, over the limit of {codec.MAX_JPEG_SCANS}"):
+        check(CompressedImage(format="jpeg", data=bytes(data) + b"\xff\xda" * (codec.MAX_JPEG_SCANS + 1)))
+
+
+def test_progressive_jpeg_decodes() -> None:
+    data = hostile.encode(SCENE, ".jpg", cv2.IMWRITE_JPEG_PROGRESSIVE, 1)
+    assert decode(CompressedImage(format="jpeg", data=data)).shape == SCENE.shape
+
+
+def test_png_without_ihdr_is_refused() -> None:
+    with pytest.raises(CodecError, match="valid IHDR"):
+        check(CompressedImage(format="png", data=b"\x89PNG\r\n\x1a\n" + bytes(40)))
+
+
+def test_decode_takes_rosbags_messages_too() -> None:
+    from rosbags.typesys import Stores, get_typestore
+
+    types = get_typestore(Stores.ROS2_JAZZY).types
+    header = types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](sec=0, nanosec=0),
+                                         frame_id="c")
+    png = np.frombuffer(compressed_msg(SCENE, ".png", "png").data, np.uint8)
+    comp = types["sensor_msgs/msg/CompressedImage"](header=header, format="png", data=png)
+    raw = types["sensor_msgs/msg/Image"](header=header, height=6, width=10, encoding="rgb8", is_bigendian=0,
+                                         step=30, data=RGB.reshape(-1))
+    np.testing.assert_array_equal(decode(comp), SCENE)
+    np.testing.assert_array_equal(decode(raw), RGB)
+    assert (source_encoding(comp), source_encoding(raw)) == ("png", "rgb8")
+
+
+def test_decode_turns_any_decoder_failure_into_codec_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*args: object, **kwargs: object) -> None:
+        raise cv2.error("OpenCV(5.0) imdecode: out of memory")
+
+    monkeypatch.setattr(codec.cv2, "imdecode", crash)
+    with pytest.raises(CodecError, match="error: OpenCV.*out of memory"):
+        decode(compressed_msg(SCENE, ".png", "png"))
 
 
 # -- encoding ----------------------------------------------------------------------------------

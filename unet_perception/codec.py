@@ -5,18 +5,24 @@ the camera sends; anything that cannot be decoded raises ``CodecError`` saying w
 fix it. On a ROS system with ``cv_bridge`` the raw-image conversion goes through it (``BACKEND ==
 'cv_bridge'``); otherwise, or with ``use_cv_bridge=False``, through the NumPy/OpenCV path below.
 
+Input is hostile until proven otherwise: ``decode(msg)`` is the one entry point of the node and the bag tool.
+Compressed frames are accepted by their magic bytes (JPEG, PNG; never by the ``format`` string), their true size
+is read from their own header and checked against ``max_pixels`` before any decoding (``check``, cheap enough
+for a subscription callback), and only frames that decode cleanly pass (libjpeg warnings, CRC errors and
+truncation are errors). JPEG goes through libjpeg-turbo via ``simplejpeg`` in strict mode, PNG through OpenCV.
+
 Only the message types are imported from ROS, so this module works without a running ROS graph.
 """
 
 from __future__ import annotations
 
 import array
-import struct
 from typing import Any
 
 import cv2
 import numpy as np
-from sensor_msgs.msg import CompressedImage, Image
+import simplejpeg  # type: ignore[import-untyped]
+from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 try:  # a real ROS install; the PyPI wheels have no cv_bridge
@@ -82,18 +88,13 @@ def _as_bytes(data: Any) -> np.ndarray:
         return np.asarray(data, dtype=np.uint8).reshape(-1)
 
 
-def decode_image(msg: Image, max_pixels: int = MAX_PIXELS, use_cv_bridge: bool | None = None) -> np.ndarray:
-    """``sensor_msgs/Image`` -> contiguous uint8 [H, W, 3] RGB.
-
-    ``use_cv_bridge``: None uses cv_bridge when it imports (``BACKEND``), False forces the NumPy path.
-    An unpadded ``rgb8`` image comes back as a view of ``msg.data`` without a copy (read-only when the
-    data is ``bytes``); copy it before writing into it.
-    """
+def _check_raw(msg: Any, max_pixels: int) -> np.ndarray:
+    """The checks of an ``Image`` (encoding, size, step, data length); returns its data as flat uint8."""
     encoding = msg.encoding
     if encoding not in _ENCODINGS:
         raise CodecError(f"encoding '{encoding}' is not supported; supported: {', '.join(SUPPORTED_ENCODINGS)} "
                          "(or publish the CompressedImage topic)")
-    channels, dtype, conversion = _ENCODINGS[encoding]
+    channels, dtype, _ = _ENCODINGS[encoding]
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     _check_size(height, width, max_pixels, f"'{encoding}' image")
     if encoding in _PACKED_422 and width % 2:
@@ -107,11 +108,24 @@ def decode_image(msg: Image, max_pixels: int = MAX_PIXELS, use_cv_bridge: bool |
     if data.size != height * step:
         raise CodecError(f"'{encoding}' image {width}x{height} with step {step} needs {height * step} bytes of "
                          f"data, got {data.size}; the message is truncated or its step/height are wrong")
+    return data
+
+
+def decode_image(msg: Any, max_pixels: int = MAX_PIXELS, use_cv_bridge: bool | None = None) -> np.ndarray:
+    """``sensor_msgs/Image`` -> contiguous uint8 [H, W, 3] RGB.
+
+    ``use_cv_bridge``: None uses cv_bridge when it imports (``BACKEND``), False forces the NumPy path.
+    An unpadded ``rgb8`` image comes back as a view of ``msg.data`` without a copy (read-only when the
+    data is ``bytes``); copy it before writing into it.
+    """
+    data = _check_raw(msg, max_pixels)
     if use_cv_bridge is None:
         use_cv_bridge = BACKEND == "cv_bridge"
     if use_cv_bridge:
         return _decode_cv_bridge(msg)
-    rows = data.reshape(height, step)[:, :row_bytes]
+    channels, dtype, conversion = _ENCODINGS[msg.encoding]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    rows = data.reshape(height, step)[:, :width * channels * np.dtype(dtype).itemsize]
     if dtype == "u2":
         order = ">" if msg.is_bigendian else "<"
         rows = (rows.view(order + "u2") >> 8).astype(np.uint8)
@@ -131,46 +145,136 @@ def _decode_cv_bridge(msg: Image) -> np.ndarray:
         raise CodecError(f"cv_bridge cannot convert the '{msg.encoding}' image to rgb8: {exc}") from exc
 
 
-def _compressed_size(data: np.ndarray) -> tuple[int, int] | None:
-    """(height, width) from a PNG or JPEG header, read before decoding so huge frames are refused cheaply."""
-    head = data[:32].tobytes()
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) >= 24:
-        width, height = struct.unpack(">II", head[16:24])
-        return height, width
-    if not head.startswith(b"\xff\xd8"):
-        return None
-    buf, i = data, 2
-    while i + 9 <= buf.size:
-        if buf[i] != 0xFF:
-            return None
-        marker = int(buf[i + 1])
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        length = (int(buf[i + 2]) << 8) | int(buf[i + 3])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-            return (int(buf[i + 5]) << 8) | int(buf[i + 6]), (int(buf[i + 7]) << 8) | int(buf[i + 8])
-        i += 2 + length
-    return None
+# What a compressed frame may cost to decode is bounded before any decoding: its true dimensions come from its
+# own header (<= max_pixels), and a progressive JPEG may have at most this many scans (each scan walks the whole
+# coefficient buffer again; encoders write about 10, a hostile file thousands).
+MAX_JPEG_SCANS = 64
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# magic bytes of formats OpenCV would decode by content, named in the error so the sender knows what it sent
+_OTHER_FORMATS = ((b"RIFF", "WebP or another RIFF container"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+                  (b"BM", "BMP"), (b"GIF8", "GIF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+                  (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"#?RADIANCE", "Radiance HDR"), (b"v/1\x01", "OpenEXR"))
 
 
-def decode_compressed(msg: CompressedImage, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """``sensor_msgs/CompressedImage`` (JPEG or PNG, any image_transport ``format``) -> uint8 [H, W, 3] RGB."""
-    fmt = msg.format
+def _sniff(head: bytes) -> str:
+    for magic, name in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return name
+    if len(head) >= 2 and head[:1] == b"P" and head[1:2] in b"1234567f":
+        return "PNM (PPM/PGM/PBM/PFM)"
+    return "an unknown format"
+
+
+def _png_size(data: bytes, what: str) -> tuple[int, int]:
+    """(height, width) from IHDR, after walking the chunk list to IEND (a cut-off file never reaches it)."""
+    i, size = len(_PNG_SIGNATURE), None
+    while True:
+        if i + 8 > len(data):
+            raise CodecError(f"{what}: PNG ends before its IEND chunk ({len(data)} bytes); the frame is truncated")
+        length = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        if size is None:
+            if kind != b"IHDR" or length != 13 or i + 8 + 13 > len(data):
+                raise CodecError(f"{what}: PNG does not start with a valid IHDR chunk; the frame is corrupt")
+            width, height = int.from_bytes(data[i + 8:i + 12], "big"), int.from_bytes(data[i + 12:i + 16], "big")
+            size = (height, width)
+        if kind == b"IEND":
+            return size
+        i += 12 + length  # length, type, data, CRC (libpng checks the CRCs while decoding)
+
+
+def check_compressed(msg: Any, max_pixels: int = MAX_PIXELS) -> tuple[str, bytes, tuple[int, int]]:
+    """Cheap checks of a ``CompressedImage`` before any decoding: ``(kind, data, (height, width))``.
+
+    The kind (``"jpeg"`` or ``"png"``) comes from the data's magic bytes, never from ``format``; the size from
+    the file's own header as its decoder reads it (a JPEG's SOF even after junk bytes). Everything else raises
+    ``CodecError``. Costs one pass over the compressed bytes, whatever size the header claims.
+    """
+    fmt = str(msg.format)
+    what = f"CompressedImage (format '{fmt}')"
     if "compresseddepth" in fmt.lower():
         raise CodecError(f"CompressedImage format '{fmt}' is a depth image; subscribe to a colour camera topic")
-    data = _as_bytes(msg.data)
-    if data.size == 0:
-        raise CodecError(f"CompressedImage (format '{fmt}') has no data; the publisher sent an empty frame")
-    size = _compressed_size(data)
-    if size is not None:
-        _check_size(size[0], size[1], max_pixels, f"compressed '{fmt}' image")
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise CodecError(f"CompressedImage (format '{fmt}', {data.size} bytes) is not a decodable JPEG or PNG; "
-                         "the data is corrupt or in a format OpenCV cannot read")
-    _check_size(bgr.shape[0], bgr.shape[1], max_pixels, f"compressed '{fmt}' image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    data = _as_bytes(msg.data).tobytes()
+    if not data:
+        raise CodecError(f"{what} has no data; the publisher sent an empty frame")
+    if data.startswith(b"\xff\xd8\xff"):
+        try:  # not strict here: the size libjpeg would decode, even when junk before the SOF makes it warn
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data, strict=False)
+        except Exception as exc:  # noqa: BLE001 - ValueError, or KeyError for a header it cannot name
+            raise CodecError(f"{what} is not a decodable JPEG: {exc}") from exc
+        _check_size(height, width, max_pixels, f"{what} JPEG")
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise CodecError(f"{what} JPEG has {scans} scans, over the limit of {MAX_JPEG_SCANS}; "
+                             "re-encode it as a baseline or ordinary progressive JPEG")
+        return "jpeg", data, (height, width)
+    if data.startswith(_PNG_SIGNATURE):
+        height, width = _png_size(data, what)
+        _check_size(height, width, max_pixels, f"{what} PNG")
+        return "png", data, (height, width)
+    raise CodecError(f"{what} holds {_sniff(data[:16])}, not JPEG or PNG ({len(data)} bytes, first bytes "
+                     f"{data[:8].hex()}); only JPEG and PNG are accepted, whatever the format string says")
+
+
+def decode_compressed(msg: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """``sensor_msgs/CompressedImage`` (JPEG or PNG by content) -> uint8 [H, W, 3] RGB, or ``CodecError``.
+
+    Only frames that decode cleanly pass: a libjpeg warning (truncated or corrupt data), a PNG CRC error or a
+    short PNG is an error, never a partly decoded image.
+    """
+    kind, data, size = check_compressed(msg, max_pixels)
+    what = f"CompressedImage (format '{msg.format}', {len(data)} bytes)"
+    if kind == "jpeg":
+        try:  # strict: every libjpeg warning is an error, and decoding stops at the first
+            rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except Exception as exc:  # noqa: BLE001 - ValueError for libjpeg's errors and warnings, KeyError
+            raise CodecError(f"{what} is not a cleanly decodable JPEG: {exc}") from exc
+    else:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if bgr is None:
+            raise CodecError(f"{what} is not a cleanly decodable PNG (CRC error or data cut short); "
+                             "the frame is corrupt")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if rgb.shape[:2] != size:  # never expected; a decoder that disagrees with its own header is not trusted
+        raise CodecError(f"{what} decoded to {rgb.shape[1]}x{rgb.shape[0]} but its header says "
+                         f"{size[1]}x{size[0]}")
+    return np.ascontiguousarray(rgb)
+
+
+def is_compressed(msg: Any) -> bool:
+    """True for a ``CompressedImage`` (rclpy or rosbags), False for an ``Image``."""
+    return hasattr(msg, "format")
+
+
+def check(msg: Any, max_pixels: int = MAX_PIXELS) -> None:
+    """Everything ``decode`` checks that needs no decoding (bounded cost); ``CodecError`` when it fails."""
+    if is_compressed(msg):
+        check_compressed(msg, max_pixels)
+    else:
+        _check_raw(msg, max_pixels)
+
+
+def decode(msg: Any, max_pixels: int = MAX_PIXELS, use_cv_bridge: bool | None = None) -> np.ndarray:
+    """Any camera message -> contiguous uint8 [H, W, 3] RGB: the one decode path of the node and the bag tool.
+
+    ``msg`` is an rclpy or a rosbags ``Image`` or ``CompressedImage``. Whatever goes wrong, only ``CodecError``
+    comes out: a hostile message is bad input, never a crash.
+    """
+    try:
+        if is_compressed(msg):
+            return decode_compressed(msg, max_pixels)
+        if not isinstance(msg, Image):  # a rosbags message: cv_bridge takes rclpy messages only
+            use_cv_bridge = False
+        return decode_image(msg, max_pixels, use_cv_bridge)
+    except CodecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a decoder's own failure on crafted data is bad input too
+        raise CodecError(f"cannot decode the message: {type(exc).__name__}: {exc}") from exc
+
+
+def source_encoding(msg: Any) -> str:
+    """What ``overlay_encoding`` reads: an Image's ``encoding``, a CompressedImage's ``format``."""
+    return str(msg.format if is_compressed(msg) else msg.encoding)
 
 
 def encode_image(image: np.ndarray, encoding: str, header: Header) -> Image:
