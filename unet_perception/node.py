@@ -1,9 +1,15 @@
-"""``segmentation_node``: camera images in; class labels, colour mask and overlay out (see docs/node.md).
+"""``segmentation_node``: camera images in; labels, confidence, colour mask, overlay and class map out.
 
-rclpy glue only. Subscription callbacks decode and validate a frame and put it into its camera's
-keep-latest slot (a frame replaced before it was processed counts as a drop); one worker thread takes
-the latest frame of every camera, runs them as one batch through the Segmenter and publishes, so
-memory and latency stay bounded whatever the input rate. ``/diagnostics`` reports per camera.
+rclpy glue only, as a lifecycle node (docs/node.md): configure reads the parameters, loads the model and
+the backend; activate creates publishers and subscriptions and starts the worker; deactivate stops them
+and keeps the backend; cleanup and shutdown free it. ``autostart`` (default) runs configure and activate
+in the constructor, so ``ros2 run`` and ``ros2 launch`` need no lifecycle manager.
+
+Subscription callbacks check a frame's header (``codec.check``: bounded cost, whatever the
+message claims) and put it into its camera's keep-latest slot (a frame replaced before it was processed counts as
+a drop); one worker thread takes the latest frame of every camera, decodes it (``codec.decode``, the bag tool's
+path too), runs them as one batch through the Segmenter and publishes, so memory and latency stay bounded
+whatever the input rate, and no camera's frames can stall the executor (other cameras, ``/diagnostics``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.exceptions import InvalidTopicNameException, ParameterException
 from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -32,15 +37,24 @@ from std_msgs.msg import Header
 from unet_perception.backends.base import BackendError
 from unet_perception.backends.factory import KINDS, PRECISIONS, BackendOptions, create_backend
 from unet_perception.class_table import ClassTable
-from unet_perception.codec import CodecError, decode_compressed, decode_image, encode_image, overlay_encoding
+from unet_perception.codec import check, decode, encode_image, overlay_encoding, source_encoding
 from unet_perception.launch_support import NODE_NAME, apply_node_env, default_model_path
-from unet_perception.model_contract import ModelError, read_model_info
-from unet_perception.pipeline import Segmenter
-from unet_perception.topics import is_compressed_topic, output_topics
+from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo, read_model_info
+from unet_perception.pipeline import Segmentation, Segmenter
+from unet_perception.topics import CONFIDENCE, LABEL_INFO, OUTPUTS, camera_outputs, is_compressed_topic
+
+try:  # vision_msgs: ros-jazzy-vision-msgs on a ROS system, interfaces/vision_msgs in the venv (make venv)
+    from vision_msgs.msg import LabelInfo, VisionClass
+except ImportError:  # no class map topic then; configure says so once
+    LabelInfo = VisionClass = None
 
 RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
 LATENCY_WINDOW = 200          # latency mean / p99 over the last this many frames of a camera
 LOG_THROTTLE_S = 5.0          # at most one bad-input / backend-failure line per call site this often
+STAMP_WINDOW = 50             # the input rate is the median period of the last this many header-stamp gaps
+MIN_GAPS = 5                  # gaps needed before frames missing are counted against that period
+MAX_SKIP = 1000               # a stamp jump of more periods is a restart (bag loop, clock reset), not a loss
+SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
 
 
 class StartupError(RuntimeError):
@@ -91,11 +105,18 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("workspace_mb", 1024, "TensorRT builder workspace in MiB.", int_range=(16, 1 << 20)),
     ParamSpec("gpu_id", 0, "CUDA device index.", int_range=(0, 63)),
     ParamSpec("calibration_data", "", "TensorRT int8: folder of camera frames for the entropy calibrator."),
-    ParamSpec("qos_reliability", "best_effort", "Reliability of image subscriptions and publishers; "
-              "best_effort is the sensor-data QoS camera drivers use.", choices=tuple(RELIABILITY)),
+    ParamSpec("input_qos", "best_effort", "Reliability of the image subscriptions; best_effort is the "
+              "sensor-data QoS camera drivers publish with and also hears reliable publishers.",
+              choices=tuple(RELIABILITY)),
+    ParamSpec("output_qos", "reliable", "Reliability of the image publishers; reliable serves reliable "
+              "subscribers (rviz2's default) and best-effort ones alike.", choices=tuple(RELIABILITY)),
     ParamSpec("qos_depth", 5, "History depth (keep last) of image subscriptions and publishers.",
               int_range=(1, 100)),
+    ParamSpec("unknown_threshold", 0, f"Pixels whose confidence (0-255) is below this get label {UNKNOWN_LABEL} "
+              "(unknown); 0 = off. Needs a model with a confidence output.", int_range=(0, 255)),
     ParamSpec("publish_labels", True, "Publish <ns>/segmentation/labels (mono8 class ids)."),
+    ParamSpec("publish_confidence", True, "Publish <ns>/segmentation/confidence (mono8, 0-255 = the winning "
+              "class's probability) when the model has a confidence output."),
     ParamSpec("publish_color", True, "Publish <ns>/segmentation/color (rgb8 colour mask)."),
     ParamSpec("publish_overlay", True, "Publish <ns>/segmentation/overlay (input blended with the mask)."),
     ParamSpec("overlay_alpha", 0.5, "Weight of the colour mask in the overlay; changeable at run time.",
@@ -107,6 +128,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.05, 60.0)),
     ParamSpec("class_colors", Parameter.Type.STRING_ARRAY, "Colour overrides, 'Class=R,G,B' with a class "
               "name of the model (class names and ids always come from the model)."),
+    ParamSpec("autostart", True, "Configure and activate at start-up; false leaves the node unconfigured for "
+              "a lifecycle manager (nav2_lifecycle_manager, ros2 lifecycle set)."),
 )
 
 
@@ -132,12 +155,57 @@ def parse_class_colors(entries: list[str], classes: ClassTable) -> ClassTable:
 
 @dataclass
 class Frame:
-    """A decoded input frame waiting in its camera's slot."""
+    """An input frame waiting in its camera's slot: header-checked by the callback, decoded by the worker."""
 
-    rgb: np.ndarray
-    header: Header
-    encoding: str
+    msg: Image | CompressedImage
     received: float  # time.monotonic() when the callback got it
+    _rgb: np.ndarray | None = None
+
+    def decode(self, max_pixels: int) -> None:
+        """Decode (worker thread); ``codec.CodecError`` for a frame that does not decode cleanly."""
+        self._rgb = decode(self.msg, max_pixels)
+
+    @property
+    def rgb(self) -> np.ndarray:
+        assert self._rgb is not None, "the worker decodes a frame before it is processed"
+        return self._rgb
+
+    @property
+    def header(self) -> Header:
+        return self.msg.header
+
+    @property
+    def encoding(self) -> str:
+        return source_encoding(self.msg)
+
+
+@dataclass
+class StampRate:
+    """A camera's own rate, from its header stamps: frames lost before the node show as longer gaps."""
+
+    last_ns: int = 0
+    gaps: deque[int] = field(default_factory=lambda: deque(maxlen=STAMP_WINDOW))
+    missing: int = 0  # frames the stamps say were sent but never arrived
+
+    def add(self, stamp_ns: int) -> None:
+        if stamp_ns <= self.last_ns:  # unset stamps, repeats and out-of-order frames say nothing about loss
+            return
+        if self.last_ns:
+            gap = stamp_ns - self.last_ns
+            period = self.period_ns()
+            if period and len(self.gaps) >= MIN_GAPS:
+                skipped = round(gap / period) - 1
+                if 0 < skipped <= MAX_SKIP:
+                    self.missing += skipped
+            self.gaps.append(gap)
+        self.last_ns = stamp_ns
+
+    def period_ns(self) -> float:
+        return float(np.median(self.gaps)) if self.gaps else 0.0
+
+    def rate_hz(self) -> float:
+        period = self.period_ns()
+        return 1e9 / period if period and len(self.gaps) >= MIN_GAPS else 0.0
 
 
 @dataclass
@@ -151,21 +219,32 @@ class CameraStats:
     errors: int = 0
     last_error: str = ""
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    stamps: StampRate = field(default_factory=StampRate)
     # the counters at the previous diagnostics message, for rates and "recent" levels
-    prev: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    prev: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
 
 
 @dataclass
 class Camera:
-    """One input topic, its publishers (None when switched off) and its keep-latest slot."""
+    """One input topic, its publishers (None when switched off or not available) and its keep-latest slot."""
 
     topic: str
     publishers: dict[str, Any]
     stats: CameraStats = field(default_factory=CameraStats)
     pending: Frame | None = None
+    subscription: Any = None
 
 
-class SegmentationNode(Node):
+@dataclass(frozen=True)
+class Config:
+    """What configure read and checked: the parameters and the resolved input topics with their outputs."""
+
+    params: dict[str, Any]
+    inputs: dict[str, str]  # resolved input topic -> output prefix (<ns>/segmentation)
+    info: ModelInfo
+
+
+class SegmentationNode(LifecycleNode):
     """Semantic segmentation of one or more cameras with a U-Net (see the module docstring)."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -174,14 +253,90 @@ class SegmentationNode(Node):
         self._stopping = False
         self._worker: threading.Thread | None = None
         self._segmenter: Segmenter | None = None
+        self._config: Config | None = None
+        self._cameras: list[Camera] = []
+        self._label_info_pubs: list[Any] = []
+        self._diag_pub: Any = None
+        self._diag_timer: Any = None
+        self._failure: StartupError | BuildOnlyDone | None = None  # why the last configure failed
+        self._autostarting = False
         p = self._declare_parameters()
+        self._alpha = p["overlay_alpha"]
+        self.add_post_set_parameters_callback(self._on_parameters_set)
+        if p["autostart"]:
+            self._autostart()
+
+    def _autostart(self) -> None:
+        """configure + activate now; a failure raises the StartupError that main() turns into one FATAL line."""
+        self._autostarting = True
+        try:
+            if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                raise self._failure or StartupError("configure failed")
+            if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                raise self._failure or StartupError("activate failed")
+        finally:
+            self._autostarting = False
+
+    # -- lifecycle transitions --------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Read and check the parameters, load the model, create and warm up the backend."""
+        self._failure = None
+        try:
+            self._configure()
+        except (StartupError, BuildOnlyDone) as exc:
+            self._failure = exc
+            self._release()
+            if not self._autostarting:  # under a lifecycle manager nobody else reports it
+                self.get_logger().fatal(str(exc))
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Publishers, subscriptions, the class map, diagnostics and the worker go live."""
+        try:
+            self._activate()
+        except StartupError as exc:
+            self._failure = exc
+            self._deactivate()
+            if not self._autostarting:
+                self.get_logger().fatal(str(exc))
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop the worker and all I/O; the backend (and its engine) stays loaded."""
+        self._deactivate()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Free the backend's memory; back to unconfigured."""
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    # -- configure ------------------------------------------------------------------------------
+    def _configure(self) -> None:
+        p = {spec.name: self._param_value(spec.name) for spec in PARAMS}
         topics = self._validate(p)
+        inputs = self._resolve_inputs(topics)
         model_path = p["model_path"] or str(default_model_path())
         try:
             info = read_model_info(model_path)
         except ModelError as exc:
             raise StartupError(f"model_path: {exc}; set model_path to an ONNX file exported with unet-export") \
                 from exc
+        if p["unknown_threshold"] and not info.has_confidence:
+            raise StartupError(f"unknown_threshold is {p['unknown_threshold']} but model '{model_path}' has no "
+                               "confidence output; re-export it with unet-export or set unknown_threshold to 0")
         classes = parse_class_colors(p["class_colors"], info.classes)
         options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
@@ -196,29 +351,113 @@ class SegmentationNode(Node):
         except (BackendError, ImportError, RuntimeError) as exc:
             raise StartupError(f"backend '{p['backend']}' (device '{p['device']}') cannot run the model "
                                f"'{model_path}': {exc}") from exc
-        self._segmenter = Segmenter(backend, classes)
+        self._segmenter = Segmenter(backend, classes, p["unknown_threshold"])
         self._max_batch = p["max_batch"]
         self._max_pixels = p["max_image_pixels"]
-        self._alpha = p["overlay_alpha"]
-        self.add_post_set_parameters_callback(self._on_parameters_set)
         self._model = model_path
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=p["qos_depth"],
-                         reliability=RELIABILITY[p["qos_reliability"]], durability=DurabilityPolicy.VOLATILE)
+        self._config = Config(p, inputs, info)
+        if LabelInfo is None:
+            self.get_logger().warning("vision_msgs is not installed: no <ns>/segmentation/label_info (class map) "
+                                      "topic; install ros-jazzy-vision-msgs (or run make venv)")
+
+    def _param_value(self, name: str) -> Any:
+        param = self.get_parameter(name)
+        return [] if param.type_ == Parameter.Type.NOT_SET else param.value
+
+    def _resolve_inputs(self, topics: list[str]) -> dict[str, str]:
+        """Input topics as rclpy resolves them (namespace, ``~``, ``-r`` remapping) -> their output prefixes."""
+        resolved = []
+        for topic in topics:
+            try:
+                resolved.append(self.resolve_topic_name(topic))
+            except (InvalidTopicNameException, RuntimeError) as exc:  # rclpy raises RCLError (a RuntimeError)
+                reason = str(exc).split(", at ")[0]  # drop rcl's source location
+                raise StartupError(f"parameter 'image_topics' is {topics}: '{topic}': {reason}") from exc
         try:
-            self._cameras = [self._add_camera(t, qos, p) for t in topics]
-        except (InvalidTopicNameException, ValueError) as exc:
-            backend.close()
+            inputs = camera_outputs(resolved)
+        except ValueError as exc:
             raise StartupError(f"parameter 'image_topics' is {topics}: {exc}") from exc
+        if len(inputs) < len(resolved):
+            self.get_logger().info(f"image_topics {topics} resolve to {list(inputs)}; each is subscribed once")
+        return inputs
+
+    def _release(self) -> None:
+        """Close the backend (frees GPU and CPU memory); the node is unconfigured afterwards."""
+        if self._segmenter is not None:
+            self._segmenter.backend.close()
+        self._segmenter = None
+        self._config = None
+
+    # -- activate / deactivate --------------------------------------------------------------------
+    def _activate(self) -> None:
+        assert self._config is not None and self._segmenter is not None
+        p, info, backend = self._config.params, self._config.info, self._segmenter.backend
+        history = {"history": HistoryPolicy.KEEP_LAST, "depth": p["qos_depth"],
+                   "durability": DurabilityPolicy.VOLATILE}
+        qos_in = QoSProfile(reliability=RELIABILITY[p["input_qos"]], **history)
+        qos_out = QoSProfile(reliability=RELIABILITY[p["output_qos"]], **history)
+        try:
+            self._cameras = [self._add_camera(t, prefix, qos_in, qos_out, p)
+                             for t, prefix in self._config.inputs.items()]
+        except (InvalidTopicNameException, ValueError) as exc:
+            raise StartupError(f"parameter 'image_topics' is {list(self._config.inputs)}: {exc}") from exc
+        self._publish_label_info(info)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_period = p["diagnostics_period"]
         self._last_diag = time.monotonic()
-        self.create_timer(self._diag_period, self._publish_diagnostics)
+        self._diag_timer = self.create_timer(self._diag_period, self._publish_diagnostics)
+        with self._lock:
+            self._stopping = False
         self._worker = threading.Thread(target=self._work, name="segmentation_worker", daemon=True)
         self._worker.start()
+        kinds = [k for k, pub in self._cameras[0].publishers.items() if pub is not None]
+        kinds += [LABEL_INFO] if self._label_info_pubs else []
+        outputs = ", ".join(f"{prefix}/{{{','.join(kinds)}}}" for prefix in self._config.inputs.values())
         self.get_logger().info(
             f"segmenting {', '.join(c.topic for c in self._cameras)} with {backend.name} on {backend.device}, "
-            f"model '{model_path}' ({info.classes.num_classes} classes, input {info.input_hw[1]}x"
-            f"{info.input_hw[0]}), max_batch {self._max_batch}, QoS {p['qos_reliability']} depth {p['qos_depth']}")
+            f"model '{self._model}' ({info.classes.num_classes} classes, input {info.input_hw[1]}x"
+            f"{info.input_hw[0]}), max_batch {self._max_batch}; outputs {outputs}; QoS in {p['input_qos']}, "
+            f"out {p['output_qos']}, depth {p['qos_depth']}")
+
+    def _deactivate(self) -> None:
+        """Stop and join the worker, then remove subscriptions, publishers and the diagnostics timer."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        for cam in self._cameras:
+            if cam.subscription is not None:
+                self.destroy_subscription(cam.subscription)
+            for pub in cam.publishers.values():
+                if pub is not None:
+                    self.destroy_publisher(pub)
+        for pub in self._label_info_pubs:
+            self.destroy_publisher(pub)
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
+        if self._diag_pub is not None:
+            self.destroy_publisher(self._diag_pub)
+        self._cameras, self._label_info_pubs, self._diag_timer, self._diag_pub = [], [], None, None
+
+    def _publish_label_info(self, info: ModelInfo) -> None:
+        """The class map on each camera's ``<ns>/segmentation/label_info``, transient local (late joiners get it)."""
+        if LabelInfo is None:
+            return
+        assert self._config is not None and self._segmenter is not None
+        threshold = self._segmenter.unknown_threshold
+        class_map = [VisionClass(class_id=i, class_name=name) for i, name in enumerate(info.classes.names)]
+        if threshold:
+            class_map.append(VisionClass(class_id=UNKNOWN_LABEL, class_name="unknown"))
+        msg = LabelInfo(class_map=class_map, threshold=threshold / 255.0)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        for prefix in self._config.inputs.values():
+            pub = self.create_publisher(LabelInfo, f"{prefix}/{LABEL_INFO}", qos)
+            pub.publish(msg)
+            self._label_info_pubs.append(pub)
 
     # -- start-up -----------------------------------------------------------------------------
     def _build_engine_and_stop(self, model: Path, options: BackendOptions) -> None:
@@ -250,27 +489,23 @@ class SegmentationNode(Node):
         if not topics or any(not t.strip("/") for t in topics):
             raise StartupError(f"parameter 'image_topics' is {topics}; give one or more topic names, "
                                "e.g. ['camera/image_raw']")
-        if len(set(topics)) != len(topics):
-            raise StartupError(f"parameter 'image_topics' lists a topic twice: {topics}")
-        if not (p["publish_labels"] or p["publish_color"] or p["publish_overlay"]):
-            raise StartupError("publish_labels, publish_color and publish_overlay are all false; "
-                               "switch at least one output on")
+        if not any(p[f"publish_{kind}"] for kind in (*OUTPUTS, CONFIDENCE)):
+            raise StartupError("publish_labels, publish_confidence, publish_color and publish_overlay are all "
+                               "false; switch at least one output on")
         return topics
 
-    def _add_camera(self, topic: str, qos: QoSProfile, p: dict[str, Any]) -> Camera:
-        names = output_topics(topic)
-        publishers = {kind: self.create_publisher(Image, names[kind], qos) if p[f"publish_{kind}"] else None
-                      for kind in names}
+    def _add_camera(self, topic: str, prefix: str, qos_in: QoSProfile, qos_out: QoSProfile,
+                    p: dict[str, Any]) -> Camera:
+        assert self._config is not None
+        kinds = [*OUTPUTS, *((CONFIDENCE,) if self._config.info.has_confidence else ())]
+        publishers = {kind: self.create_publisher(Image, f"{prefix}/{kind}", qos_out) if p[f"publish_{kind}"]
+                      else None for kind in kinds}
         compressed = is_compressed_topic(topic)
         cam = Camera(topic, publishers)
-        decode: Callable[[Any], np.ndarray]
-        if compressed:
-            decode = lambda msg: decode_compressed(msg, self._max_pixels)  # noqa: E731
-        else:
-            decode = lambda msg: decode_image(msg, self._max_pixels)  # noqa: E731
         sub = self.create_subscription(CompressedImage if compressed else Image, topic,
-                                       lambda msg: self._on_image(cam, msg, decode), qos)
+                                       lambda msg: self._on_image(cam, msg), qos_in)
         cam.topic = sub.topic_name  # fully resolved, as users see it in `ros2 topic list`
+        cam.subscription = sub
         return cam
 
     def _on_parameters_set(self, params: list[Parameter]) -> None:
@@ -278,24 +513,38 @@ class SegmentationNode(Node):
             if param.name == "overlay_alpha":
                 self._alpha = float(param.value)
 
-    # -- callbacks: decode and store only --------------------------------------------------------
-    def _on_image(self, cam: Camera, msg: Image | CompressedImage, decode: Callable[[Any], np.ndarray]) -> None:
+    # -- callbacks: check and store only (decoding runs in the worker) ------------------------------
+    def _on_image(self, cam: Camera, msg: Image | CompressedImage) -> None:
         received = time.monotonic()
+        self._track_stamp(cam, msg.header)
         try:
-            rgb = decode(msg)
-        except CodecError as exc:
+            check(msg, self._max_pixels)
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile message raises is bad input, never a crash
             self._record_error(cam, f"bad input on {cam.topic}: {exc}")
             with self._lock:
                 cam.stats.frames_in += 1
             return
-        encoding = msg.format if isinstance(msg, CompressedImage) else msg.encoding
         with self._lock:
             cam.stats.frames_in += 1
-            cam.stats.decoded += 1
             if cam.pending is not None:
                 cam.stats.drops += 1
-            cam.pending = Frame(rgb, msg.header, encoding, received)
+            cam.pending = Frame(msg, received)
             self._lock.notify()
+
+    def _track_stamp(self, cam: Camera, header: Header) -> None:
+        with self._lock:
+            cam.stats.stamps.add(header.stamp.sec * 1_000_000_000 + header.stamp.nanosec)
+
+    def _decode(self, cam: Camera, frame: Frame) -> bool:
+        """Decode a frame taken from its slot; one that does not decode cleanly is counted bad input."""
+        try:
+            frame.decode(self._max_pixels)
+        except Exception as exc:  # noqa: BLE001 - as in _on_image: counted, never published, never a crash
+            self._record_error(cam, f"bad input on {cam.topic}: {exc}")
+            return False
+        with self._lock:
+            cam.stats.decoded += 1
+        return True
 
     def _record_error(self, cam: Camera, message: str) -> None:
         self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
@@ -313,40 +562,38 @@ class SegmentationNode(Node):
                 ready = [(c, c.pending) for c in self._cameras if c.pending is not None]
                 for c, _ in ready:
                     c.pending = None
-            # Frames of any sizes share a batch: preprocess resizes each to the model input.
-            for start in range(0, len(ready), self._max_batch):
-                self._process(ready[start:start + self._max_batch])  # type: ignore[arg-type]
+            # Frames of any sizes share a batch: preprocess resizes each to the model input, and the
+            # Segmenter splits them into backend batches of max_batch.
+            decoded = [(c, f) for c, f in ready if self._decode(c, f)]  # type: ignore[arg-type]
+            if decoded:
+                self._process(decoded)  # type: ignore[arg-type]
 
     def _process(self, batch: list[tuple[Camera, Frame]]) -> None:
         assert self._segmenter is not None
         try:
-            labels = self._segmenter.run([frame.rgb for _, frame in batch])
-        except Exception as exc:  # one failed batch (backend error, OOM...) must not stop the node
+            results = self._segmenter.run([frame.rgb for _, frame in batch])
+        except Exception as exc:  # a failed batch (backend error, OOM, ids outside the table) must not stop the node
             for cam, _ in batch:
                 self._record_error(cam, f"inference failed on {cam.topic}: {type(exc).__name__}: {exc}")
             return
-        for (cam, frame), seg in zip(batch, labels):
-            self._publish(cam, frame, seg.labels)
+        for (cam, frame), seg in zip(batch, results):
+            self._publish(cam, frame, seg)
 
-    def _publish(self, cam: Camera, frame: Frame, labels: np.ndarray) -> None:
+    def _publish(self, cam: Camera, frame: Frame, seg: Segmentation) -> None:
         assert self._segmenter is not None
         wanted = {k: pub for k, pub in cam.publishers.items() if pub is not None and pub.get_subscription_count()}
-        enc = overlay_encoding(frame.encoding)
-        rendered = self._segmenter.outputs(frame.rgb, labels, color="color" in wanted,
-                                           overlay="overlay" in wanted, alpha=self._alpha,
-                                           overlay_bgr=enc == "bgr8")
-        images = {"labels": (labels, "mono8"), "color": (rendered.color, "rgb8"), "overlay": (rendered.overlay, enc)}
-        for kind, pub in wanted.items():
-            array, encoding = images[kind]
-            assert array is not None  # outputs() computed every wanted image
-            pub.publish(encode_image(array, encoding, frame.header))
+        images = self._segmenter.render(frame.rgb, seg, wanted, alpha=self._alpha,
+                                        overlay_encoding=overlay_encoding(frame.encoding))
+        for kind, (array, encoding) in images.items():
+            wanted[kind].publish(encode_image(array, encoding, frame.header))
         with self._lock:
             cam.stats.frames_out += 1
             cam.stats.latencies.append(time.monotonic() - frame.received)
 
     # -- diagnostics ---------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
-        assert self._segmenter is not None
+        if self._segmenter is None or self._diag_pub is None:  # a tick racing deactivate or cleanup
+            return
         now = time.monotonic()
         dt = max(now - self._last_diag, 1e-6)
         self._last_diag = now
@@ -360,18 +607,25 @@ class SegmentationNode(Node):
 
     def _camera_status(self, cam: Camera, dt: float, backend: str, device: str) -> DiagnosticStatus:
         s = cam.stats
-        counters = (s.frames_in, s.decoded, s.frames_out, s.drops, s.errors)
-        d_in, d_decoded, d_out, d_drops, d_errors = (now - before for now, before in zip(counters, s.prev))
+        counters = (s.frames_in, s.decoded, s.frames_out, s.drops, s.errors, s.stamps.missing)
+        d_in, d_decoded, d_out, d_drops, d_errors, d_missing = (now - before for now, before in zip(counters, s.prev))
         s.prev = counters
         lat_ms = np.asarray(s.latencies, dtype=np.float64) * 1000.0
+        camera_hz, out_hz = s.stamps.rate_hz(), d_out / dt
         if d_decoded and not d_out:  # good frames came in, nothing went out: inference is failing or stuck
             level, text = DiagnosticStatus.ERROR, f"no output for {d_decoded} good frames in the last {dt:.1f} s"
-        elif d_errors or d_drops:
-            level, text = DiagnosticStatus.WARN, f"{d_errors} errors, {d_drops} drops in the last {dt:.1f} s"
         else:
-            level, text = DiagnosticStatus.OK, "ok" if s.frames_out else "waiting for images"
+            problems = [f"{n} {what}" for n, what in ((d_errors, "errors"), (d_drops, "drops"),
+                                                      (d_missing, "frames missing before the node")) if n]
+            if d_in and out_hz < SLOW_RATIO * camera_hz:
+                problems.append(f"processing {out_hz:.1f} Hz of a {camera_hz:.1f} Hz camera")
+            if problems:
+                level, text = DiagnosticStatus.WARN, f"{', '.join(problems)} in the last {dt:.1f} s"
+            else:
+                level, text = DiagnosticStatus.OK, "ok" if s.frames_out else "waiting for images"
         values = {
-            "rate_in_hz": f"{d_in / dt:.2f}", "rate_out_hz": f"{d_out / dt:.2f}",
+            "rate_in_hz": f"{d_in / dt:.2f}", "rate_out_hz": f"{out_hz:.2f}",
+            "camera_rate_hz": f"{camera_hz:.2f}", "frames_missing": str(s.stamps.missing),
             "frames_in": str(s.frames_in), "frames_out": str(s.frames_out), "drops": str(s.drops),
             "latency_mean_ms": f"{lat_ms.mean():.2f}" if lat_ms.size else "nan",
             "latency_p99_ms": f"{np.percentile(lat_ms, 99):.2f}" if lat_ms.size else "nan",
@@ -385,13 +639,8 @@ class SegmentationNode(Node):
     # -- shutdown -------------------------------------------------------------------------------------
     def destroy_node(self) -> None:
         """Stop and join the worker, close the backend, then destroy the node."""
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
-        if self._worker is not None:
-            self._worker.join()
-        if self._segmenter is not None:
-            self._segmenter.backend.close()
+        self._deactivate()
+        self._release()
         super().destroy_node()
 
 

@@ -8,7 +8,7 @@ aligned with the labels pixel for pixel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -54,10 +54,21 @@ def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return np.take(palette, labels, axis=0)
 
 
+# What the node publishes and the bag tool writes per camera, in this order; each output's ROS encoding is fixed
+# except the overlay's, which follows the input's colour order (codec.overlay_encoding).
+OUTPUT_KINDS = ("labels", "confidence", "color", "overlay")
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` when it is a usable overlay weight (0..1), else ValueError; call it before any work."""
+    if not 0.0 <= alpha <= 1.0:  # also false for NaN
+        raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
+    return alpha
+
+
 def blend(image: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
     """``(1 - alpha) * image + alpha * color``, rounded, uint8; both arrays [H, W, 3]."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
+    check_alpha(alpha)
     if image.shape != color.shape:
         raise ValueError(f"cannot blend image {list(image.shape)} with colour labels {list(color.shape)}")
     return cv2.addWeighted(image, 1.0 - alpha, color, alpha, 0.0)
@@ -136,3 +147,22 @@ class Segmenter:
             if overlay_bgr:
                 blended = cv2.cvtColor(blended, cv2.COLOR_RGB2BGR)
         return Rendered(colored if color else None, blended)
+
+    def render(self, frame: np.ndarray, seg: Segmentation, kinds: Collection[str], *, alpha: float = 0.5,
+               overlay_encoding: str = "rgb8") -> dict[str, tuple[np.ndarray, str]]:
+        """Every wanted output of one frame as ``{kind: (array, ROS encoding)}``, in ``OUTPUT_KINDS`` order.
+
+        The one render step of the node and the bag tool: ``labels`` (mono8), ``confidence`` (mono8; left out
+        when the model has no confidence output), ``color`` (rgb8) and ``overlay`` (``overlay_encoding``: rgb8,
+        or bgr8 for a BGR camera). Only what is asked for is computed.
+        """
+        unknown = set(kinds) - set(OUTPUT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown output kinds {sorted(unknown)}; known: {', '.join(OUTPUT_KINDS)}")
+        if overlay_encoding not in ("rgb8", "bgr8"):
+            raise ValueError(f"overlay_encoding must be rgb8 or bgr8, got '{overlay_encoding}'")
+        rendered = self.outputs(frame, seg.labels, color="color" in kinds, overlay="overlay" in kinds, alpha=alpha,
+                                overlay_bgr=overlay_encoding == "bgr8")
+        arrays = {"labels": (seg.labels, "mono8"), "confidence": (seg.confidence, "mono8"),
+                  "color": (rendered.color, "rgb8"), "overlay": (rendered.overlay, overlay_encoding)}
+        return {kind: (array, enc) for kind, (array, enc) in arrays.items() if kind in kinds and array is not None}
