@@ -20,7 +20,8 @@ $(STAMP): requirements/*.txt setup.py package.xml interfaces/vision_msgs/msg/*.m
 	fi
 	$(PY) -m pip install -q --upgrade pip
 	@if [ "$$ROS_DISTRO" != "jazzy" ]; then $(PY) -m pip install -q -r requirements/ros-wheels.txt; fi
-	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/train.txt -r requirements/dev.txt
+	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/train.txt -r requirements/dev.txt \
+		-r requirements/fleet.txt
 	$(PY) -m pip install -q --no-deps tensorrt-stubs
 	$(PY) -m pip install -q --no-deps -e .
 	@if [ "$$ROS_DISTRO" != "jazzy" ]; then $(MAKE) --no-print-directory vision_msgs; fi

@@ -499,7 +499,7 @@ def _play(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unet-bag", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{from-images,label,play}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{from-images,label,label-many,play}")
 
     p = sub.add_parser("from-images", help="make a rosbag2 of camera frames from an image folder",
                        description="Write the images of DIR (name order) as one camera topic into the new bag OUT.")
@@ -545,6 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="SEC",
                    help="wait up to SEC seconds for a subscriber on every topic before playing (default: 0)")
     p.set_defaults(func=_play)
+
+    from unet_perception.tools.fleet import add_parser as add_label_many  # imports Ray only when it runs
+
+    add_label_many(sub)
     return parser
 
 

@@ -1,0 +1,214 @@
+"""unet-bag label-many: many real bags on a local Ray with 2 workers (tiny model, few small frames)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from rosbags.rosbag2 import Reader
+
+from unet_perception.tools.bag import BagError, bag_from_images, main
+from unet_perception.tools.fleet_plan import REPORT_NAME, expand_inputs, plan_jobs
+
+START = 1_700_000_000_000_000_000
+pytestmark = pytest.mark.fleet
+
+
+def _images(folder: Path, n: int, hw: tuple[int, int]) -> list[Path]:
+    folder.mkdir()
+    rng = np.random.default_rng(n)
+    paths = [folder / f"frame_{i:03d}.png" for i in range(n)]
+    for path in paths:
+        cv2.imwrite(str(path), rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+    return paths
+
+
+def _raw(path: Path) -> dict[str, list[tuple[int, bytes]]]:
+    """topic -> [(timestamp, serialized message)] in bag order."""
+    out: dict[str, list[tuple[int, bytes]]] = {}
+    with Reader(path) as reader:
+        for conn, ts, raw in reader.messages():
+            out.setdefault(conn.topic, []).append((ts, bytes(raw)))
+    return out
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------- planning (no Ray)
+
+
+def test_inputs_folders_globs_lists_and_name_clashes(tmp_path: Path) -> None:
+    bags = tmp_path / "bags"
+    for name in ("d1", "d2", "x1"):
+        (bags / name).mkdir(parents=True)
+    (bags / "single.mcap").write_bytes(b"")
+    (bags / "notes.txt").write_text("not a bag")
+    (bags / "labelled").mkdir()
+    listing = tmp_path / "todo.txt"
+    listing.write_text("# bags to label\nbags/x1\n\nbags/d1   # again, listed once\n")
+    found = expand_inputs([str(bags / "d*"), str(listing), str(bags / "single.mcap"), str(bags / "*")],
+                          out_dir=bags / "labelled")
+    assert [p.name for p in found] == ["d1", "d2", "x1", "single.mcap"]
+    jobs = plan_jobs(found, tmp_path / "out")
+    assert [j.out for j in jobs] == [(tmp_path / "out" / n).absolute() for n in ("d1", "d2", "x1", "single")]
+    assert all(j.src.is_absolute() for j in jobs)
+
+    (tmp_path / "other" / "d1").mkdir(parents=True)
+    with pytest.raises(BagError, match="2 inputs would be written to .*d1"):
+        plan_jobs([bags / "d1", tmp_path / "other" / "d1"], tmp_path / "out")
+    with pytest.raises(BagError, match="no bag at .*missing"):
+        expand_inputs([str(tmp_path / "missing")])
+    with pytest.raises(BagError, match="matches no bag"):
+        expand_inputs([str(tmp_path / "nothing*")])
+
+
+# ---------------------------------------------------------------------------------------------- on Ray
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray for the module: 2 CPUs, so 2 workers."""
+    pytest.importorskip("ray", reason="label-many needs Ray: pip install -r requirements/fleet.txt")
+    from unet_perception.tools.fleet import ray_session
+
+    with ray_session(num_cpus=2):
+        yield
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small bags written with unet-bag's own writer: raw sqlite3, raw mcap, JPEG, and a longer one."""
+    root = tmp_path_factory.mktemp("fleet_src")
+    small = _images(root / "small", 9, (48, 64))
+    large = _images(root / "large", 150, (240, 320))
+    bags = root / "bags"
+    bags.mkdir()
+    made = {"a": dict(images=small[:6]), "b": dict(images=small, storage="mcap"),
+            "c": dict(images=small[:8], topic="/front/image_raw", compressed=True), "big": dict(images=large)}
+    for name, kwargs in made.items():
+        bag_from_images(out=bags / name, start_ns=START, progress=False, **kwargs)  # type: ignore[arg-type]
+    return {name: bags / name for name in made}
+
+
+@pytest.fixture(scope="module")
+def single(sources: dict[str, Path], tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each source bag labelled alone with `unet-bag label` (the reference)."""
+    out = tmp_path_factory.mktemp("fleet_single")
+    for name, src in sources.items():
+        assert main(["label", str(src), str(out / name), "--model", str(tiny_model), "--backend", "onnxruntime",
+                     "--threads", "1"]) == 0
+    return {name: out / name for name in sources}
+
+
+def _args(tiny_model: Path, out: Path) -> list[str]:
+    return ["--out", str(out), "--workers", "2", "--model", str(tiny_model), "--backend", "onnxruntime",
+            "--threads", "1"]
+
+
+def _settings(tiny_model: Path):  # type: ignore[no-untyped-def]
+    from unet_perception.tools.fleet import LabelSettings
+
+    return LabelSettings(str(tiny_model), "onnxruntime", threads=1)
+
+
+def test_all_bags_labelled_as_label_does(local_ray: None, sources: dict[str, Path], single: dict[str, Path],
+                                         tiny_model: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    listing = tmp_path / "todo.txt"
+    listing.write_text(f"{sources['c']}\n")
+    out = tmp_path / "out"
+    assert main(["label-many", str(sources["a"].parent / "[ab]"), str(listing), *_args(tiny_model, out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 labelled, 0 skipped (output existed), 0 failed" in printed
+    assert "counts checked: frames in = labelled + refused for all 3 labelled bags (23 = 23 + 0)" in printed
+    for name in ("a", "b", "c"):
+        assert _raw(out / name) == _raw(single[name]), name  # every message, frame by frame, byte for byte
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["bags"] == {"labelled": 3, "skipped": 0, "failed": 0}
+    assert [(r["name"], r["frames_in"], r["labelled"], r["counts_ok"]) for r in report["results"]] == \
+        [("a", 6, 6, True), ("b", 9, 9, True), ("c", 8, 8, True)]
+    assert len(report["workers"]) == 2 and all("onnxruntime" in w for w in report["workers"])
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c", REPORT_NAME]
+
+
+def test_worker_killed_mid_bag_is_retried(local_ray: None, sources: dict[str, Path], single: dict[str, Path],
+                                          tiny_model: Path, tmp_path: Path) -> None:
+    from unet_perception.tools.fleet import label_many
+
+    killed: list[int] = []
+
+    def kill_mid_bag(snapshot: dict[str, tuple[int, int, int]]) -> None:
+        attempt, frames, pid = snapshot.get("big", (0, 0, 0))
+        if not killed and attempt == 1 and 0 < frames < 100:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(frames)
+
+    out = tmp_path / "out"
+    jobs = plan_jobs([sources[n] for n in ("big", "a", "b")], out)
+    report = label_many(jobs, _settings(tiny_model), workers=2, progress=False, poll_s=0.02, on_poll=kill_mid_bag)
+    assert killed, "the test did not manage to kill the worker while it was labelling 'big'"
+    by_name = {r.name: r for r in report.results}
+    assert [r.status for r in report.results] == ["labelled"] * 3, report.table()
+    assert by_name["big"].attempts == 2 and by_name["big"].labelled == 150 and by_name["big"].counts_ok
+    for name in ("big", "a", "b"):
+        assert _raw(out / name) == _raw(single[name]), name
+    assert _hidden(out) == []
+
+
+def test_rerun_after_interruption_does_only_the_missing_bags(local_ray: None, sources: dict[str, Path],
+                                                              single: dict[str, Path], tiny_model: Path,
+                                                              tmp_path: Path) -> None:
+    from unet_perception.tools.fleet import label_many
+
+    out = tmp_path / "out"
+    jobs = plan_jobs([sources[n] for n in ("a", "big", "b", "c")], out)
+
+    def interrupt_after_first_bag(snapshot: dict[str, tuple[int, int, int]]) -> None:
+        if any(job.out.exists() for job in jobs):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        label_many(jobs, _settings(tiny_model), workers=2, progress=False, poll_s=0.02,
+                   on_poll=interrupt_after_first_bag)
+    first = {job.name: (job.out / "metadata.yaml").stat().st_mtime_ns for job in jobs if job.out.exists()}
+    assert first and "big" not in first
+    for job in jobs:  # every output is whole or absent
+        if job.name in first:
+            assert _raw(job.out) == _raw(single[job.name])
+
+    report = label_many(jobs, _settings(tiny_model), workers=2, progress=False)
+    status = {r.name: r.status for r in report.results}
+    assert {n for n, s in status.items() if s == "skipped"} == set(first)
+    assert {n for n, s in status.items() if s == "labelled"} == {"a", "big", "b", "c"} - set(first)
+    assert {n: (out / n / "metadata.yaml").stat().st_mtime_ns for n in first} == first  # not redone
+    for job in jobs:
+        assert _raw(job.out) == _raw(single[job.name]), job.name
+    assert _hidden(out) == []
+
+
+def test_corrupt_bag_is_reported_and_the_others_finish(local_ray: None, sources: dict[str, Path],
+                                                       single: dict[str, Path], tiny_model: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "in" / "bad"
+    shutil.copytree(sources["big"], bad)
+    data = bad / "big.db3"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    out = tmp_path / "out"
+    code = main(["label-many", str(sources["a"]), str(bad), str(sources["b"]), *_args(tiny_model, out)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "2 labelled, 0 skipped (output existed), 1 failed" in printed
+    report = json.loads((out / REPORT_NAME).read_text())
+    failed = [r for r in report["results"] if r["status"] == "failed"]
+    assert [r["name"] for r in failed] == ["bad"] and str(bad) in failed[0]["error"], failed
+    for name in ("a", "b"):
+        assert _raw(out / name) == _raw(single[name])
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", REPORT_NAME]

@@ -1,0 +1,183 @@
+"""``unet-bag label-many`` without Ray: which bags, where their outputs go, and what a run reports.
+
+An input is a bag folder, a single ``.db3``/``.mcap`` file, a glob, or a text file listing any of these (one a
+line, ``#`` comments; relative lines are taken from the list's folder). Each bag ``NAME`` is labelled to
+``OUT_DIR/NAME`` (a ``.db3``/``.mcap`` file's stem). A bag is worked on in a hidden folder
+``OUT_DIR/.NAME.labelling-*`` and renamed to ``OUT_DIR/NAME`` only when complete and its counts check out, so an
+output that exists is a finished one and a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from collections.abc import Sequence
+
+from unet_perception.tools.bag import BagError, camera_connections, open_bag
+
+BAG_SUFFIXES = (".db3", ".mcap")
+REPORT_NAME = "label-many.json"
+WORK_MARK = ".labelling-"
+
+
+@dataclass(frozen=True)
+class BagJob:
+    """One input bag and the output bag it becomes."""
+
+    src: Path
+    out: Path
+
+    @property
+    def name(self) -> str:
+        return self.out.name
+
+    def work_prefix(self) -> str:
+        """Prefix of the hidden folders this bag is labelled in (``.NAME.labelling-``)."""
+        return f".{self.name}{WORK_MARK}"
+
+    def remove_leftovers(self) -> None:
+        """Delete the hidden work folders a killed or interrupted attempt left behind."""
+        for path in self.out.parent.glob(self.work_prefix() + "*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _from_list(path: Path) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [str(path.parent / line) if not os.path.isabs(line) else line for line in lines if line]
+
+
+def expand_inputs(inputs: Sequence[str], out_dir: Path | None = None) -> list[Path]:
+    """The bags named by ``inputs`` (folders, .db3/.mcap files, globs, list files), in order, each once.
+
+    ``out_dir`` and anything inside it are left out, so ``bags/*`` with ``--out bags/labelled`` works.
+    """
+    found: list[Path] = []
+
+    def add(item: str, listed_in: Path | None) -> None:
+        path = Path(item)
+        if path.is_dir() or (path.is_file() and path.suffix in BAG_SUFFIXES):
+            found.append(path)
+        elif path.is_file() and listed_in is None:
+            for line in _from_list(path):
+                add(line, path)
+        elif glob.has_magic(item):
+            matches = [Path(m) for m in sorted(glob.glob(item))]
+            bags = [m for m in matches if m.is_dir() or m.suffix in BAG_SUFFIXES]
+            if not bags:
+                raise BagError(f"the pattern '{item}' matches no bag folder or .db3/.mcap file")
+            found.extend(bags)
+        else:
+            where = f" (listed in {listed_in})" if listed_in else ""
+            kind = "a bag folder or .db3/.mcap file" if listed_in else \
+                "bag folders, .db3/.mcap files, globs or a text file listing them"
+            raise BagError(f"no bag at {item}{where}; give {kind}")
+
+    for item in inputs:
+        add(item, None)
+    skip = out_dir.resolve() if out_dir is not None else None
+    seen: set[Path] = set()
+    bags = []
+    for path in found:
+        real = path.resolve()
+        if real in seen or (skip is not None and (real == skip or skip in real.parents)):
+            continue
+        seen.add(real)
+        bags.append(path)
+    if not bags:
+        raise BagError(f"no input bags in {list(inputs)}")
+    return bags
+
+
+def plan_jobs(bags: Sequence[Path], out_dir: Path) -> list[BagJob]:
+    """One job per bag, its output ``out_dir/NAME``; two inputs with one NAME are refused before any work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BagError(f"--out {out_dir} is a file; give a folder for the labelled bags")
+    jobs = [BagJob(src.absolute(), out_dir.absolute() / (src.stem if src.is_file() else src.name)) for src in bags]
+    by_name: dict[str, list[str]] = {}
+    for job in jobs:
+        by_name.setdefault(job.name, []).append(str(job.src))
+    clashes = {name: srcs for name, srcs in by_name.items() if len(srcs) > 1}
+    if clashes:
+        name, srcs = next(iter(clashes.items()))
+        raise BagError(f"{len(srcs)} inputs would be written to {out_dir / name}: {', '.join(srcs)}; "
+                       "label bags with the same name into different --out folders")
+    return jobs
+
+
+def frames_in(src: Path, topics: Sequence[str] | None) -> int:
+    """Camera messages of the bag that ``label`` will label (its metadata's counts)."""
+    with open_bag(src) as reader:
+        return sum(c.msgcount for c in camera_connections(reader, topics))
+
+
+@dataclass
+class BagResult:
+    """What happened to one bag. ``status``: labelled, skipped (its output existed) or failed."""
+
+    name: str
+    src: str
+    out: str
+    status: str
+    frames_in: int = 0
+    labelled: int = 0
+    refused: int = 0                                         # camera messages refused as bad input
+    seconds: float = 0.0
+    attempts: int = 0                                        # > 1: a worker died on it and Ray retried it
+    error: str = ""
+    refusals: list[str] = field(default_factory=list)        # one line per refused message
+
+    @property
+    def fps(self) -> float:
+        return self.labelled / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def counts_ok(self) -> bool:
+        return self.frames_in == self.labelled + self.refused
+
+
+@dataclass
+class FleetReport:
+    """A run of ``label-many``: one result per input bag, in input order."""
+
+    results: list[BagResult]
+    seconds: float
+    workers: list[str]                                       # one line per worker: backend, device, host
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def labelled_frames(self) -> int:
+        return sum(r.labelled for r in self.results if r.status == "labelled")
+
+    def table(self) -> str:
+        head = f"{'bag':28s} {'status':9s} {'in':>6s} {'labelled':>8s} {'refused':>7s} {'s':>7s} {'fps':>7s} " \
+               f"{'tries':>5s}  error"
+        rows = [head]
+        for r in self.results:
+            rows.append(f"{r.name[:28]:28s} {r.status:9s} {r.frames_in:6d} {r.labelled:8d} {r.refused:7d} "
+                        f"{r.seconds:7.1f} {r.fps:7.1f} {r.attempts:5d}  {r.error}")
+        done = [r for r in self.results if r.status == "labelled"]
+        fps = self.labelled_frames / self.seconds if self.seconds > 0 else 0.0
+        rows.append(f"{len(self.results)} bags: {len(done)} labelled, {self.count('skipped')} skipped (output "
+                    f"existed), {self.count('failed')} failed; {self.labelled_frames} frames labelled in "
+                    f"{self.seconds:.1f} s ({fps:.1f} frames/s) on {len(self.workers)} workers")
+        if done:
+            rows.append(f"counts checked: frames in = labelled + refused for all {len(done)} labelled bags "
+                        f"({sum(r.frames_in for r in done)} = {self.labelled_frames} + "
+                        f"{sum(r.refused for r in done)})")
+        return "\n".join(rows)
+
+    def write_json(self, path: Path) -> None:
+        """The report as JSON at ``path``, written whole or not at all."""
+        data = {"seconds": self.seconds, "workers": self.workers,
+                "bags": {s: self.count(s) for s in ("labelled", "skipped", "failed")},
+                "frames_labelled": self.labelled_frames,
+                "results": [{**asdict(r), "fps": r.fps, "counts_ok": r.counts_ok} for r in self.results]}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
