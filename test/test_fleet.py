@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +71,12 @@ def test_inputs_folders_globs_lists_and_name_clashes(tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "missing")])
     with pytest.raises(BagError, match="matches no bag"):
         expand_inputs([str(tmp_path / "nothing*")])
+
+
+def test_unet_bag_builds_its_parser_without_importing_ray() -> None:
+    code = ("import sys; from unet_perception.tools.bag import build_parser; "
+            "build_parser().parse_args(['label-many', 'x', '--out', 'y']); assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------- on Ray
@@ -201,14 +209,20 @@ def test_corrupt_bag_is_reported_and_the_others_finish(local_ray: None, sources:
     shutil.copytree(sources["big"], bad)
     data = bad / "big.db3"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    short = tmp_path / "in" / "short"  # its metadata promises 8 frames, its storage holds 6
+    shutil.copytree(sources["a"], short)
+    meta = short / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("message_count: 6", "message_count: 8"))
     out = tmp_path / "out"
-    code = main(["label-many", str(sources["a"]), str(bad), str(sources["b"]), *_args(tiny_model, out)])
+    code = main(["label-many", str(sources["a"]), str(bad), str(short), str(sources["b"]),
+                 *_args(tiny_model, out)])
     printed = capsys.readouterr().out
     assert code == 1
-    assert "2 labelled, 0 skipped (output existed), 1 failed" in printed
+    assert "2 labelled, 0 skipped (output existed), 2 failed" in printed
     report = json.loads((out / REPORT_NAME).read_text())
-    failed = [r for r in report["results"] if r["status"] == "failed"]
-    assert [r["name"] for r in failed] == ["bad"] and str(bad) in failed[0]["error"], failed
+    failed = {r["name"]: r["error"] for r in report["results"] if r["status"] == "failed"}
+    assert list(failed) == ["bad", "short"] and str(bad) in failed["bad"], failed
+    assert "8" in failed["short"] and "6" in failed["short"], failed  # the count check names both counts
     for name in ("a", "b"):
         assert _raw(out / name) == _raw(single[name])
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", REPORT_NAME]
