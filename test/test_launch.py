@@ -33,6 +33,33 @@ def test_files_resolve_to_the_ament_share_when_installed(tmp_path: Path, monkeyp
     assert ls.default_model_path() == tmp_path / "share" / ls.PACKAGE / "models" / "unet_camvid.onnx"
 
 
+def test_pip_install_finds_the_share_under_sys_prefix_never_site_packages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pip install .` (not editable): data_files land in <sys.prefix>/share/unet_perception."""
+    monkeypatch.delenv("AMENT_PREFIX_PATH", raising=False)
+    site = tmp_path / "lib" / "python3.11" / "site-packages"
+    (site / ls.PACKAGE).mkdir(parents=True)
+    monkeypatch.setattr(ls, "__file__", str(site / ls.PACKAGE / "launch_support.py"))
+    monkeypatch.setattr(ls.sys, "prefix", str(tmp_path))
+    share = tmp_path / "share" / ls.PACKAGE
+    assert ls.share_dir() == share  # not there yet: errors name the right folder, never site-packages
+    (share / "config").mkdir(parents=True)
+    (share / "package.xml").touch()
+    assert ls.default_params_file() == share / "config" / "seg.yaml"
+    assert ls.default_model_path() == share / "models" / "unet_camvid.onnx"
+
+
+def test_a_missing_fastdds_profile_is_reported_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "fastdds_large_frames.xml"
+    monkeypatch.setattr(ls, "fastdds_profile_path", lambda: missing)
+    assert ls.node_env({}) == {}
+    env: dict[str, str] = {}
+    assert ls.apply_node_env(env) == "" and ls.PROFILE_ENV not in env
+    assert ls.node_env({ls.PROFILE_ENV: "/site/dds.xml"}) == {ls.PROFILE_ENV: "/site/dds.xml"}
+    assert str(missing) in ls.missing_profile_note() and "does not exist" in ls.missing_profile_note()
+    assert ls.node_action_kwargs(environ={})["additional_env"] == {}
+
+
 def test_fastdds_profile_gives_writers_a_16mib_shm_segment() -> None:
     root = ET.parse(ls.fastdds_profile_path()).getroot()
     transports = {t.findtext(f"{FASTDDS_NS}transport_id"): t for t in root.iter(f"{FASTDDS_NS}transport_descriptor")}

@@ -2,8 +2,9 @@
 
 ``launch/seg.launch.py``, the demo (``tools/demo.py``), the tests and ``main()`` of the node all use
 these functions, so ``ros2 launch``, ``ros2 run`` and ``make demo`` start the node the same way.
-Files are looked up in the package's ament share directory when the package is installed (colcon,
-or a ROS install), else in the source checkout this module lives in.
+Files are looked up in the package's share folder: the ament index's (colcon, a ROS install), else
+``<sys.prefix>/share/unet_perception`` (``pip install .``), else the source checkout this module lives
+in (``pip install -e .``), never ``site-packages``.
 """
 
 from __future__ import annotations
@@ -28,15 +29,24 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 
 
 def share_dir() -> Path:
-    """The package's share folder (``<prefix>/share/unet_perception``), or the source checkout."""
+    """The package's share folder: ament index, then ``<sys.prefix>/share/unet_perception``, then the checkout.
+
+    When none has the package's files, the ``sys.prefix`` one is returned, so errors name where they belong.
+    """
     try:
         from ament_index_python.packages import get_package_share_directory
 
         return Path(get_package_share_directory(PACKAGE))
     except (ImportError, LookupError, OSError, ValueError):
-        # not installed into an ament prefix (a venv with `pip install -e .`, or a plain checkout):
-        # ament_index_python raises PackageNotFoundError (a KeyError) or EnvironmentError here.
-        return Path(__file__).resolve().parents[1]
+        # not in an ament prefix on AMENT_PREFIX_PATH (a venv, a plain checkout): ament_index_python
+        # raises PackageNotFoundError (a KeyError) or EnvironmentError here.
+        pass
+    installed = Path(sys.prefix) / "share" / PACKAGE  # setup.py's data_files under `pip install .`
+    checkout = Path(__file__).resolve().parents[1]    # site-packages itself after `pip install .`
+    for candidate in (installed, checkout):
+        if (candidate / "package.xml").is_file():
+            return candidate
+    return installed
 
 
 def fastdds_profile_path() -> Path:
@@ -62,10 +72,14 @@ def default_model_path() -> Path:
 def node_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment variables the node needs on top of ``environ``: the Fast DDS profile, unless one is set.
 
-    A user's own ``FASTRTPS_DEFAULT_PROFILES_FILE`` wins, so site-wide DDS tuning keeps working.
+    A user's own ``FASTRTPS_DEFAULT_PROFILES_FILE`` wins, so site-wide DDS tuning keeps working. A shipped
+    profile that is missing is not named at all (Fast DDS would log an error for every participant).
     """
     environ = os.environ if environ is None else environ
-    return {PROFILE_ENV: environ.get(PROFILE_ENV) or str(fastdds_profile_path())}
+    if environ.get(PROFILE_ENV):
+        return {PROFILE_ENV: environ[PROFILE_ENV]}
+    profile = fastdds_profile_path()
+    return {PROFILE_ENV: str(profile)} if profile.is_file() else {}
 
 
 def apply_node_env(environ: MutableMapping[str, str] | None = None) -> str:
@@ -73,10 +87,18 @@ def apply_node_env(environ: MutableMapping[str, str] | None = None) -> str:
 
     Fast DDS reads the variable when the first participant is created, so this must run before
     ``rclpy.init``; the node's ``main()`` does it, which covers ``ros2 run`` as well as launch files.
+    Returns "" when there is none (no user profile, shipped file missing): see :func:`missing_profile_note`.
     """
     environ = os.environ if environ is None else environ
     environ.update(node_env(environ))
-    return environ[PROFILE_ENV]
+    return environ.get(PROFILE_ENV, "")
+
+
+def missing_profile_note() -> str:
+    """What to tell the user when the shipped Fast DDS profile is not there."""
+    return (f"the Fast DDS profile {fastdds_profile_path()} does not exist, so Fast DDS keeps its 512 KiB "
+            f"shared-memory segments: large best-effort frames from other processes may not arrive. Reinstall "
+            f"the package or set {PROFILE_ENV} (docs/node.md)")
 
 
 def parse_bool(text: str | bool, what: str) -> bool:
