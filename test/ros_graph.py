@@ -75,12 +75,15 @@ class RosGraph:
         self.executor.add_node(node)
         return node
 
-    def segmentation_node(self, **params: Any) -> Any:
-        """A SegmentationNode in this graph with ``params`` as parameter overrides."""
+    def segmentation_node(self, namespace: str = "", ros_args: Sequence[str] = (), **params: Any) -> Any:
+        """A SegmentationNode in this graph: ``params`` as parameter overrides, ``ros_args`` as its own
+        command-line ``--ros-args`` (remapping rules, e.g. ``["-r", "image_raw:=/camera/image_raw"]``)."""
         from unet_perception.node import SegmentationNode
 
         overrides = [Parameter(k, value=v) for k, v in params.items()]
-        return self.add(SegmentationNode(context=self.context, parameter_overrides=overrides))
+        cli_args = ["--ros-args", *ros_args] if ros_args else None
+        return self.add(SegmentationNode(context=self.context, parameter_overrides=overrides,
+                                         namespace=namespace, cli_args=cli_args))
 
     def collect(self, msg_type: Any, topic: str, qos: Any = qos_profile_sensor_data) -> Collector:
         return Collector(self.node, msg_type, topic, qos)
