@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
 from sensor_msgs.msg import CompressedImage, Image
 
 from conftest import SHIPPED_MODEL
-from ros_graph import RosGraph, publish_until, start_node_process, stop_process, wait_matched
+from ros_graph import TIMEOUT_S, RosGraph, publish_until, start_node_process, stop_process, wait_matched, wait_until
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.codec import decode_compressed, decode_image
 from unet_perception.model_contract import read_model_info
@@ -153,3 +157,57 @@ def test_shipped_model_is_the_default() -> None:
     finally:
         out = stop_process(proc)
     assert "unet_camvid.onnx" in out
+
+
+def test_keep_latest_publishes_the_newest_frame(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """While inference is busy, frames 1, 2, 3 arrive: the next output is frame 3 (1 and 2 are dropped)."""
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/kl/image_raw"])
+        pub = graph.publisher(Image, "/kl/image_raw")
+        labels = graph.collect(Image, "/kl/segmentation/labels")
+        wait_matched(pub, [labels])
+        backend = node._segmenter.backend
+        real_infer = backend._infer
+        busy, release = threading.Event(), threading.Event()
+
+        def blocked(batch: np.ndarray):  # type: ignore[no-untyped-def]
+            busy.set()
+            release.wait(TIMEOUT_S)
+            return real_infer(batch)
+
+        backend._infer = blocked
+        try:
+            pub.publish(image_message(synthetic_frame(64, 48, 0), "rgb8", stamp=stamp(0)))
+            assert busy.wait(TIMEOUT_S), "the worker never started frame 0"
+            for i in (1, 2, 3):
+                pub.publish(image_message(synthetic_frame(64, 48, i), "rgb8", stamp=stamp(i)))
+            wait_until(lambda: node._cameras[0].stats.frames_in == 4, what="frames 1-3 to reach the slot")
+        finally:
+            backend._infer = real_infer
+            release.set()
+        got = labels.wait_for(2)
+    assert [m.header.stamp for m in got] == [stamp(0), stamp(3)]
+
+
+def test_overlay_alpha_changes_at_run_time(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """`ros2 param set /segmentation_node overlay_alpha 0.9` (the parameter service) changes the next overlay."""
+    msg = image_message(synthetic_frame(64, 48, 1), "rgb8")
+    rgb = decode_image(msg)
+    color = colorize(reference_segmenter(tiny_model).run([rgb])[0].labels, reference_segmenter(tiny_model).palette)
+    with RosGraph() as graph:
+        graph.segmentation_node(model_path=str(tiny_model), image_topics=["/oa/image_raw"], overlay_alpha=0.2)
+        pub = graph.publisher(Image, "/oa/image_raw")
+        overlay = graph.collect(Image, "/oa/segmentation/overlay")
+        wait_matched(pub, [overlay])
+        pub.publish(msg)
+        overlay.wait_for(1)
+        client = AsyncParameterClient(graph.node, "segmentation_node")
+        assert client.wait_for_services(TIMEOUT_S)
+        future = client.set_parameters([Parameter("overlay_alpha", value=0.9)])
+        wait_until(future.done, what="the parameter service to answer")
+        assert future.result().results[0].successful
+        pub.publish(msg)
+        first, second = overlay.wait_for(2)[:2]
+    np.testing.assert_array_equal(as_array(first), blend(rgb, color, 0.2))
+    np.testing.assert_array_equal(as_array(second), blend(rgb, color, 0.9))
+    assert not np.array_equal(as_array(first), as_array(second))
