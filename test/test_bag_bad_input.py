@@ -99,7 +99,14 @@ def test_unknown_type_without_definition(tmp_path: Path, tiny_model: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     src = _bag_with_unknown_type(tmp_path / "in", with_definition=False)
     err = _label(tmp_path, src, tiny_model, capsys)
-    assert "unknown message type 'acme_msgs/msg/Widget'" in err and "--topics" in err
+    assert "unknown message type 'acme_msgs/msg/Widget'" in err
+    advice = "--exclude-topics /odd"
+    assert advice in err
+    out = tmp_path / "out"  # the advice works: follow it
+    assert main(["label", str(src), str(out), "--model", str(tiny_model), *advice.split()]) == 0
+    with bag.open_bag(out) as reader:
+        assert "/odd" not in {c.topic for c in reader.connections}
+        assert "/camera/segmentation/labels" in {c.topic for c in reader.connections}
 
 
 def test_unknown_type_with_definition_is_copied_but_not_played(tmp_path: Path, tiny_model: Path,

@@ -247,11 +247,16 @@ def is_compressed(msg: Any) -> bool:
 
 
 def check(msg: Any, max_pixels: int = MAX_PIXELS) -> None:
-    """Everything ``decode`` checks that needs no decoding (bounded cost); ``CodecError`` when it fails."""
-    if is_compressed(msg):
-        check_compressed(msg, max_pixels)
-    else:
-        _check_raw(msg, max_pixels)
+    """Everything ``decode`` checks that needs no decoding (bounded cost); only ``CodecError`` comes out."""
+    try:
+        if is_compressed(msg):
+            check_compressed(msg, max_pixels)
+        else:
+            _check_raw(msg, max_pixels)
+    except CodecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed message is bad input, never a crash
+        raise CodecError(f"malformed message: {type(exc).__name__}: {exc}") from exc
 
 
 def decode(msg: Any, max_pixels: int = MAX_PIXELS, use_cv_bridge: bool | None = None) -> np.ndarray:

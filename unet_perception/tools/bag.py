@@ -7,7 +7,9 @@
 
 Bags are read and written with ``rosbags`` (sqlite3 and mcap, rosbag2 format version 8 as ROS 2 Jazzy writes
 it) and the ROS 2 Jazzy message definitions, so ``ros2 bag info``/``play`` and rviz read what we write.
-Outputs are written into a hidden staging folder and renamed into place only when complete.
+Outputs are written into a hidden staging folder and renamed into place only when complete. What can be checked
+is checked before the work (``bag_preflight``): the output path and its free space, the input's message counts
+(metadata.yaml against the storage, then against what was read), short type names, crashed-recorder WAL files.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import importlib
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -29,7 +32,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 from rosbags.interfaces import Connection
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer, WriterError
 from rosbags.rosbag2.reader import DirectoryReader
 from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
@@ -38,7 +41,9 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 from unet_perception.backends.base import BackendError
 from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files
 from unet_perception.model_contract import ModelError
-from unet_perception.topics import is_compressed_topic, output_topics
+from unet_perception.tools.bag_preflight import (BagError, ReadableBag, check_output, check_read, compare_counts,
+                                                 full_type, readable_bag, storage_counts)
+from unet_perception.topics import CONFIDENCE, OUTPUTS, camera_outputs, is_compressed_topic, output_topics
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
@@ -47,9 +52,7 @@ BAG_VERSION: Literal[8] = 8  # the rosbag2 format ROS 2 Jazzy writes; Jazzy's re
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 FORMATS = {"jpeg": ".jpg", "png": ".png"}
 
-
-class BagError(RuntimeError):
-    """A bag that cannot be read or written, with what is wrong and how to fix it."""
+__all__ = ["BagError", "bag_from_images", "label_bag", "open_bag", "play_bag"]  # BagError lives in bag_preflight
 
 
 def typestore() -> Typestore:
@@ -66,25 +69,33 @@ def stamp_msg(store: Typestore, ns: int) -> Any:
 
 
 @contextmanager
-def open_bag(path: Path) -> Iterator[Reader]:
-    """An open rosbags Reader, or a ``BagError`` that names the bag and the problem."""
+def open_checked(path: Path, scratch: Path | None = None,
+                 info: Callable[[str], None] = tqdm.write) -> Iterator[tuple[Reader, ReadableBag]]:
+    """An open rosbags Reader of all of ``path`` (short type names and -wal files repaired in a scratch folder
+    inside ``scratch``, see ``bag_preflight``), or a ``BagError`` that names the bag and the problem."""
     if not path.exists():
         raise BagError(f"no bag at {path}; give a bag folder (with metadata.yaml) or its .db3/.mcap file")
-    try:
-        reader = Reader(path)
-        reader.open()
-    except BagError:
-        raise
-    except Exception as exc:  # rosbags raises ReaderError, sqlite3 and YAML errors for broken bags
-        raise BagError(f"cannot open the bag {path}: {type(exc).__name__}: {exc}; is it a complete rosbag2 "
-                       "folder (metadata.yaml plus its .db3 or .mcap file)?") from exc
-    try:
-        if reader.message_count == 0:
-            raise BagError(f"the bag {path} has no messages; record or make one with data "
-                           "(unet-bag from-images DIR OUT)")
+    with readable_bag(path, scratch, info) as readable:
+        try:
+            reader = Reader(readable.path)
+            reader.open()
+        except Exception as exc:  # rosbags raises ReaderError, sqlite3 and YAML errors for broken bags
+            raise BagError(f"cannot open the bag {path}: {type(exc).__name__}: {exc}; is it a complete rosbag2 "
+                           "folder (metadata.yaml plus its .db3 or .mcap file)?") from exc
+        try:
+            if reader.message_count == 0 and not readable.recovered:
+                raise BagError(f"the bag {path} has no messages; record or make one with data "
+                               "(unet-bag from-images DIR OUT)")
+            yield reader, readable
+        finally:
+            reader.close()
+
+
+@contextmanager
+def open_bag(path: Path, scratch: Path | None = None, info: Callable[[str], None] = tqdm.write) -> Iterator[Reader]:
+    """``open_checked`` without the repair details: an open Reader of all of ``path``, or a ``BagError``."""
+    with open_checked(path, scratch, info) as (reader, _):
         yield reader
-    finally:
-        reader.close()
 
 
 def read_messages(reader: Reader, connections: Sequence[Connection] = ()) -> Iterator[tuple[Connection, int, bytes]]:
@@ -111,17 +122,15 @@ def select_connections(reader: Reader, topics: Sequence[str] | None) -> list[Con
 
 
 @contextmanager
-def staged_writer(out: Path, storage: str) -> Iterator[Writer]:
+def staged_writer(out: Path, storage: str, need_bytes: int = 0) -> Iterator[Writer]:
     """A Writer that writes into a hidden staging folder beside ``out`` and moves it to ``out`` only on success.
 
     A run that fails or is interrupted leaves nothing at ``out``, so a half-written bag never looks complete.
+    ``out`` is checked first (``check_output``: a new path, a writable folder, ``need_bytes`` free).
     """
     if storage not in STORAGES:
         raise BagError(f"storage must be one of {sorted(STORAGES)}, got '{storage}'")
-    if out.exists():
-        raise BagError(f"{out} exists already; choose a new output path or remove it first")
-    if not out.parent.is_dir():
-        raise BagError(f"the folder {out.parent} for the output bag does not exist; create it first")
+    check_output(out, need_bytes)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     writer = Writer(staging / out.name, version=BAG_VERSION, storage_plugin=STORAGES[storage])
     try:
@@ -129,8 +138,13 @@ def staged_writer(out: Path, storage: str) -> Iterator[Writer]:
         yield writer
         writer.close()
         os.rename(staging / out.name, out)
-    except BaseException:
-        writer.abort()
+    except BaseException as exc:
+        try:
+            writer.abort()
+        except Exception:  # noqa: BLE001, S110 - a full disk can fail the abort too; the staging folder goes below
+            pass
+        if isinstance(exc, OSError | sqlite3.Error | WriterError):  # a disk that filled up after the check
+            raise BagError(f"writing {out} failed: {type(exc).__name__}: {exc}; nothing was left at {out}") from exc
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -148,16 +162,17 @@ def copy_connection(writer: Writer, conn: Connection, store: Typestore) -> Conne
 
     Bags from older ROS distributions carry no definitions; Jazzy's are filled in for the types it knows.
     """
-    msgdef, digest = conn.msgdef.data, conn.digest
+    msgdef, digest, msgtype = conn.msgdef.data, conn.digest, full_type(conn.msgtype)
     if not msgdef or not digest:
-        if conn.msgtype not in store.types:
-            raise BagError(f"unknown message type '{conn.msgtype}' on topic {conn.topic}: the bag carries no "
+        if msgtype not in store.types:
+            raise BagError(f"unknown message type '{msgtype}' on topic {conn.topic}: the bag carries no "
                            "definition for it and ROS 2 Jazzy does not define it; leave the topic out with "
-                           "--topics or re-record the bag with a ROS 2 that stores definitions (Iron or later)")
-        msgdef = msgdef or store.generate_msgdef(conn.msgtype, ros_version=2)[0]
-        digest = digest or store.hash_rihs01(conn.msgtype)
+                           f"--exclude-topics {conn.topic}, or re-record the bag with a ROS 2 that stores "
+                           "definitions (Iron or later)")
+        msgdef = msgdef or store.generate_msgdef(msgtype, ros_version=2)[0]
+        digest = digest or store.hash_rihs01(msgtype)
     ext = conn.ext
-    return writer.add_connection(conn.topic, conn.msgtype, msgdef=msgdef, rihs01=digest,
+    return writer.add_connection(conn.topic, msgtype, msgdef=msgdef, rihs01=digest,
                                  serialization_format=ext.serialization_format,  # type: ignore[union-attr]
                                  offered_qos_profiles=ext.offered_qos_profiles)  # type: ignore[union-attr]
 
@@ -230,6 +245,9 @@ class LabelSummary:
     errors: list[str] = field(default_factory=list)           # one line per skipped message
     copied: int = 0                                           # original messages written
     seconds: float = 0.0
+    metadata_count: int = 0                                   # messages metadata.yaml lists
+    storage_count: int | None = None                          # messages the sqlite3 storage holds (None: mcap)
+    recovered: int = 0                                        # of them, only in a crashed recorder's -wal file
 
     @property
     def fps(self) -> float:
@@ -237,6 +255,10 @@ class LabelSummary:
 
     def table(self) -> str:
         rows = [f"{'topic':40s} {'frames':>7s}"] + [f"{t:40s} {n:7d}" for t, n in sorted(self.frames.items())]
+        stored = "not counted (mcap)" if self.storage_count is None else str(self.storage_count)
+        rows.append(f"messages: metadata.yaml lists {self.metadata_count}, the storage holds {stored}"
+                    + (f" ({self.recovered} recovered from -wal)" if self.recovered else "")
+                    + f", {self.copied} read and copied")
         rows.append(f"total: {sum(self.frames.values())} frames labelled in {self.seconds:.1f} s "
                     f"({self.fps:.1f} fps), {self.copied} original messages copied, {len(self.errors)} errors")
         return "\n".join(rows)
@@ -248,18 +270,18 @@ class _Pending:
     timestamp: int
     header: Any
     rgb: np.ndarray
-    overlay_bgr: bool
+    overlay_encoding: str
 
 
 def camera_connections(reader: Reader, topics: Sequence[str] | None) -> list[Connection]:
     """The Image/CompressedImage connections to label: all of them, or exactly ``topics``."""
     chosen = select_connections(reader, topics)
     if topics:
-        wrong = sorted({f"{c.topic} ({c.msgtype})" for c in chosen if c.msgtype not in CAMERA_TYPES})
+        wrong = sorted({f"{c.topic} ({c.msgtype})" for c in chosen if full_type(c.msgtype) not in CAMERA_TYPES})
         if wrong:
             raise BagError(f"topics {wrong} are not sensor_msgs/msg/Image or CompressedImage; label only "
                            "camera topics")
-    cameras = [c for c in chosen if c.msgtype in CAMERA_TYPES]
+    cameras = [c for c in chosen if full_type(c.msgtype) in CAMERA_TYPES]
     if not cameras:
         found = sorted({f"{c.topic} ({c.msgtype})" for c in reader.connections})
         raise BagError(f"the bag {reader.path} has no sensor_msgs/msg/Image or CompressedImage topic; "
@@ -267,80 +289,146 @@ def camera_connections(reader: Reader, topics: Sequence[str] | None) -> list[Con
     return cameras
 
 
+def _output_plan(reader: Reader, cameras: Sequence[Connection], kinds: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Camera topic -> {kind: output topic}, by the node's rule; BagError for cameras sharing outputs."""
+    try:
+        camera_outputs(c.topic for c in cameras)
+    except ValueError as exc:
+        raise BagError(f"{exc}; label them one at a time (--topics TOPIC), or remap them apart first") from exc
+    plan = {c.topic: output_topics(c.topic, kinds) for c in cameras}
+    clash = sorted({t for names in plan.values() for t in names.values()} & {c.topic for c in reader.connections})
+    if clash:
+        raise BagError(f"the bag already has {clash}; label only the raw camera topics (--topics) or start from "
+                       "the unlabelled bag")
+    return plan
+
+
+def _frame_bytes(reader: Reader, conn: Connection, store: Typestore, max_pixels: int) -> int:
+    """Pixels of a camera's first frame (from its header only), 0 when it cannot be read."""
+    from unet_perception.codec import check_compressed, is_compressed
+
+    for _, _, raw in read_messages(reader, [conn]):
+        try:
+            msg: Any = store.deserialize_cdr(raw, full_type(conn.msgtype))
+            if is_compressed(msg):
+                height, width = check_compressed(msg, max_pixels)[2]
+            else:
+                height, width = int(msg.height), int(msg.width)
+            return min(height * width, max_pixels)
+        except Exception:  # noqa: BLE001 - a bad first frame is skipped later; estimate nothing for it
+            return 0
+    return 0
+
+
+def _bag_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]
+    return sum(f.stat().st_size for f in files)
+
+
 def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | None = None,
               storage: str | None = None, batch: int = 4, alpha: float = 0.5, max_pixels: int | None = None,
-              progress: bool = True, log: Callable[[str], None] = tqdm.write) -> LabelSummary:
+              exclude_topics: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = tqdm.write,
+              info: Callable[[str], None] = tqdm.write) -> LabelSummary:
     """Copy every message of ``src`` to ``out`` and add segmentation topics for its camera topics.
 
-    ``segmenter`` is a ``pipeline.Segmenter``. Outputs carry the input's header and bag timestamp. A camera
-    message that cannot be decoded is copied as is, reported through ``log`` and gets no outputs.
-    """
-    from unet_perception.codec import (
-        MAX_PIXELS,
-        decode_compressed,
-        decode_image,
-        overlay_encoding,
-    )
+    ``segmenter`` is a ``pipeline.Segmenter``; decode, render and encode are the node's (``codec.decode``,
+    ``Segmenter.render``). Outputs carry the input's header and bag timestamp; ``confidence`` is written for
+    models that have it. A camera message that cannot be decoded is copied as is, reported through ``log`` (one
+    line each) and gets no outputs. ``exclude_topics`` are neither copied nor labelled. Notices (messages
+    recovered from a -wal file, a stale metadata.yaml) go to ``info``.
 
+    Checked before any work, each a ``BagError``: ``alpha``, ``batch``, ``storage``, ``out`` (new path, writable
+    folder, free space for the estimated output), the topics, output collisions, and the input's message counts
+    (metadata.yaml against the storage); after the work, that every message was read.
+    """
+    from unet_perception.codec import MAX_PIXELS, decode, overlay_encoding, source_encoding
+    from unet_perception.pipeline import check_alpha
+
+    try:
+        check_alpha(alpha)
+    except ValueError as exc:
+        raise BagError(f"--alpha: {exc}") from exc
+    if batch < 1:
+        raise BagError(f"--batch must be >= 1, got {batch}")
+    if storage is not None and storage not in STORAGES:
+        raise BagError(f"storage must be one of {sorted(STORAGES)}, got '{storage}'")
+    check_output(out)
     max_pixels = max_pixels or MAX_PIXELS
     store = typestore()
     summary = LabelSummary()
     started = time.perf_counter()
-    with open_bag(src) as reader:
-        cameras = camera_connections(reader, topics)
-        with staged_writer(out, storage or storage_of(reader)) as writer:
-            copies = {c.id: copy_connection(writer, c, store) for c in reader.connections}
-            taken = {c.topic for c in reader.connections}
-            outputs: dict[int, dict[str, Connection]] = {}
-            per_topic: dict[str, dict[str, Connection]] = {}
-            for cam in cameras:
-                if cam.topic not in per_topic:
-                    names = output_topics(cam.topic)
-                    clash = sorted(set(names.values()) & taken)
-                    if clash:
-                        raise BagError(f"the bag already has {clash}; label only the raw camera topics "
-                                       "(--topics) or start from the unlabelled bag")
-                    per_topic[cam.topic] = {k: writer.add_connection(v, IMAGE, typestore=store)
-                                            for k, v in names.items()}
-                outputs[cam.id] = per_topic[cam.topic]
+    with open_checked(src, out.parent, info) as (reader, readable):
+        metadata: Counter[str] = Counter()
+        for c in reader.connections:
+            metadata[c.topic] += c.msgcount
+        stored = storage_counts(readable.dbs) if readable.dbs else None
+        expected = compare_counts(src, metadata, stored, info)
+        summary.metadata_count, summary.recovered = sum(metadata.values()), readable.recovered
+        summary.storage_count = None if stored is None else sum(stored.values())
+        excluded = set(exclude_topics)
+        if excluded - set(metadata):
+            raise BagError(f"--exclude-topics {sorted(excluded - set(metadata))} are not in the bag; "
+                           f"it has {sorted(metadata)}")
+        kept = [c for c in reader.connections if c.topic not in excluded]
+        if not kept:
+            raise BagError("--exclude-topics leaves no topic to copy")
+        if topics and excluded & set(topics):
+            raise BagError(f"topics {sorted(excluded & set(topics))} are both labelled and excluded")
+        cameras = [c for c in camera_connections(reader, topics) if c.topic not in excluded]
+        has_confidence = bool(getattr(getattr(segmenter.backend, "info", None), "has_confidence", False))
+        kinds = (*OUTPUTS, CONFIDENCE) if has_confidence else OUTPUTS
+        plan = _output_plan(reader, cameras, kinds)
+        per_frame = len(kinds) * 3 + 400  # bytes per pixel of the outputs (upper bound) + message overhead
+        need = _bag_bytes(readable.path) + sum(c.msgcount * (per_frame + 3 * _frame_bytes(reader, c, store,
+                                                                                          max_pixels))
+                                               for c in cameras)
+        with staged_writer(out, storage or storage_of(reader), need) as writer:
+            copies: dict[int, Connection] = {}
+            by_key: dict[tuple[str, str], Connection] = {}
+            for c in kept:  # one output connection per topic and type, however many the bag has
+                key = (c.topic, full_type(c.msgtype))
+                if key not in by_key:
+                    by_key[key] = copy_connection(writer, c, store)
+                copies[c.id] = by_key[key]
+            outputs = {t: {k: writer.add_connection(name, IMAGE, typestore=store) for k, name in names.items()}
+                       for t, names in plan.items()}
+            camera_ids = {c.id for c in cameras}
             pending: list[_Pending] = []
+            read: Counter[str] = Counter()
 
             def flush() -> None:
                 results = segmenter.run([p.rgb for p in pending])
-                for p, lab in zip(pending, [r.labels for r in results], strict=True):
-                    rendered = segmenter.outputs(p.rgb, lab, alpha=alpha, overlay_bgr=p.overlay_bgr)
-                    conns = outputs[p.conn.id]
-                    for kind, array, enc in (("labels", lab, "mono8"), ("color", rendered.color, "rgb8"),
-                                             ("overlay", rendered.overlay, "bgr8" if p.overlay_bgr else "rgb8")):
-                        writer.write(conns[kind], p.timestamp, store.serialize_cdr(
+                for p, seg in zip(pending, results, strict=True):
+                    images = segmenter.render(p.rgb, seg, kinds, alpha=alpha, overlay_encoding=p.overlay_encoding)
+                    for kind, (array, enc) in images.items():
+                        writer.write(outputs[p.conn.topic][kind], p.timestamp, store.serialize_cdr(
                             image_message(store, array, enc, p.header), IMAGE))
                     summary.frames[p.conn.topic] += 1
                 pending.clear()
 
-            bar = tqdm(total=reader.message_count, desc=out.name, unit="msg", disable=not progress)
-            for conn, timestamp, raw in read_messages(reader):
-                writer.write(copies[conn.id], timestamp, raw)
-                summary.copied += 1
-                bar.update()
-                if conn.id not in outputs:
-                    continue
-                try:
-                    msg: Any = store.deserialize_cdr(raw, conn.msgtype)
-                    if conn.msgtype == IMAGE:
-                        rgb, enc = decode_image(msg, max_pixels), msg.encoding
-                    else:
-                        rgb, enc = decode_compressed(msg, max_pixels), msg.format
-                except Exception as exc:  # noqa: BLE001 - CodecError, or anything a corrupt CDR payload raises
-                    line = f"skipped {conn.topic} at {timestamp}: {type(exc).__name__}: {exc}"
-                    summary.errors.append(line)
-                    log(line)
-                    continue
-                pending.append(_Pending(conn, timestamp, msg.header, rgb, overlay_encoding(enc) == "bgr8"))
-                if len(pending) >= batch:
+            with tqdm(total=sum(expected[c.topic] for c in kept), desc=out.name, unit="msg",
+                      disable=not progress) as bar:
+                for conn, timestamp, raw in read_messages(reader, kept):
+                    writer.write(copies[conn.id], timestamp, raw)
+                    summary.copied += 1
+                    read[conn.topic] += 1
+                    bar.update()
+                    if conn.id not in camera_ids:
+                        continue
+                    try:
+                        msg: Any = store.deserialize_cdr(raw, full_type(conn.msgtype))
+                        rgb = decode(msg, max_pixels)
+                    except Exception as exc:  # noqa: BLE001 - CodecError, or anything a corrupt CDR payload raises
+                        line = f"skipped {conn.topic} at {timestamp}: {type(exc).__name__}: {exc}"
+                        summary.errors.append(line)
+                        log(line)
+                        continue
+                    pending.append(_Pending(conn, timestamp, msg.header, rgb, overlay_encoding(source_encoding(msg))))
+                    if len(pending) >= batch:
+                        flush()
+                if pending:
                     flush()
-            if pending:
-                flush()
-            bar.close()
+            check_read(src, Counter({t: n for t, n in expected.items() if t not in excluded}), read)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -366,7 +454,7 @@ class PlayStats:
 
 def message_class(msgtype: str, topic: str) -> type:
     """The rclpy message class of ``pkg/msg/Name``, or a ``BagError`` saying which package is missing."""
-    pkg, _, name = msgtype.rpartition("/")
+    pkg, _, name = full_type(msgtype).rpartition("/")
     try:
         return getattr(importlib.import_module(pkg.replace("/", ".")), name)  # type: ignore[no-any-return]
     except (ImportError, AttributeError) as exc:
@@ -456,13 +544,23 @@ def _label(args: argparse.Namespace) -> int:
     from unet_perception.backends.factory import BackendOptions, create_backend
     from unet_perception.pipeline import Segmenter
 
+    from unet_perception.pipeline import check_alpha
+
+    try:  # before the model loads: a bad option costs nothing
+        check_alpha(args.alpha)
+    except ValueError as exc:
+        raise BagError(f"--alpha: {exc}") from exc
+    if args.batch < 1:
+        raise BagError(f"--batch must be >= 1, got {args.batch}")
+    check_output(args.out)
     model = args.model or _default_model()
     if not Path(model).is_file():
         raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
     backend = create_backend(args.backend, model, BackendOptions(max_batch=args.batch, threads=args.threads))
     with backend:
         summary = label_bag(args.input, args.out, Segmenter(backend, backend.info.classes), topics=args.topics,
-                            storage=args.storage, batch=args.batch, alpha=args.alpha)
+                            storage=args.storage, batch=args.batch, alpha=args.alpha,
+                            max_pixels=args.max_pixels, exclude_topics=args.exclude_topics or ())
     print(summary.table())
     print(f"wrote {args.out} (backend {backend.name}, {backend.device})")
     return 0
@@ -529,7 +627,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", choices=sorted(STORAGES), default=None, help="output storage (default: as IN)")
     p.add_argument("--batch", type=int, default=4, help="frames per inference batch (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads, 0 = library default")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask (default: 0.5)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask, 0..1 "
+                   "(default: 0.5)")
+    p.add_argument("--exclude-topics", nargs="+", metavar="TOPIC",
+                   help="topics to leave out of OUT entirely (neither copied nor labelled)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="frames with more pixels are skipped as bad input, checked before decoding "
+                        "(default: 4096*4096, as the node's max_image_pixels)")
     p.set_defaults(func=_label)
 
     p = sub.add_parser("play", help="publish a bag over rclpy at its recorded timing",
