@@ -73,6 +73,29 @@ def test_inputs_folders_globs_lists_and_name_clashes(tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "nothing*")])
 
 
+def test_count_check_reads_the_labelled_bag(tmp_path: Path, tiny_model: Path) -> None:
+    from collections import Counter
+
+    from unet_perception.backends.factory import BackendOptions, create_backend
+    from unet_perception.pipeline import Segmenter
+    from unet_perception.tools.bag import label_bag
+    from unet_perception.tools.fleet_plan import camera_counts, check_counts
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    bag_from_images(_images(tmp_path / "img", 5, (24, 32)), src, start_ns=START, progress=False)
+    with create_backend("onnxruntime", tiny_model, BackendOptions(max_batch=2)) as backend:
+        label_bag(src, out, Segmenter(backend, backend.info.classes), progress=False)
+    listed = camera_counts(src, None)
+    assert listed == Counter({"/camera/image_raw": 5})
+    assert check_counts(out, listed, labelled=5, refused=0) == 5
+    with pytest.raises(BagError, match="frames lost: the input lists 7 camera messages, 5 were read"):
+        check_counts(out, Counter({"/camera/image_raw": 7}), labelled=5, refused=0)
+    with pytest.raises(BagError, match="do not add up: 5 frames in, 5 label images written, 4 labelled"):
+        check_counts(out, listed, labelled=4, refused=0)
+    with pytest.raises(BagError, match="do not add up: 5 frames in, 5 label images written, 5 labelled \\+ 1"):
+        check_counts(out, listed, labelled=5, refused=1)
+
+
 def test_unet_bag_builds_its_parser_without_importing_ray() -> None:
     code = ("import sys; from unet_perception.tools.bag import build_parser; "
             "build_parser().parse_args(['label-many', 'x', '--out', 'y']); assert 'ray' not in sys.modules")
@@ -222,6 +245,8 @@ def test_corrupt_bag_is_reported_and_the_others_finish(local_ray: None, sources:
     report = json.loads((out / REPORT_NAME).read_text())
     failed = {r["name"]: r["error"] for r in report["results"] if r["status"] == "failed"}
     assert list(failed) == ["bad", "short"] and str(bad) in failed["bad"], failed
+    assert [r["attempts"] for r in report["results"]] == [1, 1, 1, 1]  # a bad bag is not retried
+    assert all("\n" not in error for error in failed.values()), failed  # one line each, no traceback
     assert "8" in failed["short"] and "6" in failed["short"], failed  # the count check names both counts
     for name in ("a", "b"):
         assert _raw(out / name) == _raw(single[name])

@@ -35,8 +35,9 @@ from unet_perception.tools.fleet_plan import (
     BagJob,
     BagResult,
     FleetReport,
+    camera_counts,
+    check_counts,
     expand_inputs,
-    frames_in,
     plan_jobs,
 )
 
@@ -119,16 +120,15 @@ class BagLabeller:
         job.remove_leftovers()  # of an attempt whose worker was killed
         s = self.settings
         try:
-            result.frames_in = frames_in(job.src, s.topics)
+            listed = camera_counts(job.src, s.topics)
+            result.frames_in = sum(listed.values())
             work = Path(tempfile.mkdtemp(prefix=job.work_prefix(), dir=job.out.parent))
             try:
                 summary = label_bag(job.src, work / job.name, _Reporting(self.segmenter, self._reporter(job)),
                                     topics=s.topics, storage=s.storage, batch=s.batch, alpha=s.alpha,
                                     progress=False, log=self._refusal(job, result))
                 result.labelled, result.seconds = sum(summary.frames.values()), summary.seconds
-                if not result.counts_ok:
-                    raise BagError(f"frame counts do not add up: {result.frames_in} camera messages in, "
-                                   f"{result.labelled} labelled + {result.refused} refused")
+                result.frames_in = check_counts(work / job.name, listed, result.labelled, result.refused)
                 os.rename(work / job.name, job.out)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
@@ -237,7 +237,7 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
 
 def _frames_or_zero(job: BagJob, topics: Sequence[str] | None) -> int:
     try:
-        return frames_in(job.src, topics)
+        return sum(camera_counts(job.src, topics).values())
     except BagError:
         return 0  # a bag that cannot be read: its worker reports why
 
@@ -260,10 +260,13 @@ def _run_pool(pool: list[Any], tracker: Any, todo: deque[BagJob], results: dict[
             idle.append(worker)
             try:
                 results[job.name] = ray.get(ref)
-            except ray.exceptions.RayError as exc:  # its worker died on it on every try
+            except ray.exceptions.RayActorError as exc:  # its worker died on it on every try
+                error = f"its worker died on each of {retries + 1} tries: {exc}"
                 results[job.name] = BagResult(job.name, str(job.src), str(job.out), "failed",
-                                              attempts=retries + 1,
-                                              error=f"its worker died on each of {retries + 1} tries: {exc}")
+                                              attempts=retries + 1, error=error)
+            except ray.exceptions.RayError as exc:  # Ray itself failed the call (label() returns bag errors)
+                results[job.name] = BagResult(job.name, str(job.src), str(job.out), "failed", attempts=1,
+                                              error=f"{type(exc).__name__}: {exc}")
         snapshot: dict[str, tuple[int, int, int]] = ray.get(tracker.snapshot.remote())
         bar.n = sum(frames for _, frames, _ in snapshot.values())
         bar.set_description(f"bags {len(results)}/{n_bags}", refresh=False)

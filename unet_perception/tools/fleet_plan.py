@@ -13,11 +13,15 @@ import glob
 import json
 import os
 import shutil
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
+
+from rosbags.rosbag2 import Reader
 
 from unet_perception.tools.bag import BagError, camera_connections, open_bag
+from unet_perception.topics import output_topics
 
 BAG_SUFFIXES = (".db3", ".mcap")
 REPORT_NAME = "label-many.json"
@@ -108,10 +112,35 @@ def plan_jobs(bags: Sequence[Path], out_dir: Path) -> list[BagJob]:
     return jobs
 
 
-def frames_in(src: Path, topics: Sequence[str] | None) -> int:
-    """Camera messages of the bag that ``label`` will label (its metadata's counts)."""
+def camera_counts(src: Path, topics: Sequence[str] | None) -> Counter[str]:
+    """Camera topic -> messages its metadata lists, for the topics ``label`` labels."""
+    counts: Counter[str] = Counter()
     with open_bag(src) as reader:
-        return sum(c.msgcount for c in camera_connections(reader, topics))
+        for c in camera_connections(reader, topics):
+            counts[c.topic] += c.msgcount
+    return counts
+
+
+def check_counts(out: Path, listed: Counter[str], labelled: int, refused: int) -> int:
+    """Frames in, from the labelled bag ``out`` itself; a ``BagError`` unless they add up.
+
+    ``out`` holds every input message as read, so its camera messages are the frames in. They must equal its
+    ``labels`` messages (``labelled``) plus the frames refused as bad input, and no fewer than the input's
+    metadata listed (``listed``).
+    """
+    with Reader(out) as reader:
+        have: Counter[str] = Counter()
+        for c in reader.connections:
+            have[c.topic] += c.msgcount
+    frames = sum(have[t] for t in listed)
+    labels = sum(have[output_topics(t)["labels"]] for t in listed)
+    if frames < sum(listed.values()):
+        raise BagError(f"frames lost: the input lists {sum(listed.values())} camera messages, "
+                       f"{frames} were read")
+    if labels != labelled or frames != labelled + refused:
+        raise BagError(f"frame counts do not add up: {frames} frames in, {labels} label images written, "
+                       f"{labelled} labelled + {refused} refused")
+    return frames
 
 
 @dataclass
