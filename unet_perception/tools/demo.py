@@ -1,6 +1,8 @@
 """unet-demo (``make demo``): road frames -> rosbag2 -> the segmentation node -> recorded bag, PNGs, summary.
 
-1. makes a rosbag2 from an image folder (CamVid val by default) with ``unet-bag from-images``;
+1. makes a rosbag2 from an image folder (CamVid val by default) with ``unet-bag from-images``; on a clone
+   without that folder (no ``../shared`` beside it) it says so and uses synthetic road-like frames
+   (``camera_sim.synthetic_frame``) instead, so the demo always runs; mIoU needs real frames with labels;
 2. starts the node exactly as ``launch/seg.launch.py`` does (``config/seg.yaml``, Fast DDS profile), through
    ``launch_support``;
 3. replays the bag with ``unet-bag play`` and records the node's outputs and ``/diagnostics`` into a bag;
@@ -87,6 +89,18 @@ class Summary:
         width = max(len(k) for k, _ in rows)
         line = "-" * (width + 30)
         return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+
+
+def synthetic_frames(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -> Path:
+    """Write ``count`` synthetic 640x480 road-like PNG frames into ``folder`` (made anew each run)."""
+    from unet_perception.tools.camera_sim import synthetic_frame
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        cv2.imwrite(str(folder / f"frame_{i:04d}.png"), cv2.cvtColor(synthetic_frame(*size, i), cv2.COLOR_RGB2BGR))
+    return folder
 
 
 def ground_truth_dir(images: Path) -> Path | None:
@@ -231,9 +245,13 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
         raise DemoError(f"no model at {model}. The shipped model models/unet_camvid.onnx comes from training "
                         "(make train, then unet-export); or pass --model PATH to any exported .onnx")
     info = read_model_info(model)
+    out.mkdir(parents=True, exist_ok=True)
+    if not images.exists():
+        print(f"[0/4] no image folder at {images} (a clone without ../shared/data): using synthetic frames; "
+              "for real road frames and an mIoU pass IMAGES=<folder of .png/.jpg frames>")
+        images = synthetic_frames(out / "synthetic_frames", frames)
     files = list_images(images, frames)
     truth_dir = ground_truth_dir(images)
-    out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("overlay_*.png"), out / "input_bag", out / "output_bag"]:
         if old.is_dir():
             shutil.rmtree(old)
