@@ -1,137 +1,168 @@
-"""Inference latency and throughput per backend and precision: TensorRT, ONNX Runtime CUDA/TensorRT EP, torch.
+"""Inference latency and throughput per backend, device and precision, on the shipped models.
 
-    python benchmarks/gpu.py [--sizes 240x320 480x640] [--batches 1 4] [--iterations 200]
-                             [--calibration-data ../shared/data/camvid/train] [--cache-dir /tmp/engines]
+    python benchmarks/gpu.py [--models models/unet_camvid.onnx] [--batches 1 4] [--iterations 200]
+                             [--only "tensorrt fp16" ...] [--cache-dir /tmp/engines]
 
-Exports the seed-size U-Net (random weights: speed does not depend on them) at each input size, with a
-training-style checkpoint beside it for the torch backend, then times ``backend.infer`` (host uint8 in,
-host labels out: copies included, pre/post-processing not) after a warm-up. Backends that cannot run here
-are listed with the reason; the CPU rows (ONNX Runtime, torch) always run, so the script is checked on any
-machine. Prints a Markdown table: latency mean and p99 per batch, and frames per second.
+Times ``backend.infer`` at the model's input size (host uint8 in, host labels and confidence out: copies
+included, resize and colouring not) after a warm-up; engine builds and fp16 conversions happen before the timing.
+Rows: TensorRT fp32/fp16/int8 (int8 = the model's ``_int8.onnx`` Q/DQ twin), ONNX Runtime CUDA fp32/fp16, torch
+CUDA fp32/fp16 autocast (the ``.pt`` beside the model), and the CPU rows for reference. Prints a Markdown table.
+
+Rows this machine cannot run for lack of a library, a GPU or a file are listed as not run, with the reason.
+Exit status 1 when a row fails: it raised, or a GPU is visible and the row could not use it (a CUDA error, a
+too-old driver, torch built for CUDA that sees no GPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from unet_perception.backends.factory import MODULES, BackendOptions, create_backend
-from unet_perception.class_table import load_class_table
-from unet_perception.training.export import export_onnx
-from unet_perception.networks.seed_unet import UNet
+from unet_perception.backends.base import Backend, BackendError
+from unet_perception.backends.cuda_memory import gpu_visible
+from unet_perception.backends.factory import BackendOptions, backend_module, create_backend
+from unet_perception.backends.precision_onnx import int8_model_for
+from unet_perception.backends.torch_backend import checkpoint_path
+from unet_perception.model_contract import read_model_info
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CALIBRATION = REPO.parent / "shared" / "data" / "camvid" / "train"
+DEFAULT_MODELS = [REPO / "models" / "unet_camvid.onnx"]
 
-# (row label, backend kind, BackendOptions fields)
-CONFIGS: list[tuple[str, str, dict[str, str]]] = [
-    ("tensorrt fp32", "tensorrt", {"precision": "fp32"}),
-    ("tensorrt fp16", "tensorrt", {"precision": "fp16"}),
-    ("tensorrt int8", "tensorrt", {"precision": "int8"}),
-    ("ort-cuda fp32", "onnxruntime", {"device": "cuda"}),
-    ("ort-trt-ep fp16", "onnxruntime", {"device": "tensorrt", "precision": "fp16"}),
-    ("torch-cuda fp32", "torch", {"device": "cuda", "precision": "fp32"}),
-    ("torch-cuda fp16", "torch", {"device": "cuda", "precision": "fp16"}),
-    ("ort-cpu fp32", "onnxruntime", {"device": "cpu"}),
-    ("torch-cpu fp32", "torch", {"device": "cpu", "precision": "fp32"}),
+# (row label, backend kind, device, precision)
+CONFIGS: list[tuple[str, str, str, str]] = [
+    ("tensorrt fp32", "tensorrt", "cuda", "fp32"),
+    ("tensorrt fp16", "tensorrt", "cuda", "fp16"),
+    ("tensorrt int8", "tensorrt", "cuda", "int8"),
+    ("ort-cuda fp32", "onnxruntime", "cuda", "fp32"),
+    ("ort-cuda fp16", "onnxruntime", "cuda", "fp16"),
+    ("torch-cuda fp32", "torch", "cuda", "fp32"),
+    ("torch-cuda fp16", "torch", "cuda", "fp16"),
+    ("ort-cpu fp32", "onnxruntime", "cpu", "fp32"),
+    ("torch-cpu fp32", "torch", "cpu", "fp32"),
 ]
+# Words in an unavailability reason that mean "not installed or not shipped here" (a skip), not "broken" (a failure).
+LACKING = ("not importable", "missing", "has no CUDAExecutionProvider", "is a CPU build", "Q/DQ model",
+           "checkpoint", "no CUDA GPU")
 
 
-def make_model(folder: Path, input_hw: tuple[int, int], width: int) -> Path:
-    """ONNX model at ``input_hw`` plus the checkpoint beside it (``.pt``) that the torch backend loads."""
-    torch.manual_seed(0)
-    table = load_class_table("camvid")
-    model = UNet(table.num_classes, width=width, norm="batch").eval()
-    path = folder / f"unet_{input_hw[0]}x{input_hw[1]}.onnx"
-    torch.save({"model": model.state_dict(), "model_config": model.config, "epoch": 0,
-                "args": {"dataset": "camvid"}, "dataset": table.name, "class_table": json.loads(table.to_json()),
-                "ignore_index": table.ignore_index, "layout": table.layout, "input_size": list(input_hw),
-                "history": []}, path.with_suffix(".pt"))
-    return export_onnx(model, path, table, input_hw)
+@dataclass
+class Row:
+    label: str
+    model: str
+    device: str = ""
+    batch: int = 0
+    mean_ms: float = 0.0
+    p99_ms: float = 0.0
+
+    @property
+    def fps(self) -> float:
+        return self.batch * 1000.0 / self.mean_ms
 
 
-def time_backend(backend: object, batch: np.ndarray, iterations: int, warmup: int) -> list[float]:
-    infer = backend.infer  # type: ignore[attr-defined]
+def is_failure(reason: str, gpu: bool) -> bool:
+    """A row that cannot run is a failure when a GPU is visible and the reason is not something missing here."""
+    return gpu and not any(word in reason for word in LACKING)
+
+
+def missing_file(kind: str, model: Path, options: BackendOptions) -> str | None:
+    """The file a row needs beside the model and lacks (int8 twin, torch checkpoint), or None."""
+    if options.precision == "int8":
+        try:
+            int8_model_for(model)
+        except BackendError as exc:
+            return str(exc).split(":")[0] + f" ({model.stem}_int8.onnx not found)"
+    if kind == "torch" and not checkpoint_path(read_model_info(model), options).is_file():
+        return f"no training checkpoint {checkpoint_path(read_model_info(model), options).name} beside the model"
+    return None
+
+
+def time_backend(backend: Backend, batch: np.ndarray, iterations: int, warmup: int) -> np.ndarray:
     for _ in range(warmup):
-        infer(batch)
+        backend.infer(batch)
     times = []
     for _ in range(iterations):
         start = time.perf_counter()
-        infer(batch)
+        backend.infer(batch)
         times.append((time.perf_counter() - start) * 1000.0)
-    return times
+    return np.array(times)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    h, w = text.lower().split("x")
-    return int(h), int(w)
+def gpu_name() -> str:
+    try:
+        from unet_perception.backends.cuda_memory import load_cuda
+
+        return load_cuda().device_name(0)
+    except Exception:  # noqa: BLE001 - only for the header line
+        return "no usable CUDA GPU" + (" (one is visible)" if gpu_visible() else "")
+
+
+def run(models: list[Path], configs: list[tuple[str, str, str, str]], batches: list[int], iterations: int,
+        warmup: int, cache_dir: str, gpu_id: int) -> tuple[list[Row], dict[str, str], dict[str, str]]:
+    """Time every (model, config, batch); returns rows, not-run reasons and failures, keyed by row label."""
+    gpu = gpu_visible()
+    rows: list[Row] = []
+    skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for model in models:
+        info = read_model_info(model)
+        for label, kind, device, precision in configs:
+            key = f"{label} ({model.name})"
+            options = BackendOptions(max_batch=max(batches), device=device, precision=precision, gpu_id=gpu_id,
+                                     engine_cache_dir=cache_dir)
+            reason = backend_module(kind).unavailable_reason(options) or missing_file(kind, model, options)
+            if reason is not None:
+                (failed if is_failure(reason, gpu and options.device == "cuda") else skipped)[key] = reason
+                continue
+            try:
+                with create_backend(kind, info, options) as backend:  # engine build / conversion: not timed
+                    for n in batches:
+                        batch = np.random.default_rng(n).integers(0, 256, (n, *info.input_hw, 3), dtype=np.uint8)
+                        ms = time_backend(backend, batch, iterations, warmup)
+                        rows.append(Row(label, model.name, backend.device, n, float(ms.mean()),
+                                        float(np.percentile(ms, 99))))
+            except Exception as exc:  # report and go on: one broken backend must not hide the others
+                failed[key] = f"{type(exc).__name__}: {exc}"
+            print(f"# done: {key}", file=sys.stderr, flush=True)
+    return rows, skipped, failed
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", type=parse_size, default=[(240, 320), (480, 640)], metavar="HxW")
+    p.add_argument("--models", nargs="+", type=Path, default=DEFAULT_MODELS, help="contract ONNX models")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--width", type=int, default=32, help="U-Net base filters (32 = the seed's)")
-    p.add_argument("--only", nargs="*", default=None, help="row labels to run (default: all)")
-    p.add_argument("--calibration-data", default=str(DEFAULT_CALIBRATION), help="frames for the int8 calibrator")
+    p.add_argument("--only", nargs="*", default=None, help="row labels to run (default: all), e.g. 'tensorrt fp16'")
     p.add_argument("--cache-dir", default="", help="engine cache (default: a temporary folder)")
     p.add_argument("--gpu-id", type=int, default=0)
     args = p.parse_args(argv)
-
-    print(f"# machine: {platform.node()}, {platform.processor() or platform.machine()}, torch {torch.__version__}"
-          + (f", GPU {torch.cuda.get_device_name(args.gpu_id)}" if torch.cuda.is_available() else ", no CUDA GPU"))
+    unknown = set(args.only or []) - {c[0] for c in CONFIGS}
+    if unknown:
+        p.error(f"unknown rows {sorted(unknown)}; choose from {[c[0] for c in CONFIGS]}")
     configs = [c for c in CONFIGS if args.only is None or c[0] in args.only]
-    max_batch = max(args.batches)
-    skipped: dict[str, str] = {}
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        cache_dir = args.cache_dir or str(Path(tmp) / "engines")
-        for hw in args.sizes:
-            model = make_model(Path(tmp), hw, args.width)
-            for label, kind, fields in configs:
-                options = BackendOptions(max_batch=max_batch, engine_cache_dir=cache_dir, gpu_id=args.gpu_id,
-                                         calibration_data=args.calibration_data, **fields)  # type: ignore[arg-type]
-                reason = importlib.import_module(MODULES[kind]).unavailable_reason(options)
-                if reason is None and fields.get("precision") == "int8" and not Path(args.calibration_data).is_dir():
-                    reason = f"no calibration frames at {args.calibration_data} (--calibration-data)"
-                if reason is not None:
-                    skipped[label] = reason
-                    continue
-                try:
-                    backend = create_backend(kind, model, options)
-                    backend.activate()  # a TensorRT engine build happens here, outside the timing
-                except Exception as exc:  # report and go on: one broken backend must not hide the others
-                    skipped[label] = f"failed to start: {type(exc).__name__}: {exc}"
-                    continue
-                with backend:
-                    for n in args.batches:
-                        batch = np.random.default_rng(n).integers(0, 256, (n, *hw, 3), dtype=np.uint8)
-                        ms = np.array(time_backend(backend, batch, args.iterations, args.warmup))
-                        rows.append((label, backend.device, f"{hw[0]}x{hw[1]}", n, ms.mean(),
-                                     np.percentile(ms, 99), n * 1000.0 / ms.mean()))
-                print(f"# done: {label} at {hw[0]}x{hw[1]}", file=sys.stderr, flush=True)
 
+    print(f"# machine: {platform.node()}, {platform.processor() or platform.machine()}, GPU: {gpu_name()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, skipped, failed = run(args.models, configs, args.batches, args.iterations, args.warmup,
+                                    args.cache_dir or tmp, args.gpu_id)
     print(f"\n{args.iterations} timed iterations after {args.warmup} warm-up; latency per batch (host in, host out)\n")
-    print("| backend | device | input | batch | mean ms | p99 ms | fps |")
+    print("| backend | model | device | batch | mean ms | p99 ms | fps |")
     print("|---|---|---|---|---|---|---|")
-    for label, device, size, n, mean, p99, fps in rows:
-        print(f"| {label} | {device} | {size} | {n} | {mean:.2f} | {p99:.2f} | {fps:.1f} |")
-    if skipped:
-        print("\nnot run here:")
-        for label, reason in skipped.items():
-            print(f"- {label}: {reason}")
-    return 0
+    for r in rows:
+        print(f"| {r.label} | {r.model} | {r.device} | {r.batch} | {r.mean_ms:.2f} | {r.p99_ms:.2f} | {r.fps:.1f} |")
+    for title, entries in (("not run here", skipped), ("FAILED", failed)):
+        if entries:
+            print(f"\n{title}:")
+            for key, reason in entries.items():
+                print(f"- {key}: {reason}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

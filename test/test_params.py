@@ -39,7 +39,7 @@ CLI_CASES = {
     "max_batch not a number": ({"max_batch": "many"}, ["parameter 'max_batch'", "'many'"]),
     "missing model": ({"model_path": "/nonexistent/model.onnx"}, ["model_path", "'/nonexistent/model.onnx'",
                                                                   "does not exist"]),
-    "build_only without TensorRT": ({"build_only": True}, ["build_only", "TensorRT engine", "tensorrt"]),
+    "tensorrt on the cpu": ({"backend": "tensorrt"}, ["backend 'tensorrt'", "runs on CUDA only", "device"]),
     "corrupt model": (None, ["model_path", "corrupt.onnx", "not a readable ONNX model"]),
 }
 # in-process (faster): the same StartupError that main() turns into that FATAL line

@@ -69,6 +69,9 @@ def test_checkpoint_with_other_classes_is_refused(exported: Path, tmp_path: Path
 def test_device_and_availability(exported: Path) -> None:
     with pytest.raises(BackendError, match="device must be one of \\('cpu', 'cuda'\\)"):
         TorchBackend(read_model_info(exported), BackendOptions(device="tensorrt"))
+    for device, precision in (("cpu", "fp16"), ("cpu", "int8"), ("cuda", "int8")):
+        with pytest.raises(BackendError, match=f"precision '{precision}' on device '{device}' is not one of them"):
+            TorchBackend(read_model_info(exported), BackendOptions(device=device, precision=precision))
     assert unavailable_reason(BackendOptions(device="cpu")) is None
     reason = unavailable_reason(BackendOptions(device="cuda"))
     assert (reason is None) == torch.cuda.is_available()

@@ -1,8 +1,9 @@
 """The one interface every inference backend implements.
 
 A backend takes a batch of RGB frames already resized to the model's input size and returns class
-ids at that size, with the per-pixel confidence when the model has that output. Lifecycle follows Polygraphy's runners: construct (cheap, validates), ``activate()``
-(allocate once), ``infer()`` many times, ``close()`` (free); usable as a context manager.
+ids at that size, with the per-pixel confidence when the model has that output. Lifecycle follows
+Polygraphy's runners: construct (cheap, validates), ``activate()`` (allocate once), ``infer()`` many times,
+``close()`` (free); usable as a context manager.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import ctypes
 import importlib
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,14 +29,27 @@ class CudaError(BackendError):
     """A CUDA call that failed, with the operation and CUDA's error text."""
 
 
+# What to do about the CUDA errors a first run on a new machine meets.
+HINTS = {
+    "cudaErrorInsufficientDriver": "the NVIDIA driver is older than this CUDA build needs: update the driver, "
+                                   "or install the tensorrt/cuda-python pair for an older CUDA major "
+                                   "(requirements/gpu.txt)",
+    "cudaErrorNoDevice": "no CUDA GPU is visible (nvidia-smi; in a container, --gpus all)",
+    "cudaErrorInitializationError": "the CUDA driver failed to initialise (nvidia-smi shows why)",
+    "cudaErrorSystemDriverMismatch": "the NVIDIA kernel module and user-space driver versions differ: reboot or "
+                                     "reinstall the driver",
+    "cudaErrorCompatNotSupportedOnDevice": "CUDA forward compatibility is not supported on this GPU: update the driver",
+}
+
+
 class CudaApi(ABC):
-    """The CUDA operations the TensorRT backend and its INT8 calibrator use; pointers and streams are ints."""
+    """The CUDA operations the TensorRT backend uses; pointers and streams are ints."""
 
     library: str = ""
 
     @abstractmethod
     def device_count(self) -> int:
-        """Number of visible CUDA devices (0 when the driver is missing or no GPU)."""
+        """Number of visible CUDA devices: 0 when there is no GPU; CudaError when the driver fails (too old...)."""
 
     @abstractmethod
     def device_name(self, gpu_id: int) -> str: ...
@@ -92,14 +106,18 @@ class CudaPython(CudaApi):
         if err != self.rt.cudaError_t.cudaSuccess:
             _, text = self.rt.cudaGetErrorString(err)
             name = getattr(err, "name", str(err))
-            raise CudaError(f"CUDA error during {what}: {name} ({text.decode() if isinstance(text, bytes) else text})")
+            hint = HINTS.get(name, "")
+            raise CudaError(f"CUDA error during {what}: {name} ({text.decode() if isinstance(text, bytes) else text})"
+                            + (f"; {hint}" if hint else ""))
         if not values:
             return None
         return values[0] if len(values) == 1 else tuple(values)
 
     def device_count(self) -> int:
-        err, count = self.rt.cudaGetDeviceCount()
-        return int(count) if err == self.rt.cudaError_t.cudaSuccess else 0
+        result = self.rt.cudaGetDeviceCount()
+        if result[0] == self.rt.cudaError_t.cudaErrorNoDevice:
+            return 0
+        return int(self.check(result, "cudaGetDeviceCount"))
 
     def _properties(self, gpu_id: int) -> Any:
         return self.check(self.rt.cudaGetDeviceProperties(gpu_id), f"cudaGetDeviceProperties(gpu {gpu_id})")
@@ -163,7 +181,7 @@ class PyCuda(CudaApi):
 
     def __init__(self, driver: Any) -> None:
         self.drv = driver
-        self.drv.init()
+        self._call("cuInit", self.drv.init)
         self._contexts: dict[int, Any] = {}
         self._streams: dict[int, Any] = {}
         self._device: dict[int, Any] = {}
@@ -264,14 +282,27 @@ def load_cuda() -> CudaApi:
 
 
 def cuda_unavailable_reason(gpu_id: int = 0) -> str | None:
-    """None when a CUDA library imports and sees GPU ``gpu_id``; else the reason in a few words."""
+    """None when a CUDA library imports and sees GPU ``gpu_id``; else the reason, naming any CUDA error."""
     try:
         cuda = load_cuda()
-        count = cuda.device_count()
     except BackendError:
         return "cuda-python/pycuda missing"
-    except Exception as exc:  # a broken driver install raises from inside the bindings
-        return f"no CUDA GPU (CUDA driver error: {exc})"
+    try:
+        count = cuda.device_count()
+    except CudaError as exc:  # the driver is there but fails: say so, never just "no GPU"
+        return str(exc)
+    except Exception as exc:  # a broken install raises from inside the bindings
+        return f"CUDA error from {cuda.library}: {type(exc).__name__}: {exc}"
     if count == 0:
-        return "no CUDA GPU"
+        return "no CUDA GPU" + (" (but the kernel driver lists one: check nvidia-smi)" if gpu_visible() else "")
     return None if gpu_id < count else f"gpu_id {gpu_id} but only {count} CUDA GPU(s) visible"
+
+
+def gpu_visible() -> bool:
+    """Whether the kernel shows an NVIDIA GPU (desktop/server driver or Jetson), whatever CUDA libraries say.
+
+    Tests and the GPU check fail, rather than skip, when a GPU is visible but CUDA cannot use it.
+    """
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists() \
+        or Path("/dev/nvhost-ctrl-gpu").exists()

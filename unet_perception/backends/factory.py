@@ -1,4 +1,8 @@
-"""Pick and create a backend by name; ``auto`` tries TensorRT on a GPU, then ONNX Runtime, and says why.
+"""Pick and create a backend by name; ``auto`` picks by ``device`` and says why.
+
+- ``device: cpu`` (the default): ``auto`` is ONNX Runtime on the CPU. Nothing touches CUDA.
+- ``device: cuda``: ``auto`` tries TensorRT, then ONNX Runtime's CUDA provider, and logs why it skipped any; it
+  never falls back to the CPU unasked (an error lists every reason instead).
 
 Each backend module is imported only when chosen, so the package imports without tensorrt, torch or
 onnxruntime. A backend module exposes ``create(info, options) -> Backend`` and, for ``auto``,
@@ -9,41 +13,41 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass, replace
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 from unet_perception.backends.base import Backend, BackendError
 from unet_perception.model_contract import ModelInfo, read_model_info
 
 KINDS = ("auto", "tensorrt", "onnxruntime", "torch")
+DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "int8")
 MODULES = {"tensorrt": "unet_perception.backends.tensorrt",
            "onnxruntime": "unet_perception.backends.onnxruntime",
            "torch": "unet_perception.backends.torch_backend"}
-AUTO_ORDER = ("tensorrt", "onnxruntime")
-# With device cpu (the default), auto also tries ONNX Runtime's CUDA provider before its CPU one, so GPU
-# machines without the TensorRT Python bindings still get the GPU; set backend: onnxruntime to force the CPU.
-AUTO_GPU_FIRST = {"onnxruntime": "cuda"}
+AUTO_ORDER = {"cpu": ("onnxruntime",), "cuda": ("tensorrt", "onnxruntime")}
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """Every knob a backend may read; each backend ignores what does not apply to it."""
+    """Every knob a backend reads. Common ones first; the backend-specific ones say whose they are."""
 
     max_batch: int = 4
-    threads: int = 0                  # ONNX Runtime / torch CPU threads; 0 = library default
-    device: str = "cpu"               # onnxruntime: cpu | cuda | tensorrt (execution provider); torch: cpu | cuda
-    precision: str = "fp16"           # tensorrt (and the ORT TensorRT provider): fp32 | fp16 | int8
-    engine_cache_dir: str = ""        # tensorrt: where built engines and the timing cache live
+    device: str = "cpu"               # cpu | cuda, for every backend (tensorrt: cuda only)
+    gpu_id: int = 0                   # device cuda: which GPU
+    precision: str = "fp32"           # fp32 | fp16 | int8: which per-precision ONNX file runs (torch: fp16 = autocast)
+    threads: int = 0                  # device cpu: ONNX Runtime / torch threads; 0 = library default
+    engine_cache_dir: str = ""        # tensorrt engines and timing cache, and the fp16 ONNX; "" = ~/.cache/...
     workspace_mb: int = 1024          # tensorrt: builder workspace limit
-    gpu_id: int = 0
     checkpoint: str = ""              # torch: training checkpoint (default: the model's .pt beside the ONNX)
-    calibration_data: str = ""        # tensorrt int8: folder of frames for the entropy calibrator
 
     def validate(self) -> None:
         if self.max_batch < 1:
             raise BackendError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.device not in DEVICES:
+            raise BackendError(f"device must be one of {DEVICES}, got '{self.device}'")
         if self.precision not in PRECISIONS:
             raise BackendError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         if self.threads < 0:
@@ -54,13 +58,14 @@ class BackendOptions:
             raise BackendError(f"gpu_id must be >= 0, got {self.gpu_id}")
 
 
-def _module(kind: str):  # type: ignore[no-untyped-def]
+def backend_module(kind: str) -> ModuleType:
+    """The module of backend ``kind`` (imported on first use)."""
     return importlib.import_module(MODULES[kind])
 
 
 def create_backend(kind: str, model: str | Path | ModelInfo, options: BackendOptions | None = None,
                    log: Callable[[str], None] | None = None) -> Backend:
-    """Create (not yet activate) the backend ``kind`` for ``model``; ``log`` receives the auto choice."""
+    """Create the backend ``kind`` for ``model`` (``auto``: created and activated); ``log`` gets the auto choice."""
     options = options or BackendOptions()
     options.validate()
     log = log or logging.getLogger("unet_perception").info
@@ -68,28 +73,23 @@ def create_backend(kind: str, model: str | Path | ModelInfo, options: BackendOpt
         raise BackendError(f"backend must be one of {KINDS}, got '{kind}'")
     info = model if isinstance(model, ModelInfo) else read_model_info(model)
     if kind != "auto":
-        return _module(kind).create(info, options)
+        return backend_module(kind).create(info, options)
     reasons: list[str] = []
-    chain = []
-    for candidate in AUTO_ORDER:
-        if candidate in AUTO_GPU_FIRST and options.device == "cpu":
-            gpu = AUTO_GPU_FIRST[candidate]
-            chain.append((candidate, f"{candidate} ({gpu})", replace(options, device=gpu)))
-        chain.append((candidate, candidate, options))
-    for candidate, label, opts in chain:
+    for candidate in AUTO_ORDER[options.device]:
         try:
-            reason = _module(candidate).unavailable_reason(opts)
+            reason = backend_module(candidate).unavailable_reason(options)
         except ImportError as exc:
             reason = f"cannot import its module ({exc})"
         if reason is None:
             try:
-                backend = _module(candidate).create(info, opts)
+                backend = backend_module(candidate).create(info, options)
                 backend.activate()
             except Exception as exc:  # a parse/build failure falls through to the next candidate
                 reason = f"failed to start ({type(exc).__name__}: {exc})"
             else:
                 why = "; ".join(reasons)
-                log(f"backend auto: using {label}" + (f" because {why}" if why else ""))
+                log(f"backend auto: using {candidate} on {options.device}" + (f" because {why}" if why else ""))
                 return backend
-        reasons.append(f"{label} is not usable: {reason}")
-    raise BackendError("backend auto: no backend can run here: " + "; ".join(reasons))
+        reasons.append(f"{candidate} is not usable: {reason}")
+    hint = "; set device cpu to run on the CPU" if options.device == "cuda" else ""
+    raise BackendError(f"backend auto: no backend can run on {options.device} here: " + "; ".join(reasons) + hint)

@@ -1,7 +1,9 @@
-"""ONNX Runtime backend: the embedded CPU default, with the CUDA or TensorRT execution provider on a GPU.
+"""ONNX Runtime backend: the embedded CPU default, and the CUDA execution provider on a GPU (onnxruntime-gpu).
 
-``options.device`` picks the provider chain: ``cpu`` -> CPU; ``cuda`` -> CUDA, CPU; ``tensorrt`` ->
-TensorRT, CUDA, CPU. ``onnxruntime`` is imported lazily so the package imports without it.
+``options.device`` picks the provider: ``cpu`` -> CPU; ``cuda`` -> CUDA (the CPU provider stays behind it only
+for the few nodes CUDA lacks; a session that silently lost CUDA is refused). ``options.precision`` picks the
+per-precision ONNX file (``precision_onnx``): the model, its fp16 conversion or its int8 Q/DQ twin. TensorRT
+runs through the tensorrt backend, not ONNX Runtime's TensorRT provider. ``onnxruntime`` is imported lazily.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from unet_perception.backends.base import Backend, BackendError
+from unet_perception.backends.engine_cache import cache_dir_for
 from unet_perception.backends.factory import BackendOptions
+from unet_perception.backends.precision_onnx import onnx_for_precision
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, ModelInfo
 
-DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-           "tensorrt": "TensorrtExecutionProvider"}
+DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _GPU_HINT = ("install the GPU build: `pip uninstall onnxruntime && pip install onnxruntime-gpu` "
              "(with CUDA and cuDNN libraries matching it), or set device to cpu")
 
@@ -34,20 +37,9 @@ def _missing_provider(device: str) -> str | None:
 
 
 def _providers(options: BackendOptions) -> list[Any]:
-    cuda = ("CUDAExecutionProvider", {"device_id": options.gpu_id})
     if options.device == "cpu":
         return ["CPUExecutionProvider"]
-    if options.device == "cuda":
-        return [cuda, "CPUExecutionProvider"]
-    if options.precision == "int8":
-        raise BackendError("precision int8 with the onnxruntime TensorRT provider needs a calibration table; "
-                           "use backend tensorrt (it calibrates from calibration_data) or precision fp16")
-    trt: dict[str, Any] = {"device_id": options.gpu_id, "trt_fp16_enable": options.precision == "fp16",
-                           "trt_max_workspace_size": options.workspace_mb << 20}
-    if options.engine_cache_dir:
-        trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=options.engine_cache_dir,
-                   trt_timing_cache_enable=True, trt_timing_cache_path=options.engine_cache_dir)
-    return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": options.gpu_id}), "CPUExecutionProvider"]
 
 
 class OnnxRuntimeBackend(Backend):
@@ -63,14 +55,12 @@ class OnnxRuntimeBackend(Backend):
         self.options = options
         self._providers = _providers(options)
         self._session: Any = None
+        self._precision = options.precision  # the precision the model file runs at, known once active
 
     @property
     def device(self) -> str:
-        used = self._session.get_providers()[0] if self._session is not None else DEVICES[self.options.device]
-        if used == "CPUExecutionProvider":
-            return "cpu"
-        kind = "TensorRT" if used == "TensorrtExecutionProvider" else "CUDA"
-        return f"cuda:{self.options.gpu_id} (onnxruntime {kind})"
+        where = "cpu" if self.options.device == "cpu" else f"cuda:{self.options.gpu_id}"
+        return where if self._precision == "fp32" else f"{where} ({self._precision})"
 
     def _activate(self) -> None:
         import onnxruntime as ort
@@ -79,16 +69,18 @@ class OnnxRuntimeBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.options.threads > 0:
             so.intra_op_num_threads = self.options.threads
+        path, self._precision = onnx_for_precision(self.info.path, self.options.precision,
+                                                   cache_dir_for(self.options.engine_cache_dir))
         try:
-            session = ort.InferenceSession(str(self.info.path), so, providers=self._providers)
+            session = ort.InferenceSession(str(path), so, providers=self._providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise BackendError(f"onnxruntime cannot load '{self.info.path}': {exc}") from exc
+            raise BackendError(f"onnxruntime cannot load '{path}': {exc}") from exc
         wanted = DEVICES[self.options.device]
         if wanted not in session.get_providers():
             # ORT silently drops a provider whose libraries fail to load; running on CPU unasked would hide it.
             raise BackendError(f"onnxruntime could not start {wanted} (session uses {session.get_providers()}); "
-                               "check that the CUDA/cuDNN (and TensorRT) libraries onnxruntime-gpu needs are "
-                               "installed and on LD_LIBRARY_PATH, or set device to cpu")
+                               "check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed and "
+                               "on LD_LIBRARY_PATH (docs/tensorrt.md), or set device to cpu")
         self._check_io(session)
         self._session = session
 

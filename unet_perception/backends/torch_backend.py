@@ -4,8 +4,8 @@ For parity checks, and for GPU users without TensorRT.
 
 It runs ``torch_contract.ContractWrapper`` (the very module the ONNX file is exported from), so its labels
 are the reference the exported model is checked against. The checkpoint is ``options.checkpoint``, or the
-``.pt`` beside the ONNX model (``models/unet_camvid.onnx`` -> ``models/unet_camvid.pt``). On CUDA,
-``precision: fp16`` runs under ``torch.autocast``; everything else runs in fp32.
+``.pt`` beside the ONNX model (``models/unet_camvid.onnx`` -> ``models/unet_camvid.pt``). ``precision: fp16``
+runs under ``torch.autocast`` on CUDA; fp32 everywhere; anything else is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class TorchBackend(Backend):
         super().__init__(info, options.max_batch)
         if options.device not in DEVICES:
             raise BackendError(f"device must be one of {DEVICES} for the torch backend, got '{options.device}'")
+        if options.precision == "int8" or (options.precision == "fp16" and options.device != "cuda"):
+            raise BackendError(f"the torch backend runs fp32, or fp16 autocast on cuda; precision "
+                               f"'{options.precision}' on device '{options.device}' is not one of them")
         self.options = options
         self.checkpoint = checkpoint_path(info, options)
         if not self.checkpoint.is_file():
@@ -86,8 +89,10 @@ def unavailable_reason(options: BackendOptions) -> str | None:
     if options.device == "cuda":
         import torch
 
+        if torch.version.cuda is None:
+            return f"CUDA asked but torch {torch.__version__} is a CPU build (install torch's CUDA build)"
         if not torch.cuda.is_available():
-            return f"CUDA asked but torch {torch.__version__} sees no CUDA GPU"
+            return f"CUDA asked but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA GPU"
     return None
 
 
