@@ -1,0 +1,119 @@
+"""/diagnostics on a real graph: a failing model is an ERROR, frames lost before the node and a slow node are WARNs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from sensor_msgs.msg import Image
+
+from ros_graph import TIMEOUT_S, RosGraph, wait_matched, wait_until
+from unet_perception.tools.camera_sim import image_message, synthetic_frame
+
+TOPIC = "/diag/image_raw"
+
+
+class Rig:
+    """A node with one camera, its publisher, a labels collector and a /diagnostics collector."""
+
+    def __init__(self, graph: RosGraph, model: str) -> None:
+        self.node = graph.segmentation_node(model_path=model, image_topics=[TOPIC], diagnostics_period=0.2)
+        self.pub = graph.publisher(Image, TOPIC)
+        self.labels = graph.collect(Image, "/diag/segmentation/labels")
+        self.diagnostics = graph.collect(DiagnosticArray, "/diagnostics", 10)
+        wait_matched(self.pub, [self.labels])
+        self.backend = self.node._segmenter.backend
+
+    def send(self, i: int, stamp_ns: int) -> None:
+        """Publish frame ``i`` stamped ``stamp_ns`` and wait until the node has it (no queue overflow here)."""
+        before = self.node._cameras[0].stats.frames_in
+        stamp = Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
+        self.pub.publish(image_message(synthetic_frame(64, 48, i), "rgb8", stamp=stamp))
+        wait_until(lambda: self.node._cameras[0].stats.frames_in > before, what=f"frame {i} at the node")
+
+    def statuses(self, match: Callable[[DiagnosticStatus], bool]) -> list[DiagnosticStatus]:
+        """Every /diagnostics status of the camera so far that ``match`` accepts."""
+        return [s for msg in self.diagnostics.wait_for(0) for s in msg.status if s.hardware_id == TOPIC and match(s)]
+
+    def wait_status(self, match: Callable[[DiagnosticStatus], bool], what: str) -> DiagnosticStatus:
+        """The first /diagnostics status of the camera that ``match`` accepts, waiting for it if need be."""
+        wait_until(lambda: bool(self.statuses(match)), what=what)
+        return self.statuses(match)[0]
+
+
+def values(status: DiagnosticStatus) -> dict[str, str]:
+    return {kv.key: kv.value for kv in status.values}
+
+
+@pytest.fixture
+def rig(tiny_model) -> Iterator[Rig]:  # type: ignore[no-untyped-def]
+    with RosGraph() as graph:
+        yield Rig(graph, str(tiny_model))
+
+
+def test_a_backend_failing_every_batch_is_an_error(rig: Rig) -> None:
+    def fail(batch: np.ndarray) -> None:
+        raise RuntimeError("simulated dead GPU")
+
+    rig.backend._infer = fail
+    deadline = time.monotonic() + TIMEOUT_S
+    status = None
+    while status is None and time.monotonic() < deadline:  # keep frames coming until a period reports them
+        rig.send(0, 0)
+        found = rig.statuses(lambda s: s.level == DiagnosticStatus.ERROR)
+        status = found[-1] if found else None
+        time.sleep(0.05)
+    assert status is not None, "no ERROR status while every batch failed"
+    assert "no output for" in status.message and "good frames" in status.message
+    assert int(status.message.split("no output for ")[1].split()[0]) >= 1
+    v = values(status)
+    assert "simulated dead GPU" in v["last_error"] and int(v["errors"]) >= 1 and v["frames_out"] == "0"
+
+
+def test_class_ids_outside_the_table_are_an_error_not_output(rig: Rig) -> None:
+    def bad_ids(batch: np.ndarray) -> tuple[np.ndarray, None]:
+        return np.full((batch.shape[0], *rig.backend.input_hw), 200, np.uint8), None
+
+    rig.backend._infer = bad_ids
+    rig.send(0, 0)
+    status = rig.wait_status(lambda s: "emitted class id 200" in values(s)["last_error"], "the bad ids reported")
+    assert status.level in (DiagnosticStatus.ERROR, DiagnosticStatus.WARN)
+    assert len(rig.labels) == 0
+
+
+def test_frames_lost_before_the_node_are_counted_from_stamps(rig: Rig) -> None:
+    """A 10 Hz camera (by its stamps) whose frames 10, 11 and 12 never arrive: 3 missing, camera rate 10 Hz."""
+    period = 100_000_000
+    for i in [*range(10), *range(13, 16)]:
+        rig.send(i, 5_000_000_000 + i * period)
+    status = rig.wait_status(lambda s: values(s)["frames_missing"] == "3", "3 frames missing")
+    assert 9.5 < float(values(status)["camera_rate_hz"]) < 10.5
+    missing = rig.wait_status(lambda s: "frames missing before the node" in s.message, "the WARN naming them")
+    assert missing.level == DiagnosticStatus.WARN and "3 frames missing" in missing.message
+
+
+def test_output_far_below_the_camera_rate_is_a_warning(rig: Rig) -> None:
+    """Stamps say 20 Hz; inference takes 0.4 s a frame: the status says so (not only 'drops')."""
+    real_infer = rig.backend._infer
+
+    def slow(batch: np.ndarray):  # type: ignore[no-untyped-def]
+        time.sleep(0.4)
+        return real_infer(batch)
+
+    rig.backend._infer = slow
+    start = time.monotonic()
+    i = 0
+    status = None
+    while status is None and time.monotonic() - start < TIMEOUT_S:
+        rig.send(i, 1_000_000_000 + i * 50_000_000)
+        i += 1
+        time.sleep(0.05)
+        found = rig.statuses(lambda s: "Hz camera" in s.message)
+        status = found[-1] if found else None
+    assert status is not None, "no status named the slow processing"
+    assert status.level == DiagnosticStatus.WARN and "processing" in status.message
+    assert 15.0 < float(values(status)["camera_rate_hz"]) < 25.0
