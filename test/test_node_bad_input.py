@@ -16,7 +16,8 @@ from unet_perception.tools.camera_sim import compressed_message, image_message, 
 RAW, COMPRESSED = "/bad/image_raw", "/bad_c/image_raw/compressed"
 MAX_PIXELS = 100 * 100
 DIAG_KEYS = {"rate_in_hz", "rate_out_hz", "frames_in", "frames_out", "drops", "latency_mean_ms",
-             "latency_p99_ms", "backend", "device", "model", "errors", "last_error"}
+             "latency_p99_ms", "backend", "device", "model", "errors", "last_error", "camera_rate_hz",
+             "frames_missing"}
 
 
 class Rig:
