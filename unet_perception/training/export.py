@@ -12,15 +12,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from unet_perception import __version__
-from unet_perception.class_table import ClassTable, load_class_table
+from unet_perception.class_table import ClassTable
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, make_metadata
+from unet_perception.onnx_rules import check_tensorrt_rules
 from unet_perception.torch_contract import ContractWrapper, checkpoint_table, load_checkpoint
 
 MIN_AGREEMENT = 0.999
@@ -51,6 +51,10 @@ def export_onnx(model: nn.Module, path: str | Path, table: ClassTable, input_hw:
         entry.key, entry.value = key, value
     proto.producer_name = "unet_perception"
     onnx.checker.check_model(proto)
+    problems = check_tensorrt_rules(proto)
+    if problems:  # every model we write must build in TensorRT; a graph it refuses is an export bug
+        tmp.unlink()
+        raise RuntimeError("the exported graph breaks TensorRT's ONNX rules: " + "; ".join(problems))
     onnx.save(proto, str(tmp))
     tmp.replace(path)
     return path

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, read_model_info
+from unet_perception.onnx_rules import check_tensorrt_rules
 
 MIN_AGREEMENT = 0.97  # of val label pixels, int8 against fp32
 
@@ -92,6 +93,9 @@ def quantize(fp32: str | Path, out: str | Path, calibration: list[np.ndarray]) -
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+    problems = check_tensorrt_rules(model)
+    if problems:
+        raise RuntimeError("the quantized graph breaks TensorRT's ONNX rules: " + "; ".join(problems))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(out.name + ".tmp")
     onnx.save(model, str(tmp_out))

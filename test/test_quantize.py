@@ -1,0 +1,82 @@
+"""unet-quantize: the int8 Q/DQ file TensorRT builds and ONNX Runtime runs, and its agreement with fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import DATA, REPO
+
+from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, read_model_info
+from unet_perception.onnx_rules import check_tensorrt_rules
+from unet_perception.training.quantize import MIN_AGREEMENT, agreement, float_convs, frames_of, quantize
+
+CAMVID = DATA / "camvid"
+FP32, INT8 = REPO / "models" / "unet_camvid.onnx", REPO / "models" / "unet_camvid_int8.onnx"
+
+
+def _tiny_lite(path: Path) -> Path:
+    import torch
+
+    from unet_perception.class_table import load_class_table
+    from unet_perception.networks.lite_unet import LiteUNet
+    from unet_perception.training.export import export_onnx
+
+    torch.manual_seed(0)
+    table = load_class_table("camvid")
+    model = LiteUNet(table.num_classes, decoder=(16, 16, 8, 8)).eval()
+    return export_onnx(model, path, table, (64, 96))
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[np.ndarray]]:
+    folder = tmp_path_factory.mktemp("quantize")
+    fp32 = _tiny_lite(folder / "lite.onnx")
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(6)]
+    return fp32, quantize(fp32, folder / "lite_int8.onnx", frames), frames
+
+
+def test_int8_file_is_symmetric_qdq_with_float_biases_and_the_same_contract(
+        quantized: tuple[Path, Path, list[np.ndarray]]) -> None:
+    fp32, int8, frames = quantized
+    model = onnx.load(str(int8))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    quants = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quants, "no Q/DQ nodes: nothing was quantized"
+    for node in quants:
+        zero = inits[node.input[2]]
+        assert zero.dtype == np.int8 and not zero.any(), f"{node.name}: zero point {zero} is not int8 0"
+    producer = {out: n for n in model.graph.node for out in n.output}
+    for conv in (n for n in model.graph.node if n.op_type == "Conv"):
+        if len(conv.input) > 2:  # the bias is a float constant, never a DequantizeLinear of int32
+            bias = conv.input[2]
+            while bias in producer and producer[bias].op_type == "Identity":
+                bias = producer[bias].input[0]
+            if bias in inits:
+                assert inits[bias].dtype == np.float32
+            else:
+                assert producer[bias].op_type == "Constant", f"{conv.name}: bias from {producer[bias].op_type}"
+                assert producer[bias].attribute[0].t.data_type == onnx.TensorProto.FLOAT
+    assert check_tensorrt_rules(model) == []
+    kept = float_convs(onnx.load(str(fp32)))
+    assert len(kept) == 1 + 16  # the stem and EfficientNet-Lite0's 16 depthwise convs stay float
+    info, ref = read_model_info(int8), read_model_info(fp32)
+    assert info.classes == ref.classes and info.input_hw == ref.input_hw and info.has_confidence
+    assert info.metadata["precision"] == "int8"
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    labels, confidence = session.run([OUTPUT_NAME, CONFIDENCE_NAME], {INPUT_NAME: np.stack(frames[:2])})
+    assert labels.shape == confidence.shape == (2, 64, 96) and labels.dtype == confidence.dtype == np.uint8
+    assert 0.0 < agreement(fp32, int8, frames) <= 1.0
+
+
+@pytest.mark.skipif(not (INT8.is_file() and (CAMVID / "val.txt").is_file()),
+                    reason="needs models/unet_camvid_int8.onnx and CamVid val (../shared/data/camvid)")
+def test_shipped_int8_agrees_with_fp32_on_val() -> None:
+    hw = read_model_info(FP32).input_hw
+    frames = frames_of(CAMVID, "val", hw, count=None)
+    assert len(frames) == 101
+    assert agreement(FP32, INT8, frames) >= MIN_AGREEMENT
