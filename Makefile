@@ -62,3 +62,12 @@ model: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build install log
+
+# Everything GPU-related this machine can run, under 6 minutes: torch CUDA parity with ONNX Runtime and 640x480
+# speed, the CUDA memory helper, AMP training steps, and where TensorRT imports its tests and benchmark rows.
+# A table at the end; exit 1 on any failure; SKIP names what the machine lacks. Uses the venv when there is one,
+# else $(PYTHON) with the repository on PYTHONPATH (GPU machines with torch, cuda-python and onnxruntime installed).
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH="$(CURDIR):$$PYTHONPATH" $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

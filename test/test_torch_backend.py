@@ -77,3 +77,14 @@ def test_device_and_availability(exported: Path) -> None:
     assert (reason is None) == torch.cuda.is_available()
     if reason is not None:
         assert reason.startswith("CUDA asked but torch")
+
+
+def test_fp32_on_cuda_turns_tf32_convolutions_off_inside_the_block() -> None:
+    """torch's cuDNN convs default to TF32; the parity backend runs them in IEEE fp32 and restores the setting."""
+    from unet_perception.backends.torch_backend import ieee_fp32_convs
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with ieee_fp32_convs():
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == before

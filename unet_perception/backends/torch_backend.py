@@ -5,12 +5,14 @@ For parity checks, and for GPU users without TensorRT.
 It runs ``torch_contract.ContractWrapper`` (the very module the ONNX file is exported from), so its labels
 are the reference the exported model is checked against. The checkpoint is ``options.checkpoint``, or the
 ``.pt`` beside the ONNX model (``models/unet_camvid.onnx`` -> ``models/unet_camvid.pt``). ``precision: fp16``
-runs under ``torch.autocast`` on CUDA; fp32 everywhere; anything else is refused.
+runs under ``torch.autocast`` on CUDA; fp32 everywhere, with cuDNN's TF32 off on CUDA; anything else is refused.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +76,36 @@ class TorchBackend(Backend):
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._half):
+        exact = ieee_fp32_convs() if self.options.device == "cuda" and not self._half else nullcontext()
+        with torch.inference_mode(), exact, torch.autocast("cuda", dtype=torch.float16, enabled=self._half):
             labels, confidence = self._wrapper(torch.from_numpy(batch).to(self._torch_device))
         return labels.cpu().numpy(), confidence.cpu().numpy()
 
     def _deactivate(self) -> None:
         self._wrapper = None
+
+
+@contextmanager
+def ieee_fp32_convs() -> Iterator[None]:
+    """cuDNN convolutions in full fp32 inside the block: torch runs them in TF32 by default on Ampere and newer,
+    which moves labels away from ONNX Runtime's fp32 ones (the parity this backend is for)."""
+    import torch
+
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        old = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
+    else:
+        old_allow = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = old_allow
 
 
 def unavailable_reason(options: BackendOptions) -> str | None:
