@@ -41,18 +41,23 @@ CLI_CASES = {
                                                                   "does not exist"]),
     "tensorrt on the cpu": ({"backend": "tensorrt"}, ["backend 'tensorrt'", "runs on CUDA only", "device"]),
     "corrupt model": (None, ["model_path", "corrupt.onnx", "not a readable ONNX model"]),
+    "two cameras on one output": ({"image_topics": ["/cam/left", "/cam/right"]},
+                                  ["image_topics", "'/cam/left' and '/cam/right'", "/cam/segmentation/*"]),
 }
 # in-process (faster): the same StartupError that main() turns into that FATAL line
 IN_PROCESS_CASES = {
     "max_batch 0": ({"max_batch": 0}, "parameter 'max_batch' rejected: .*out of range"),
-    "bad qos": ({"qos_reliability": "sometimes"}, "parameter 'qos_reliability' is 'sometimes'.*best_effort"),
+    "bad input qos": ({"input_qos": "sometimes"}, "parameter 'input_qos' is 'sometimes'.*best_effort"),
+    "bad output qos": ({"output_qos": "latched"}, "parameter 'output_qos' is 'latched'.*reliable"),
+    "unknown_threshold out of range": ({"unknown_threshold": 256}, "parameter 'unknown_threshold' rejected: "
+                                       ".*out of range"),
     "alpha out of range": ({"overlay_alpha": 1.5}, "parameter 'overlay_alpha' rejected: .*out of range"),
     "bad class colour": ({"class_colors": ["Road=300,0,0"]}, "class_colors entry 'Road=300,0,0'"),
     "unknown class colour": ({"class_colors": ["Lava=1,2,3"]}, "class_colors: .*Lava"),
     "empty topic list": ({"image_topics": ["/"]}, "parameter 'image_topics'"),
     "invalid topic name": ({"image_topics": ["cam 1/image_raw"]}, "parameter 'image_topics'.*cam 1"),
-    "no outputs": ({"publish_labels": False, "publish_color": False, "publish_overlay": False},
-                   "switch at least one output on"),
+    "no outputs": ({"publish_labels": False, "publish_confidence": False, "publish_color": False,
+                    "publish_overlay": False}, "switch at least one output on"),
 }
 
 
@@ -87,10 +92,39 @@ def test_descriptors_ranges_and_read_only(tiny_model: Path) -> None:
             assert d.read_only == (spec.name != "overlay_alpha"), spec.name
         assert node.describe_parameter("max_batch").integer_range[0].from_value == 1
         assert node.describe_parameter("class_colors").type == ParameterType.PARAMETER_STRING_ARRAY
-        assert "best_effort" in node.describe_parameter("qos_reliability").additional_constraints
+        assert "best_effort" in node.describe_parameter("input_qos").additional_constraints
+        assert node.get_parameter("output_qos").value == "reliable"  # rviz2 and best-effort tools both hear it
+        assert node.describe_parameter("unknown_threshold").integer_range[0].to_value == 255
         # overlay_alpha changes at run time within its range; read-only ones and bad values are refused
         assert node.set_parameters([Parameter("overlay_alpha", value=0.8)])[0].successful
         assert node._alpha == 0.8
         assert not node.set_parameters([Parameter("overlay_alpha", value=2.0)])[0].successful
         assert not node.set_parameters([Parameter("max_batch", value=2)])[0].successful
         assert node._alpha == 0.8
+
+
+@pytest.fixture(scope="module")
+def model_without_confidence(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its confidence output removed: what models exported before it existed look like."""
+    import onnx
+
+    model = onnx.load(str(tiny_model))
+    kept = [o for o in model.graph.output if o.name != "confidence"]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    path = tmp_path_factory.mktemp("old") / "no_confidence.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_unknown_threshold_needs_a_confidence_output(model_without_confidence: Path) -> None:
+    with RosGraph() as graph, pytest.raises(StartupError, match="unknown_threshold is 100 but model .* has no "
+                                                                "confidence output"):
+        graph.segmentation_node(model_path=str(model_without_confidence), unknown_threshold=100)
+
+
+def test_a_model_without_confidence_still_runs_without_that_topic(model_without_confidence: Path) -> None:
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(model_without_confidence), image_topics=["/old/image_raw"])
+        assert set(node._cameras[0].publishers) == {"labels", "color", "overlay"}
+        assert graph.node.count_publishers("/old/segmentation/confidence") == 0

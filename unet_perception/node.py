@@ -19,7 +19,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,10 +34,10 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from unet_perception.backends.base import BackendError
-from unet_perception.backends.factory import KINDS, PRECISIONS, BackendOptions, create_backend
+from unet_perception.backends.factory import DEVICES, KINDS, PRECISIONS, BackendOptions, create_backend
 from unet_perception.class_table import ClassTable
 from unet_perception.codec import check, decode, encode_image, overlay_encoding, source_encoding
-from unet_perception.launch_support import NODE_NAME, apply_node_env, default_model_path
+from unet_perception.launch_support import NODE_NAME, apply_node_env, default_model_path, missing_profile_note
 from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo, read_model_info
 from unet_perception.pipeline import Segmentation, Segmenter
 from unet_perception.topics import CONFIDENCE, LABEL_INFO, OUTPUTS, camera_outputs, is_compressed_topic
@@ -59,10 +58,6 @@ SLOW_RATIO = 0.5              # WARN when the output rate is below this share of
 
 class StartupError(RuntimeError):
     """A parameter, model or backend problem that stops start-up; the message names what to fix."""
-
-
-class BuildOnlyDone(Exception):  # noqa: N818 (not an error: the build_only run finished)
-    """Raised by the node when ``build_only`` has built the engine; ``main()`` exits 0."""
 
 
 @dataclass(frozen=True)
@@ -91,20 +86,25 @@ class ParamSpec:
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("image_topics", ["image_raw"], "Camera topics; one ending in /compressed is a "
-              "sensor_msgs/CompressedImage. Outputs go to <ns>/segmentation/{labels,color,overlay}."),
+              "sensor_msgs/CompressedImage. Resolved (namespace, remapping) first; the outputs of <ns>/<image> go to "
+              "<ns>/segmentation/{labels,confidence,color,overlay,label_info}."),
     ParamSpec("model_path", "", "ONNX model following the unet_perception contract; empty = the package's "
               "models/unet_camvid.onnx."),
-    ParamSpec("backend", "auto", "Inference backend; auto = TensorRT on a GPU with TensorRT, else ONNX Runtime.",
-              choices=KINDS),
-    ParamSpec("device", "cpu", "onnxruntime: cpu | cuda | tensorrt (execution provider); torch: cpu | cuda."),
+    ParamSpec("backend", "auto", "Inference backend; auto = ONNX Runtime on device cpu; on device cuda TensorRT, "
+              "else ONNX Runtime's CUDA provider.", choices=KINDS),
+    ParamSpec("device", "cpu", "Where inference runs, for every backend: cpu or cuda (tensorrt: cuda only).",
+              choices=DEVICES),
     ParamSpec("max_batch", 4, "At most this many camera frames run as one batch.", int_range=(1, 64)),
-    ParamSpec("threads", 0, "CPU threads of ONNX Runtime / torch; 0 = the library's default.",
+    ParamSpec("precision", "fp32", "fp32 = the model file as it is; fp16 = its float16 conversion; int8 = its "
+              "Q/DQ twin (<model>_int8.onnx). torch: fp16 = autocast on cuda.", choices=PRECISIONS),
+    ParamSpec("gpu_id", 0, "device cuda: CUDA device index.", int_range=(0, 63)),
+    ParamSpec("threads", 0, "device cpu: ONNX Runtime / torch threads; 0 = the library's default.",
               int_range=(0, 256)),
-    ParamSpec("precision", "fp16", "TensorRT precision.", choices=PRECISIONS),
-    ParamSpec("engine_cache_dir", "", "TensorRT engine and timing cache folder; empty = the backend's default."),
-    ParamSpec("workspace_mb", 1024, "TensorRT builder workspace in MiB.", int_range=(16, 1 << 20)),
-    ParamSpec("gpu_id", 0, "CUDA device index.", int_range=(0, 63)),
-    ParamSpec("calibration_data", "", "TensorRT int8: folder of camera frames for the entropy calibrator."),
+    ParamSpec("engine_cache_dir", "", "tensorrt: engine and timing cache folder (also the fp16 model); empty = "
+              "~/.cache/unet_perception/engines."),
+    ParamSpec("workspace_mb", 1024, "tensorrt: builder workspace in MiB.", int_range=(16, 1 << 20)),
+    ParamSpec("checkpoint", "", "torch: training checkpoint (.pt) the model was exported from; empty = the .pt "
+              "beside the model."),
     ParamSpec("input_qos", "best_effort", "Reliability of the image subscriptions; best_effort is the "
               "sensor-data QoS camera drivers publish with and also hears reliable publishers.",
               choices=tuple(RELIABILITY)),
@@ -123,8 +123,6 @@ PARAMS: tuple[ParamSpec, ...] = (
               float_range=(0.0, 1.0), read_only=False),
     ParamSpec("max_image_pixels", 4096 * 4096, "Frames with more pixels are refused as bad input.",
               int_range=(1, 1 << 30)),
-    ParamSpec("build_only", False, "Build (or find in engine_cache_dir) the TensorRT engine for the model and "
-              "exit, without subscribing: for container image builds and CI on a GPU machine."),
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.05, 60.0)),
     ParamSpec("class_colors", Parameter.Type.STRING_ARRAY, "Colour overrides, 'Class=R,G,B' with a class "
               "name of the model (class names and ids always come from the model)."),
@@ -258,7 +256,7 @@ class SegmentationNode(LifecycleNode):
         self._label_info_pubs: list[Any] = []
         self._diag_pub: Any = None
         self._diag_timer: Any = None
-        self._failure: StartupError | BuildOnlyDone | None = None  # why the last configure failed
+        self._failure: StartupError | None = None  # why the last configure failed
         self._autostarting = False
         p = self._declare_parameters()
         self._alpha = p["overlay_alpha"]
@@ -283,25 +281,27 @@ class SegmentationNode(LifecycleNode):
         self._failure = None
         try:
             self._configure()
-        except (StartupError, BuildOnlyDone) as exc:
-            self._failure = exc
+        except Exception as exc:  # noqa: BLE001 - rclpy would swallow it; say why instead
             self._release()
-            if not self._autostarting:  # under a lifecycle manager nobody else reports it
-                self.get_logger().fatal(str(exc))
-            return TransitionCallbackReturn.FAILURE
+            return self._fail(exc)
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Publishers, subscriptions, the class map, diagnostics and the worker go live."""
         try:
             self._activate()
-        except StartupError as exc:
-            self._failure = exc
+        except Exception as exc:  # noqa: BLE001 - as in on_configure
             self._deactivate()
-            if not self._autostarting:
-                self.get_logger().fatal(str(exc))
-            return TransitionCallbackReturn.FAILURE
+            return self._fail(exc)
         return TransitionCallbackReturn.SUCCESS
+
+    def _fail(self, exc: Exception) -> TransitionCallbackReturn:
+        """Keep why a transition failed (autostart raises it); under a lifecycle manager log it as FATAL."""
+        self._failure = exc if isinstance(exc, StartupError) else \
+            StartupError(f"{type(exc).__name__}: {exc}")
+        if not self._autostarting:  # nobody else reports it
+            self.get_logger().fatal(str(self._failure))
+        return TransitionCallbackReturn.FAILURE
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Stop the worker and all I/O; the backend (and its engine) stays loaded."""
@@ -340,10 +340,7 @@ class SegmentationNode(LifecycleNode):
         classes = parse_class_colors(p["class_colors"], info.classes)
         options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
-                                 workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"],
-                                 calibration_data=p["calibration_data"])
-        if p["build_only"]:
-            self._build_engine_and_stop(info.path, options)
+                                 workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"])
         try:
             backend = create_backend(p["backend"], info, options, log=self.get_logger().info)
             backend.activate()
@@ -361,7 +358,7 @@ class SegmentationNode(LifecycleNode):
                                       "topic; install ros-jazzy-vision-msgs (or run make venv)")
 
     def _param_value(self, name: str) -> Any:
-        param = self.get_parameter(name)
+        param = self.get_parameter_or(name)  # get_parameter refuses a declared but unset (STRING_ARRAY) one
         return [] if param.type_ == Parameter.Type.NOT_SET else param.value
 
     def _resolve_inputs(self, topics: list[str]) -> dict[str, str]:
@@ -460,14 +457,6 @@ class SegmentationNode(LifecycleNode):
             self._label_info_pubs.append(pub)
 
     # -- start-up -----------------------------------------------------------------------------
-    def _build_engine_and_stop(self, model: Path, options: BackendOptions) -> None:
-        try:
-            from unet_perception.backends.tensorrt_build import build_only
-            engine = build_only(model, options, log=self.get_logger().info)
-        except Exception as exc:  # no TensorRT, no GPU, parse or build failure: all stop start-up
-            raise StartupError(f"build_only: cannot build a TensorRT engine for '{model}': {exc}") from exc
-        raise BuildOnlyDone(str(engine))
-
     def _declare_parameters(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for spec in PARAMS:
@@ -648,16 +637,16 @@ def main(args: list[str] | None = None) -> int:
     """``ros2 run unet_perception segmentation_node`` / ``python -m unet_perception.node``."""
     profile = apply_node_env()  # before rclpy.init: Fast DDS reads it when the participant is created
     rclpy.init(args=args)
+    if not profile:
+        rclpy.logging.get_logger(NODE_NAME).warning(missing_profile_note())
     node: SegmentationNode | None = None
     try:
         node = SegmentationNode()
-        node.get_logger().debug(f"Fast DDS profile: {profile}")
+        node.get_logger().debug(f"Fast DDS profile: {profile or 'none'}")
         rclpy.spin(node)
     except StartupError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
         return 1
-    except BuildOnlyDone as done:
-        rclpy.logging.get_logger(NODE_NAME).info(f"build_only: engine ready at {done}")
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
