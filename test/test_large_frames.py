@@ -13,10 +13,12 @@ import sys
 
 from sensor_msgs.msg import Image
 
-from ros_graph import RosGraph, start_node_process, stop_process, wait_until
+from ros_graph import TIMEOUT_S, RosGraph, start_node_process, stop_process, wait_until
 from unet_perception.launch_support import PROFILE_ENV, node_env
 
-FRAMES, RATE_HZ, MIN_SHARE = 30, 10.0, 0.8
+# Without the profile almost none of these frames leave the camera's process; with it, a loaded 2-core machine
+# still drops some (best effort, and the node keeps only the latest frame), so the bar is a generous count.
+FRAMES, RATE_HZ, MIN_FRAMES = 30, 10.0, 8
 
 
 def test_640x480_frames_between_processes(tiny_model) -> None:  # type: ignore[no-untyped-def]
@@ -35,9 +37,8 @@ def test_640x480_frames_between_processes(tiny_model) -> None:  # type: ignore[n
                 env=bare_env | node_env(bare_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             out, _ = camera.communicate(timeout=FRAMES / RATE_HZ + 30)
             assert camera.returncode == 0, out
-            needed = int(MIN_SHARE * FRAMES)
-            overlay.wait_for(needed, timeout=10)
-            color.wait_for(needed, timeout=10)
+            overlay.wait_for(MIN_FRAMES, timeout=TIMEOUT_S)
+            color.wait_for(MIN_FRAMES, timeout=TIMEOUT_S)
         msg = overlay.messages[-1]
         assert (msg.width, msg.height, msg.encoding, len(msg.data)) == (640, 480, "rgb8", 921_600)
     finally:

@@ -18,7 +18,8 @@ from conftest import REPO
 DURATION_S = 20
 CAMERAS, RATE_HZ = 4, 30
 MAX_RSS_GROWTH_MB = 30.0   # second half of the run; a leak of one frame per batch would be ~100 MB/s
-MAX_P99_LATENCY_MS = 2000  # generous (a busy CI machine); a growing queue would reach DURATION_S seconds
+MAX_P99_SHARE = 0.25       # p99 latency / run length: keep-latest slots bound it to a few inference
+                           # cycles, a growing queue would approach the whole run (absolute ms: benchmarks)
 MIN_FAIR_SHARE = 0.8       # the slowest camera's output vs the fastest's: one batch takes every camera
 
 
@@ -39,7 +40,7 @@ def test_four_cameras_at_30hz_640x480(tiny_model: Path, tmp_path: Path) -> None:
         assert c["errors"] == 0, c
         assert 0 < c["frames_in"] <= c["sent"], c
         assert 0 < c["received"] <= c["frames_out"], c
-        assert c["latency_p99_ms"] < MAX_P99_LATENCY_MS, c
+        assert c["latency_p99_ms"] < MAX_P99_SHARE * DURATION_S * 1000, c
     outs = [c["frames_out"] for c in cameras]
     assert min(outs) >= MIN_FAIR_SHARE * max(outs), outs
     rss = result["rss_mb"]

@@ -3,8 +3,11 @@
 Camera restarts, size and encoding changes mid-stream, a camera sending garbage next to a good one, a
 backend failing on one batch, the node itself killed and restarted (what ``respawn`` does) and a
 missing default model. Every wait has an explicit timeout (``ros_graph.TIMEOUT_S``). The bad-message
-catalogue (each kind of bad frame) is in test_node_bad_input.py, parameter errors in test_params.py and
-the launch file's ``respawn`` argument in test_launch.py.
+catalogue (each kind of bad frame) is in test_node_bad_input.py, hostile frames in test_node_hostile.py,
+parameter errors in test_params.py and the launch file's ``respawn`` argument in test_launch.py.
+
+No assertion here depends on how fast this machine is (a 2-core CI machine may also be training): shares
+are compared within one run and counts against what was sent in the same run; speed is benchmarks' job.
 """
 
 from __future__ import annotations
@@ -112,8 +115,8 @@ def test_camera_stops_and_restarts(tiny_model: Path) -> None:
             before = len(labels)
             with Stream(pub, frame_message):
                 labels.wait_for(before + 10)
-                diag.wait(topic, f"rate_out_hz >= {RATE_HZ / 2} in run {run}",
-                          lambda v: v("rate_out_hz") >= RATE_HZ / 2)
+                diag.wait(topic, f"output reported while streaming in run {run}",
+                          lambda v: v("rate_in_hz") > 0 and v("rate_out_hz") > 0)
             camera.destroy_node()
             diag.wait(topic, "silence after the camera stopped", lambda v: v("rate_in_hz") == v("rate_out_hz") == 0)
             assert diag.status(topic).level == DiagnosticStatus.OK  # no input is not an error
@@ -194,15 +197,18 @@ def test_garbage_camera_does_not_starve_a_good_one(tiny_model: Path) -> None:
         wait_matched(pubs[good], [labels])
         wait_until(lambda: all(p.get_subscription_count() for p in pubs.values()), what="the junk cameras' match")
 
+        junk_sent = 0
+
         def share_out(first: int, with_junk: bool) -> float:
             """Share of the good camera's frames answered during ``seconds`` of streaming (stamps from ``first``)."""
+            nonlocal junk_sent
             before = len(labels)
             with ExitStack() as streams:
                 camera = streams.enter_context(Stream(pubs[good], lambda i: frame_message(first + i)))
-                if with_junk:
-                    streams.enter_context(Stream(pubs[junk], junk_image, 4 * RATE_HZ))
-                    streams.enter_context(Stream(pubs[junk_c], junk_jpeg, 4 * RATE_HZ))
+                junk_streams = [streams.enter_context(Stream(pubs[t], make, 4 * RATE_HZ))
+                                for t, make in ((junk, junk_image), (junk_c, junk_jpeg)) if with_junk]
                 time.sleep(seconds)  # the measurement window, not a synchronisation
+            junk_sent = max([junk_sent, *(s.sent for s in junk_streams)])
             last = first + camera.sent - 1  # the keep-latest slot always processes a camera's newest frame
             wait_until(lambda: len(labels) > before and labels.messages[-1].header.stamp.sec == last,
                        what=f"the output of good frame {last}")
@@ -211,9 +217,9 @@ def test_garbage_camera_does_not_starve_a_good_one(tiny_model: Path) -> None:
         alone = share_out(0, with_junk=False)
         beside_junk = share_out(10_000, with_junk=True)
         assert beside_junk >= MIN_SHARE * alone, (alone, beside_junk)
-        for topic in (junk, junk_c):
+        for topic in (junk, junk_c):  # every junk frame that arrived is an error; best effort may lose some
             diag.wait(topic, "every junk frame counted as an error",
-                      lambda v: v("errors") == v("frames_in") >= 2 * seconds * RATE_HZ)
+                      lambda v: v("errors") == v("frames_in") >= junk_sent / 4)
         assert "needs 921600 bytes" in diag.text(junk, "last_error")
         assert "not a decodable" in diag.text(junk_c, "last_error")
         assert diag.value(good, "errors") == 0 and diag.text(good, "last_error") == ""
