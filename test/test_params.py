@@ -128,3 +128,20 @@ def test_a_model_without_confidence_still_runs_without_that_topic(model_without_
         node = graph.segmentation_node(model_path=str(model_without_confidence), image_topics=["/old/image_raw"])
         assert set(node._cameras[0].publishers) == {"labels", "color", "overlay"}
         assert graph.node.count_publishers("/old/segmentation/confidence") == 0
+
+
+def test_docs_list_every_parameter_with_its_default() -> None:
+    """docs/node.md's table names each declared parameter, default and changeability (nothing stale)."""
+    import json
+
+    from conftest import REPO
+
+    rows = {}
+    for line in (REPO / "docs" / "node.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`") and cells[2] in ("yes", "no"):
+            rows[cells[0].strip("`")] = (cells[1].strip("`"), cells[2])
+    for spec in PARAMS:
+        default = "[]" if spec.default is Parameter.Type.STRING_ARRAY else json.dumps(spec.default)
+        assert rows.get(spec.name) == (default, "no" if spec.read_only else "yes"), spec.name
+    assert set(rows) == {spec.name for spec in PARAMS}
