@@ -3,6 +3,7 @@
     ros2 launch unet_perception seg.launch.py
     ros2 launch unet_perception seg.launch.py image_topics:="[front/image_raw, rear/image_raw/compressed]"
     ros2 launch unet_perception seg.launch.py namespace:=camera model:=/path/model.onnx rviz:=true
+    ros2 launch unet_perception seg.launch.py autostart:=false   # a lifecycle manager configures it
 
 An empty argument keeps the params file's value. The node gets the package's Fast DDS large-frame
 profile (FASTRTPS_DEFAULT_PROFILES_FILE) unless the environment already names one. How the node is
@@ -25,6 +26,8 @@ ARGUMENTS = {
     "namespace": ("", "namespace of the node (relative topics resolve inside it)"),
     "params_file": (str(default_params_file()), "YAML file with the node's parameters"),
     "use_sim_time": ("false", "use /clock (true when replaying bags with --clock)"),
+    "autostart": ("", "true: configure and activate at start; false: wait for a lifecycle manager; "
+                      "empty = params file (true)"),
     "respawn": ("false", "restart the node when it exits"),
     "respawn_delay": ("2.0", "seconds before a respawn"),
     "log_level": ("info", "debug | info | warn | error | fatal"),

@@ -108,11 +108,14 @@ def test_node_action_kwargs_from_launch_arguments() -> None:
     assert kw["arguments"] == ["--ros-args", "--log-level", "segmentation_node:=debug"]
     # empty arguments keep the params file's values
     assert ls.node_action_kwargs(environ={})["parameters"][1] == {"use_sim_time": False}
+    assert ls.node_action_kwargs(autostart="false", environ={})["parameters"][1] == {"use_sim_time": False,
+                                                                                     "autostart": False}
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"log_level": "loud"}, "log_level must be one of"),
     ({"respawn": "maybe"}, "respawn must be true or false, got 'maybe'"),
+    ({"autostart": "later"}, "autostart must be true or false, got 'later'"),
     ({"params_file": "/nope.yaml"}, "params_file '/nope.yaml' does not exist"),
     ({"image_topics": "[ , ]"}, "names no topic"),
 ])
@@ -144,7 +147,7 @@ def test_launch_file_declares_arguments_and_builds_the_node() -> None:
 
     description = load_launch_file().generate_launch_description()
     declared = {e.name: e.default_value for e in description.entities if isinstance(e, DeclareLaunchArgument)}
-    assert {"model", "backend", "image_topics", "namespace", "params_file", "use_sim_time", "respawn",
+    assert {"model", "backend", "image_topics", "namespace", "params_file", "use_sim_time", "autostart", "respawn",
             "respawn_delay", "log_level", "rviz"} <= set(declared)
     context = LaunchContext()
     for name in declared:

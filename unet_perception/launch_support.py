@@ -119,9 +119,11 @@ def parse_topics(text: str) -> list[str]:
 
 
 def parameter_overrides(model: str = "", backend: str = "", image_topics: str = "",
-                        use_sim_time: str | bool = False) -> dict[str, Any]:
+                        use_sim_time: str | bool = False, autostart: str | bool = "") -> dict[str, Any]:
     """Launch-argument strings -> node parameters; an empty argument keeps the params file's value."""
     params: dict[str, Any] = {"use_sim_time": parse_bool(use_sim_time, "use_sim_time")}
+    if autostart != "":
+        params["autostart"] = parse_bool(autostart, "autostart")
     if model:
         params["model_path"] = model
     if backend:
@@ -135,7 +137,8 @@ def parameter_overrides(model: str = "", backend: str = "", image_topics: str = 
 
 
 def node_action_kwargs(*, params_file: str = "", model: str = "", backend: str = "", image_topics: str = "",
-                       namespace: str = "", use_sim_time: str | bool = False, respawn: str | bool = False,
+                       namespace: str = "", use_sim_time: str | bool = False, autostart: str | bool = "",
+                       respawn: str | bool = False,
                        respawn_delay: str | float = 2.0, log_level: str = "info",
                        environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``launch_ros.actions.Node`` from the launch file's (resolved) arguments."""
@@ -154,7 +157,7 @@ def node_action_kwargs(*, params_file: str = "", model: str = "", backend: str =
         "output": "screen",
         "emulate_tty": True,
         "parameters": [str(params_path),
-                       parameter_overrides(model, backend, image_topics, use_sim_time)],
+                       parameter_overrides(model, backend, image_topics, use_sim_time, autostart)],
         "arguments": ["--ros-args", "--log-level", f"{NODE_NAME}:={level}"],
         "additional_env": node_env(environ),
         "respawn": parse_bool(respawn, "respawn"),
