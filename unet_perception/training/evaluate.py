@@ -59,7 +59,7 @@ def _load_checkpoint(path: Path, device: str, batch_size: int) -> LoadedModel:
     import torch
 
     from unet_perception.training.engine import predict_labels
-    from unet_perception.training.export import checkpoint_table, load_checkpoint
+    from unet_perception.torch_contract import checkpoint_table, load_checkpoint
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +78,7 @@ def _load_onnx(path: Path, device: str, batch_size: int) -> LoadedModel:
     options = BackendOptions(max_batch=batch_size, device="cpu" if device == "auto" else device)
     backend = create_backend("onnxruntime", path, options).activate()
     segmenter = Segmenter(backend, backend.info.classes)
+
     def predict(frames: list[np.ndarray]) -> list[np.ndarray]:
         return [s.labels for s in segmenter.run(frames)]
 
@@ -173,7 +174,7 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, *, datas
         frames = SegmentationDataset(data, table, split, limit=limit)
         start = time.perf_counter()
         cm = confusion_on_frames(loaded.predict, frames.images, frames.labels, table.num_classes,
-                                 table.ignore_index, batch_size).numpy()
+                                 table.ignore_index, batch_size)
         seconds = time.perf_counter() - start
         # Spread over the split: neighbouring video frames would show the same scene N times.
         picks = np.linspace(0, len(frames) - 1, min(samples, len(frames))).round().astype(int).tolist()

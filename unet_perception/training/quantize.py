@@ -103,6 +103,34 @@ def quantize(fp32: str | Path, out: str | Path, calibration: list[np.ndarray]) -
     return out
 
 
+def val_metrics(model: str | Path, data: str | Path, dataset: str = "camvid") -> dict[str, Any]:
+    """pixel accuracy, mIoU and per-class IoU of ``model`` on the val split, scored as unet-evaluate does."""
+    from unet_perception.class_table import load_class_table
+    from unet_perception.metrics import summarize
+    from unet_perception.training.data import SegmentationDataset
+    from unet_perception.training.engine import confusion_on_frames
+    from unet_perception.training.evaluate import load_model
+
+    table = load_class_table(dataset)
+    frames = SegmentationDataset(data, table, "val")
+    loaded = load_model(model, "cpu")
+    try:
+        cm = confusion_on_frames(loaded.predict, frames.images, frames.labels, table.num_classes, table.ignore_index)
+    finally:
+        loaded.close()
+    return {**summarize(cm, table.names), "split": "val", "frames": len(frames)}
+
+
+def set_metadata(path: Path, key: str, value: str) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    onnx.save(model, str(path))
+
+
 def agreement(a: str | Path, b: str | Path, frames: list[np.ndarray], batch: int = 4) -> float:
     """Fraction of label pixels on which models ``a`` and ``b`` agree over ``frames``."""
     import onnxruntime as ort
@@ -140,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     agree = agreement(args.model, path, check)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), calibrated on {len(calib)} train frames; int8 and "
           f"fp32 labels agree on {agree:.3%} of pixels over {len(check)} val frames")
+    if agree >= MIN_AGREEMENT:  # the int8 file carries its own val scores, not the fp32 model's
+        metrics = val_metrics(path, args.data, args.dataset)
+        set_metadata(path, "metrics", json.dumps(metrics))
+        print(f"int8 val mIoU {metrics['mean_iou']:.4f} (fp32: {info.metrics.get('mean_iou', float('nan')):.4f})")
     if agree < MIN_AGREEMENT:
         bad = path.with_name(path.name + ".rejected")
         path.replace(bad)
