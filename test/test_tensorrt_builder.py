@@ -48,6 +48,16 @@ def test_one_strongly_typed_path_for_10_and_11(tiny_model: Path, tmp_path: Path,
     assert (tmp_path / "timing.cache").read_bytes() == b"timing:"
 
 
+def test_a_tensorrt_without_the_tf32_flag_still_builds(tiny_model: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    trt = fake_tensorrt(version="11.4.0.1")
+    del trt.BuilderFlag.TF32  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    logs: list[str] = []
+    assert tb.build_serialized_engine(settings(tmp_path, tiny_model), HostCuda(), logs.append) == b"plan"
+    assert any("no BuilderFlag.TF32" in line for line in logs)
+
+
 def test_builder_construction_failure_names_the_reason(tiny_model: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """pybind raises TypeError when createInferBuilder returns null; TensorRT's logged error says why."""

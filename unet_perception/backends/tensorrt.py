@@ -68,6 +68,7 @@ class TensorRTBackend(Backend):
         self._builder = builder
         self._log = log or logging.getLogger("unet_perception").info
         self._key: EngineKey | None = None  # the engine's cache key, once active
+        self._trt_log: TrtLog | None = None
         self._runtime: tensorrt.Runtime | None = None
         self._engine: tensorrt.ICudaEngine | None = None
         self._context: tensorrt.IExecutionContext | None = None
@@ -94,7 +95,7 @@ class TensorRTBackend(Backend):
         path, key = engine_for(self.info, self.options, cuda, self._log, version, self._builder)
         self._key = key
         with cuda.use_device(gpu):
-            trt_log = TrtLog(self._log)
+            trt_log = self._trt_log = TrtLog(self._log)  # must outlive the runtime, engine and context
             self._runtime = construct("Runtime", trt.Runtime, trt_log, gpu)
             engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
@@ -211,6 +212,7 @@ class TensorRTBackend(Backend):
             self._buffers.clear()
             self._stream = 0
             self._context = self._engine = self._runtime = None  # context before engine before runtime
+            self._trt_log = None  # the logger last
         if failures:
             raise failures[0]
 

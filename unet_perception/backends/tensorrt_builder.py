@@ -161,15 +161,20 @@ def progress_monitor(log: Log, min_interval_s: float = 10.0) -> tensorrt.IProgre
     return progress
 
 
-def configure(builder: tensorrt.Builder, settings: BuildSettings, log: Log) -> tensorrt.IBuilderConfig:
+def configure(builder: tensorrt.Builder, settings: BuildSettings, log: Log,
+              monitor: tensorrt.IProgressMonitor) -> tensorrt.IBuilderConfig:
     """Workspace, TF32 (off for fp32), the one profile and the timing cache; no precision flags."""
     import tensorrt as trt
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    config.progress_monitor = progress_monitor(log)
-    if settings.precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 rounds inputs to 10 bits: labels would drift from fp32
+    config.progress_monitor = monitor
+    if settings.precision == "fp32":  # TF32 rounds inputs to 10 bits: labels would drift from fp32
+        if hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)
+        else:
+            log(f"tensorrt: warning: TensorRT {trt.__version__} has no BuilderFlag.TF32 to clear; fp32 labels may "
+                "differ from ONNX Runtime's a little more")
     shapes = profile_shapes(settings.input_hw, settings.max_batch)
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, trt.Dims(shapes["min"]), trt.Dims(shapes["opt"]), trt.Dims(shapes["max"]))
@@ -187,11 +192,12 @@ def build_serialized_engine(settings: BuildSettings, cuda: CudaApi, log: Log) ->
     import tensorrt as trt
 
     require_tensorrt(trt)
-    trt_log = TrtLog(log)
+    trt_log = TrtLog(log)  # TensorRT keeps raw pointers to the logger and the monitor: both live to the end
+    monitor = progress_monitor(log)
     with cuda.use_device(settings.gpu_id):  # a CUDA driver problem surfaces here as a CudaError naming it
         builder: tensorrt.Builder = construct("Builder", trt.Builder, trt_log, settings.gpu_id)
         network = parse_onnx(trt_log, builder, settings.onnx_path)
-        config = configure(builder, settings, log)
+        config = configure(builder, settings, log, monitor)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise BackendError(f"TensorRT {trt.__version__} failed to build an engine from '{settings.onnx_path}' "
