@@ -168,7 +168,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
         return
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            raise BagError(f"cannot reach the Ray cluster at {address}: {exc}; is `ray start --head` running "
+                           "there, and has this machine the cluster's token (RAY_AUTH_MODE=token, with the head's "
+                           "~/.ray/auth_token copied here or RAY_AUTH_TOKEN set; see docs/bags.md)?") from exc
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  object_store_memory=LOCAL_OBJECT_STORE_MB * 1024 * 1024)
