@@ -663,6 +663,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BagError, BackendError, ModelError) as exc:
         print(f"unet-bag {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file we may not read, a folder that vanished: one line, not a traceback
+        print(f"unet-bag {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"unet-bag {args.command}: interrupted; no output was left behind", file=sys.stderr)
         return 130
