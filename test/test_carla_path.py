@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (CARLA / "CameraRGB").is_dir(),
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("carla")
     assert train.main(["--dataset", "carla", "--data", str(CARLA), "--out", str(out / "run"),
-                       "--input-size", "48x64", "--epochs", "2", "--batch-size", "5", "--width", "4",
+                       "--input-size", "48x64", "--epochs", "2", "--batch-size", "5", "--decoder", "16,16,8,8",
                        "--workers", "0", "--threads", "1", "--no-progress"]) == 0
     assert export.main([str(out / "run" / "best.pt"), str(out / "carla.onnx"), "--check-data", str(CARLA),
                         "--check-frames", "4"]) == 0
@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_uses_the_block_split(run_dir: Path) -> None:
     log = (run_dir / "run" / "train.log").read_text()
-    assert "carla, 10 train / 4 val frames, 23 classes" in log
+    assert "carla, 10 train / 4 val frames, 23 classes, model lite" in log  # the default network
     assert (run_dir / "run" / "best.pt").is_file() and (run_dir / "run" / "last.pt").is_file()
 
 
