@@ -108,7 +108,7 @@ def camera_frames(folder: Path, count: int) -> tuple[list[np.ndarray], str]:
     return [rng.integers(0, 256, (*CAMERA_HW, 3), dtype=np.uint8) for _ in range(count)], f"{count} random frames"
 
 
-def random_seed_model(folder: Path) -> Path:
+def random_seed_model(folder: Path, width: int = 32) -> Path:
     """A seed-size U-Net with random weights, exported with its checkpoint beside it (speed needs no training)."""
     import json
 
@@ -120,7 +120,7 @@ def random_seed_model(folder: Path) -> Path:
 
     torch.manual_seed(0)
     table = load_class_table("camvid")
-    model = UNet(table.num_classes, width=32, norm="batch").eval()
+    model = UNet(table.num_classes, width=width, norm="batch").eval()
     path = folder / "random_seed_unet.onnx"
     torch.save({"model": model.state_dict(), "model_config": model.config, "epoch": 0,
                 "args": {"dataset": "camvid"}, "dataset": table.name, "class_table": json.loads(table.to_json()),
@@ -129,19 +129,24 @@ def random_seed_model(folder: Path) -> Path:
     return export_onnx(model, path, table, (240, 320))
 
 
-def torch_parity_and_speed(model: Path, frames: list[np.ndarray], what: str, iterations: int) -> str:
-    """torch CUDA (fp32, fp16 autocast) against ONNX Runtime CPU labels, and camera fps through the pipeline."""
+def torch_parity_and_speed(model: Path, frames: list[np.ndarray], what: str, iterations: int,
+                           trained: bool = True, device: str = "cuda") -> str:
+    """torch CUDA (fp32, fp16 autocast) against ONNX Runtime CPU labels, and camera fps through the pipeline.
+
+    A random-weight model (``trained`` False) has near ties between classes that fp16 flips; only its fp32
+    agreement is held to the threshold."""
     from unet_perception.backends.factory import BackendOptions, create_backend
     from unet_perception.pipeline import Segmenter, preprocess
 
-    require_cuda_torch()
+    if device == "cuda":
+        require_cuda_torch()
     notes = []
     with create_backend("onnxruntime", model, BackendOptions(max_batch=4)) as ort_cpu:
         batch = preprocess(frames, ort_cpu.input_hw)
         want = np.concatenate([ort_cpu.infer(batch[i:i + 4]).labels for i in range(0, len(batch), 4)])
     failures = []
     for precision, minimum in PARITY.items():
-        with create_backend("torch", model, BackendOptions(max_batch=4, device="cuda",
+        with create_backend("torch", model, BackendOptions(max_batch=4, device=device,
                                                            precision=precision)) as backend:
             got = np.concatenate([backend.infer(batch[i:i + 4]).labels for i in range(0, len(batch), 4)])
             agreement = float((got == want).mean())
@@ -156,7 +161,7 @@ def torch_parity_and_speed(model: Path, frames: list[np.ndarray], what: str, ite
                 ms = (time.perf_counter() - start) * 1000.0 / iterations
                 speeds.append(f"batch {n}: {ms / n:.2f} ms/frame, {n * 1000.0 / ms:.0f} fps")
         notes.append(f"{precision}: {agreement:.4%} of labels as ORT CPU; 640x480 {'; '.join(speeds)}")
-        if agreement < minimum:
+        if agreement < minimum and (trained or precision == "fp32"):
             failures.append(f"{precision} agreement {agreement:.4%} < {minimum:.1%}")
     detail = f"{model.name} on {what}: " + " | ".join(notes)
     if failures:
@@ -285,12 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # the shipped models with their checkpoint beside them; else a random-weight one (only where CUDA works)
         parity_models = [m for m in args.models if m.with_suffix(".pt").is_file()]
+        trained = bool(parity_models)
         if not parity_models:
             parity_models = [random_seed_model(Path(tmp))] if results[0].status == "PASS" else args.models[:1]
         frames, what = camera_frames(args.frames, 8)
         for model in parity_models:
             results.append(run_check(f"torch parity+speed {model.name}",
-                                     partial(torch_parity_and_speed, model, frames, what, args.iterations)))
+                                     partial(torch_parity_and_speed, model, frames, what, args.iterations,
+                                             trained)))
         results.append(run_check("cuda-python memory helper", check_cuda_python))
         results.append(run_check("amp training steps", check_amp_training))
         results.append(run_check("pytest -m tensorrt", check_tensorrt_tests))

@@ -93,3 +93,16 @@ def test_a_missing_library_is_a_named_skip_but_our_own_import_errors_fail() -> N
     result = gpu_check.run_check("x", needs("onnxruntime"))
     assert (result.status, result.detail) == ("SKIP", "python package 'onnxruntime' is not installed")
     assert gpu_check.run_check("y", needs("unet_perception.nope")).status == "FAIL"
+
+
+def test_parity_and_speed_logic_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parity check's own code, run on the CPU (fp32 only: fp16 autocast is CUDA's): it must pass torch against
+    ONNX Runtime on a random-weight model, and fail when the threshold cannot be met."""
+    model = gpu_check.random_seed_model(tmp_path, width=4)
+    frames, what = gpu_check.camera_frames(tmp_path / "no-frames", 2)
+    monkeypatch.setattr(gpu_check, "PARITY", {"fp32": 0.999})
+    detail = gpu_check.torch_parity_and_speed(model, frames, what, 1, trained=False, device="cpu")
+    assert detail.startswith("random_seed_unet.onnx on 2 random frames: fp32: ") and "640x480 batch 1: " in detail
+    monkeypatch.setattr(gpu_check, "PARITY", {"fp32": 1.01})  # unreachable: the check must fail
+    with pytest.raises(AssertionError, match="fp32 agreement .* < 101.0%"):
+        gpu_check.torch_parity_and_speed(model, frames, what, 1, trained=False, device="cpu")
