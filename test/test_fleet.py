@@ -251,3 +251,15 @@ def test_corrupt_bag_is_reported_and_the_others_finish(local_ray: None, sources:
     for name in ("a", "b"):
         assert _raw(out / name) == _raw(single[name])
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", REPORT_NAME]
+
+
+def test_a_worker_that_cannot_be_placed_is_refused(local_ray: None, sources: dict[str, Path], tiny_model: Path,
+                                                    tmp_path: Path) -> None:
+    from unet_perception.tools.fleet import label_many
+
+    jobs = plan_jobs([sources["a"]], tmp_path / "out")
+    with pytest.raises(BagError, match="has 0 GPUs; a worker needs 1 .--gpus-per-worker."):
+        label_many(jobs, _settings(tiny_model), gpus_per_worker=1, progress=False)
+    with pytest.raises(BagError, match="has 2 CPUs; a worker needs 3 .--cpus-per-worker."):
+        label_many(jobs, _settings(tiny_model), workers=1, cpus_per_worker=3, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -183,11 +183,18 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.shutdown()
 
 
-def default_workers(cpus_per_worker: float, gpus_per_worker: float) -> int:
-    """As many workers as the cluster's GPUs (with --gpus-per-worker) or CPUs can hold."""
+def worker_count(workers: int | None, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """``workers``, or as many as the cluster's GPUs (with --gpus-per-worker) or CPUs hold; a ``BagError`` when
+    not even one worker fits (Ray would wait for it forever)."""
     import ray
 
     total = ray.cluster_resources()
+    for name, need in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
+        if need > total.get(name, 0):
+            raise BagError(f"the Ray cluster has {total.get(name, 0):g} {name}s; a worker needs {need:g} "
+                           f"(--{name.lower()}s-per-worker); lower it or add nodes with {name}s")
+    if workers:
+        return workers
     if gpus_per_worker > 0:
         return max(1, int(total.get("GPU", 0) // gpus_per_worker))
     return max(1, int(total.get("CPU", 1) // cpus_per_worker))
@@ -205,6 +212,7 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
     import ray
 
     started = time.perf_counter()
+    most = worker_count(workers, cpus_per_worker, gpus_per_worker)
     results: dict[str, BagResult] = {}
     todo: deque[BagJob] = deque()
     for job in jobs:
@@ -216,7 +224,7 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
             todo.append(job)
     described: list[str] = []
     if todo:
-        n = min(workers or default_workers(cpus_per_worker, gpus_per_worker), len(todo))
+        n = min(most, len(todo))
         # Ray's types do not follow ray.remote(cls).options(...); the handles are Any here.
         progress_name = f"unet-bag-progress-{uuid.uuid4().hex}"
         tracker: Any = ray.remote(Progress).options(  # type: ignore[attr-defined]
