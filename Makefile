@@ -32,14 +32,16 @@ venv: $(STAMP)
 # vision_msgs (LabelInfo) has no PyPI wheel: build our two-message stand-in, interfaces/vision_msgs, with the
 # rosidl generator wheels (requirements/ros-wheels.txt) and install it into the venv, next to the other ROS
 # wheels. On a ROS 2 system the package.xml dependency brings the official ros-jazzy-vision-msgs instead.
-VM_BUILD := build/vision_msgs
+VM_BUILD ?= build/vision_msgs
+VM_PREFIX ?= $(abspath $(VENV))
 vision_msgs:
 	@V=$(abspath $(VENV)); export PATH=$$V/bin:$$PATH AMENT_PREFIX_PATH=$$V CMAKE_PREFIX_PATH=$$V LD_LIBRARY_PATH=$$V/lib; \
 	mkdir -p $(VM_BUILD) && \
-	{ cmake -S interfaces/vision_msgs -B $(VM_BUILD) -DCMAKE_INSTALL_PREFIX=$$V -DPython3_EXECUTABLE=$$V/bin/python \
-	    -DBUILD_TESTING=OFF && cmake --build $(VM_BUILD) -j 2 && cmake --install $(VM_BUILD); } > $(VM_BUILD).log 2>&1 \
+	{ cmake -S interfaces/vision_msgs -B $(VM_BUILD) -DCMAKE_INSTALL_PREFIX=$(VM_PREFIX) \
+	    -DPython3_EXECUTABLE=$$V/bin/python -DBUILD_TESTING=OFF \
+	  && cmake --build $(VM_BUILD) -j 2 && cmake --install $(VM_BUILD); } > $(VM_BUILD).log 2>&1 \
 	  || { tail -30 $(VM_BUILD).log; echo "building interfaces/vision_msgs failed (log: $(VM_BUILD).log)"; exit 1; }
-	@echo "vision_msgs (LabelInfo, VisionClass) built and installed into $(VENV)"
+	@echo "vision_msgs (LabelInfo, VisionClass) built and installed into $(VM_PREFIX)"
 
 # Road frames -> rosbag2 -> the node (as seg.launch.py starts it) -> recorded bag, overlay PNGs and a summary
 # in out/demo. DEMO_ARGS passes more options, e.g. DEMO_ARGS="--model path/to/model.onnx --frames 30".

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,22 @@ def test_colcon_build_installs_executable_launch_config_models(tmp_path: Path) -
     assert (share / "models").is_dir()
     assert (install / "unet_perception" / "share" / "ament_index" / "resource_index" / "packages" /
             "unet_perception").is_file()
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("make") is None, reason="cmake or make missing")
+def test_make_builds_the_vision_msgs_stand_in(tmp_path: Path) -> None:
+    """`make vision_msgs` (part of `make venv`) builds LabelInfo with the rosidl wheels; here into a scratch prefix."""
+    prefix, build = tmp_path / "prefix", tmp_path / "build"
+    result = subprocess.run(["make", "--no-print-directory", "vision_msgs", f"VM_PREFIX={prefix}",
+                             f"VM_BUILD={build}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    site = next(prefix.glob("lib/python3*/site-packages"))
+    # the ROS wheels' bootstrapper re-runs Python with its own library folders added to LD_LIBRARY_PATH
+    env = {k: v for k, v in os.environ.items() if k != "_ROS_WHEELS_BOOTSTRAP_COMPLETE"} | {
+        "PYTHONPATH": str(site), "LD_LIBRARY_PATH": str(prefix / "lib")}
+    check = ("import vision_msgs.msg as m, rclpy.serialization as s; "
+             "x = m.LabelInfo(class_map=[m.VisionClass(class_id=3, class_name='Road')], threshold=0.5); "
+             "y = s.deserialize_message(s.serialize_message(x), m.LabelInfo); "
+             f"assert y == x and m.__file__.startswith({str(site)!r}), m.__file__; print('ok')")
+    run = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "ok", run.stdout + run.stderr
