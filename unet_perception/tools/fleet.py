@@ -1,10 +1,10 @@
 """``unet-bag label-many``: ``label`` over many bags on Ray, on this machine or on a Ray cluster.
 
-Ray does the work of a fleet: it places one ``BagLabeller`` actor per worker (CPUs/GPUs as asked), restarts an
-actor whose process dies and retries the bag it was on (``max_task_retries``, bounded), and carries progress
-from the workers to the driver through a small ``Progress`` actor. The driver only hands the next bag to the
-worker that finished one (``ray.wait``) and writes the report. Each actor loads the model once and labels one
-bag per call with ``bag.label_bag``, exactly as ``unet-bag label`` does.
+Ray does the work of a fleet: it places one ``fleet_worker.BagLabeller`` actor per worker (CPUs/GPUs as asked),
+restarts an actor whose process dies and retries the bag it was on (``max_task_retries``, bounded), and carries
+progress from the workers to the driver through a small ``Progress`` actor. The driver (here) only hands the next
+bag to the worker that finished one (``ray.wait``) and writes the report. Each actor loads the model once and
+labels one bag per call with ``bag.label_bag``, exactly as ``unet-bag label`` does.
 
 Ray is imported only here and only when label-many runs, so ``unet-bag`` works without it
 (``pip install -r requirements/fleet.txt``).
@@ -14,144 +14,29 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import socket
-import tempfile
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from unet_perception.tools.bag import STORAGES, BagError, label_bag
+from unet_perception.tools.bag import STORAGES, BagError
 from unet_perception.tools.fleet_plan import (
     REPORT_NAME,
     BagJob,
     BagResult,
     FleetReport,
     camera_counts,
-    check_counts,
     expand_inputs,
     plan_jobs,
 )
+from unet_perception.tools.fleet_worker import BagLabeller, LabelSettings, Progress
 
 LOCAL_OBJECT_STORE_MB = 200  # only paths and small results travel through it; Ray's default is 30% of RAM
-
-
-@dataclass(frozen=True)
-class LabelSettings:
-    """What every worker needs to label a bag as ``unet-bag label`` would."""
-
-    model: str
-    backend: str = "auto"
-    batch: int = 4
-    threads: int = 0
-    alpha: float = 0.5
-    topics: tuple[str, ...] | None = None
-    storage: str | None = None
-
-
-class Progress:
-    """Ray actor: per bag, the current attempt, its frames done so far and the worker's process id."""
-
-    def __init__(self) -> None:
-        self.bags: dict[str, tuple[int, int, int]] = {}
-
-    def start(self, name: str, pid: int) -> int:
-        attempt = self.bags.get(name, (0, 0, 0))[0] + 1
-        self.bags[name] = (attempt, 0, pid)
-        return attempt
-
-    def add(self, name: str, frames: int) -> None:
-        attempt, done, pid = self.bags[name]
-        self.bags[name] = (attempt, done + frames, pid)
-
-    def snapshot(self) -> dict[str, tuple[int, int, int]]:
-        return dict(self.bags)
-
-
-class _Reporting:
-    """A Segmenter that tells ``report`` how many frames each ``run`` labelled."""
-
-    def __init__(self, inner: Any, report: Callable[[int], None]) -> None:
-        self.inner, self.report = inner, report
-
-    def run(self, frames: Sequence[Any]) -> Any:
-        out = self.inner.run(frames)
-        self.report(len(frames))
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-class BagLabeller:
-    """Ray actor: the model loaded once (backend as ``label`` picks it), then one bag per ``label`` call."""
-
-    def __init__(self, settings: LabelSettings, progress: str) -> None:
-        import ray
-
-        from unet_perception.backends.factory import BackendOptions, create_backend
-        from unet_perception.pipeline import Segmenter
-
-        # Looked up by name: an actor handle among the constructor arguments would live in the object store,
-        # which Ray cannot promise to keep for restarts.
-        self.settings, self.progress = settings, ray.get_actor(progress)
-        options = BackendOptions(max_batch=settings.batch, threads=settings.threads)
-        self.backend = create_backend(settings.backend, settings.model, options).activate()
-        self.segmenter = Segmenter(self.backend, self.backend.info.classes)
-
-    def describe(self) -> str:
-        return f"{self.backend.name} ({self.backend.device}) on {socket.gethostname()} pid {os.getpid()}"
-
-    def label(self, job: BagJob) -> BagResult:
-        """Label ``job.src`` into ``job.out``; every failure comes back as a failed result, never raised."""
-        attempt: int = self._ray().get(self.progress.start.remote(job.name, os.getpid()))
-        result = BagResult(job.name, str(job.src), str(job.out), "labelled", attempts=attempt)
-        if job.out.exists():  # an earlier attempt finished it and then its worker died
-            result.status = "skipped"
-            return result
-        job.remove_leftovers()  # of an attempt whose worker was killed
-        s = self.settings
-        try:
-            listed = camera_counts(job.src, s.topics)
-            result.frames_in = sum(listed.values())
-            work = Path(tempfile.mkdtemp(prefix=job.work_prefix(), dir=job.out.parent))
-            try:
-                summary = label_bag(job.src, work / job.name, _Reporting(self.segmenter, self._reporter(job)),
-                                    topics=s.topics, storage=s.storage, batch=s.batch, alpha=s.alpha,
-                                    progress=False, log=self._refusal(job, result))
-                result.labelled, result.seconds = sum(summary.frames.values()), summary.seconds
-                result.frames_in = check_counts(work / job.name, listed, result.labelled, result.refused)
-                os.rename(work / job.name, job.out)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-        except Exception as exc:  # noqa: BLE001 - one bad bag is reported; the worker goes on with the others
-            result.status = "failed"
-            result.error = str(exc) if isinstance(exc, BagError) else f"{type(exc).__name__}: {exc}"
-        return result
-
-    def _reporter(self, job: BagJob) -> Callable[[int], None]:
-        return lambda n: self.progress.add.remote(job.name, n)
-
-    def _refusal(self, job: BagJob, result: BagResult) -> Callable[[str], None]:
-        def log(line: str) -> None:
-            result.refused += 1
-            result.refusals.append(line)
-            self.progress.add.remote(job.name, 1)
-        return log
-
-    @staticmethod
-    def _ray() -> Any:
-        import ray
-
-        return ray
 
 
 @contextmanager
@@ -237,7 +122,7 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
                 described = ray.get([a.describe.remote() for a in pool])
             except ray.exceptions.RayActorError as exc:
                 raise BagError(f"the workers cannot load the model: {exc}") from exc
-            total = sum(_frames_or_zero(job, settings.topics) for job in todo)
+            total = sum(_frames_or_zero(job, settings) for job in todo)
             _run_pool(pool, tracker, todo, results, len(jobs), total, retries, progress, poll_s, on_poll)
         finally:
             for a in [*pool, tracker]:
@@ -248,9 +133,9 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
     return FleetReport([results[job.name] for job in jobs], time.perf_counter() - started, described)
 
 
-def _frames_or_zero(job: BagJob, topics: Sequence[str] | None) -> int:
+def _frames_or_zero(job: BagJob, settings: LabelSettings) -> int:
     try:
-        return sum(camera_counts(job.src, topics).values())
+        return sum(camera_counts(job.src, settings.topics, settings.exclude_topics).values())
     except BagError:
         return 0  # a bag that cannot be read: its worker reports why
 
@@ -297,20 +182,20 @@ def add_parser(sub: Any) -> None:
     """The ``label-many`` subcommand of ``unet-bag`` (Ray is imported only when it runs)."""
     p = sub.add_parser("label-many", help="label many bags on Ray (this machine or a cluster), resumable",
                        description="Label every input bag as `unet-bag label` does, on a local Ray or an existing "
-                                   "Ray cluster, into OUT_DIR/NAME. Bags whose output exists are skipped, so a "
-                                   "rerun finishes an interrupted run. Writes OUT_DIR/" + REPORT_NAME + ".")
+                                   "Ray cluster, into DIR/NAME. Bags whose output exists are skipped, so a "
+                                   "rerun finishes an interrupted run. Writes DIR/" + REPORT_NAME + ".")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="bag folder, .db3/.mcap file, glob, or a text file listing them (one a line)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the labelled bags")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="existing Ray cluster: auto (this node is in one) or ray://HEAD:10001 "
                         "(default: start a local Ray on this machine)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="workers, each with the model loaded once (default: as many as the CPUs/GPUs hold)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="(default: %(default)s)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="(default: %(default)s)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
                    help="GPUs per worker, e.g. 1 or 0.5 (default: 0, CPU workers with ONNX Runtime)")
-    p.add_argument("--retries", type=int, default=2,
+    p.add_argument("--retries", type=int, default=2, metavar="N",
                    help="times a bag is retried when its worker dies on it (default: %(default)s)")
     p.add_argument("--model", default="", help="ONNX model (default: the package's models/unet_camvid.onnx)")
     p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
@@ -320,13 +205,25 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=4, help="frames per inference batch (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU inference threads per worker (default: 0 = --cpus-per-worker)")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask (default: 0.5)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask, 0..1 "
+                   "(default: 0.5)")
+    p.add_argument("--exclude-topics", nargs="+", metavar="TOPIC",
+                   help="topics to leave out of the outputs entirely (neither copied nor labelled)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="frames with more pixels are refused as bad input (default: 4096*4096, as `label`)")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from unet_perception.launch_support import default_model_path
+    from unet_perception.pipeline import check_alpha
 
+    try:  # before Ray starts: a bad option costs nothing
+        check_alpha(args.alpha)
+    except ValueError as exc:
+        raise BagError(f"--alpha: {exc}") from exc
+    if args.batch < 1:
+        raise BagError(f"--batch must be >= 1, got {args.batch}")
     model = args.model or str(default_model_path())
     if not Path(model).is_file():
         raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
@@ -337,7 +234,8 @@ def run_cli(args: argparse.Namespace) -> int:
     jobs = plan_jobs(expand_inputs(args.inputs, args.out), args.out)
     threads = args.threads or max(1, int(args.cpus_per_worker))
     settings = LabelSettings(str(Path(model).resolve()), args.backend, args.batch, threads, args.alpha,
-                             tuple(args.topics) if args.topics else None, args.storage)
+                             tuple(args.topics) if args.topics else None, args.storage,
+                             tuple(args.exclude_topics or ()), args.max_pixels)
     with ray_session(args.ray_address):
         report = label_many(jobs, settings, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                             gpus_per_worker=args.gpus_per_worker, retries=args.retries)

@@ -2,8 +2,8 @@
 
 An input is a bag folder, a single ``.db3``/``.mcap`` file, a glob, or a text file listing any of these (one a
 line, ``#`` comments; relative lines are taken from the list's folder). Each bag ``NAME`` is labelled to
-``OUT_DIR/NAME`` (a ``.db3``/``.mcap`` file's stem). A bag is worked on in a hidden folder
-``OUT_DIR/.NAME.labelling-*`` and renamed to ``OUT_DIR/NAME`` only when complete and its counts check out, so an
+``DIR/NAME`` (a ``.db3``/``.mcap`` file's stem). A bag is worked on in a hidden folder
+``DIR/.NAME.labelling-*`` and renamed to ``DIR/NAME`` only when complete and its counts check out, so an
 output that exists is a finished one and a rerun skips it.
 """
 
@@ -112,12 +112,13 @@ def plan_jobs(bags: Sequence[Path], out_dir: Path) -> list[BagJob]:
     return jobs
 
 
-def camera_counts(src: Path, topics: Sequence[str] | None) -> Counter[str]:
+def camera_counts(src: Path, topics: Sequence[str] | None, exclude: Sequence[str] = ()) -> Counter[str]:
     """Camera topic -> messages its metadata lists, for the topics ``label`` labels."""
     counts: Counter[str] = Counter()
-    with open_bag(src) as reader:
+    with open_bag(src, info=lambda line: None) as reader:  # label_bag tells what it repairs; not twice
         for c in camera_connections(reader, topics):
-            counts[c.topic] += c.msgcount
+            if c.topic not in exclude:
+                counts[c.topic] += c.msgcount
     return counts
 
 
@@ -158,6 +159,7 @@ class BagResult:
     attempts: int = 0                                        # > 1: a worker died on it and Ray retried it
     error: str = ""
     refusals: list[str] = field(default_factory=list)        # one line per refused message
+    notices: list[str] = field(default_factory=list)         # what label_bag repaired (-wal, stale metadata)
 
     @property
     def fps(self) -> float:

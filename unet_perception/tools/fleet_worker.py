@@ -1,0 +1,134 @@
+"""The workers of ``unet-bag label-many``: Ray actors that load the model once and label one bag per call.
+
+``BagLabeller`` labels a bag with ``bag.label_bag`` into a hidden work folder beside its output, checks its counts
+and renames it into place; every failure of a bag comes back as a failed ``BagResult``, so the worker goes on.
+``Progress`` collects frames done per bag from all workers for the driver's bar. Ray itself is imported only
+inside the actors' methods, where it is running.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unet_perception.tools.bag import BagError, label_bag
+from unet_perception.tools.fleet_plan import BagJob, BagResult, camera_counts, check_counts
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """What every worker needs to label a bag as ``unet-bag label`` would."""
+
+    model: str
+    backend: str = "auto"
+    batch: int = 4
+    threads: int = 0
+    alpha: float = 0.5
+    topics: tuple[str, ...] | None = None
+    storage: str | None = None
+    exclude_topics: tuple[str, ...] = ()
+    max_pixels: int | None = None
+
+
+class Progress:
+    """Ray actor: per bag, the current attempt, its frames done so far and the worker's process id."""
+
+    def __init__(self) -> None:
+        self.bags: dict[str, tuple[int, int, int]] = {}
+
+    def start(self, name: str, pid: int) -> int:
+        attempt = self.bags.get(name, (0, 0, 0))[0] + 1
+        self.bags[name] = (attempt, 0, pid)
+        return attempt
+
+    def add(self, name: str, frames: int) -> None:
+        attempt, done, pid = self.bags[name]
+        self.bags[name] = (attempt, done + frames, pid)
+
+    def snapshot(self) -> dict[str, tuple[int, int, int]]:
+        return dict(self.bags)
+
+
+class _Reporting:
+    """A Segmenter that tells ``report`` how many frames each ``run`` labelled."""
+
+    def __init__(self, inner: Any, report: Callable[[int], None]) -> None:
+        self.inner, self.report = inner, report
+
+    def run(self, frames: Sequence[Any]) -> Any:
+        out = self.inner.run(frames)
+        self.report(len(frames))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class BagLabeller:
+    """Ray actor: the model loaded once (backend as ``label`` picks it), then one bag per ``label`` call."""
+
+    def __init__(self, settings: LabelSettings, progress: str) -> None:
+        import ray
+
+        from unet_perception.backends.factory import BackendOptions, create_backend
+        from unet_perception.pipeline import Segmenter
+
+        # Looked up by name: an actor handle among the constructor arguments would live in the object store,
+        # which Ray cannot promise to keep for restarts.
+        self.settings, self.progress = settings, ray.get_actor(progress)
+        options = BackendOptions(max_batch=settings.batch, threads=settings.threads)
+        self.backend = create_backend(settings.backend, settings.model, options).activate()
+        self.segmenter = Segmenter(self.backend, self.backend.info.classes)
+
+    def describe(self) -> str:
+        return f"{self.backend.name} ({self.backend.device}) on {socket.gethostname()} pid {os.getpid()}"
+
+    def label(self, job: BagJob) -> BagResult:
+        """Label ``job.src`` into ``job.out``; every failure comes back as a failed result, never raised."""
+        attempt: int = self._ray().get(self.progress.start.remote(job.name, os.getpid()))
+        result = BagResult(job.name, str(job.src), str(job.out), "labelled", attempts=attempt)
+        if job.out.exists():  # an earlier attempt finished it and then its worker died
+            result.status = "skipped"
+            return result
+        job.remove_leftovers()  # of an attempt whose worker was killed
+        s = self.settings
+        try:
+            listed = camera_counts(job.src, s.topics, s.exclude_topics)
+            result.frames_in = sum(listed.values())
+            work = Path(tempfile.mkdtemp(prefix=job.work_prefix(), dir=job.out.parent))
+            try:
+                summary = label_bag(job.src, work / job.name, _Reporting(self.segmenter, self._reporter(job)),
+                                    topics=s.topics, storage=s.storage, batch=s.batch, alpha=s.alpha,
+                                    max_pixels=s.max_pixels, exclude_topics=s.exclude_topics, progress=False,
+                                    log=self._refusal(job, result), info=result.notices.append)
+                result.labelled, result.seconds = sum(summary.frames.values()), summary.seconds
+                result.frames_in = check_counts(work / job.name, listed, result.labelled, result.refused)
+                os.rename(work / job.name, job.out)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        except Exception as exc:  # noqa: BLE001 - one bad bag is reported; the worker goes on with the others
+            result.status = "failed"
+            result.error = str(exc) if isinstance(exc, BagError) else f"{type(exc).__name__}: {exc}"
+        return result
+
+    def _reporter(self, job: BagJob) -> Callable[[int], None]:
+        return lambda n: self.progress.add.remote(job.name, n)
+
+    def _refusal(self, job: BagJob, result: BagResult) -> Callable[[str], None]:
+        def log(line: str) -> None:
+            result.refused += 1
+            result.refusals.append(line)
+            self.progress.add.remote(job.name, 1)
+        return log
+
+    @staticmethod
+    def _ray() -> Any:
+        import ray
+
+        return ray
