@@ -43,6 +43,24 @@ def test_fp16_conversion_keeps_uint8_io_and_agrees(tiny_model: Path, tmp_path: P
     assert np.abs(conf16.astype(int) - conf32).max() <= 3
 
 
+def test_fp16_conversion_of_the_lite_unet(tmp_path: Path) -> None:
+    """The default architecture: its decoder's Resize nodes (sizes from Shape) convert and run in float16."""
+    import torch
+
+    from unet_perception.class_table import load_class_table
+    from unet_perception.networks.lite_unet import LiteUNet
+    from unet_perception.training.export import export_onnx
+
+    torch.manual_seed(0)
+    table = load_class_table("camvid")
+    model = export_onnx(LiteUNet(table.num_classes).eval(), tmp_path / "lite.onnx", table, (64, 96))
+    path, _ = po.onnx_for_precision(model, "fp16", tmp_path)
+    assert check_tensorrt_rules(model) == [] and check_tensorrt_rules(path) == []
+    assert any(n.op_type == "Resize" for n in onnx.load(str(path)).graph.node)
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    assert (run(path, frames)[0] == run(model, frames)[0]).mean() >= 0.99
+
+
 def test_fp16_conversion_is_cached(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first, _ = po.onnx_for_precision(tiny_model, "fp16", tmp_path)
     monkeypatch.setattr(po, "convert_to_fp16", lambda model: pytest.fail("converted twice"))

@@ -14,6 +14,7 @@ TensorRT 11 has no FP16/INT8 builder flags and no calibrator; with this, 10.x an
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,13 @@ def convert_to_fp16(model: Any) -> Any:
                  if node.op_type == "Cast" and any(a.name == "to" and a.i == FLOAT for a in node.attribute)}
     if "" in own_casts:
         raise BackendError("the model has an unnamed Cast node; re-export it with unet-export")
-    converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    # Resize is on the converter's default block list (kept float32 between Cast pairs); on the lite U-Net's
+    # decoder those pairs crash the converter's own clean-up (1.16: AttributeError in remove_unnecessary_cast_node).
+    # ONNX Runtime (1.32, CPU and CUDA) and TensorRT run float16 Resize, so it is converted like the rest.
+    block = [op for op in float16.DEFAULT_OP_BLOCK_LIST if op != "Resize"]
+    with warnings.catch_warnings():  # one "truncated to 1e-07" line per tiny weight: nothing to act on
+        warnings.simplefilter("ignore", UserWarning)
+        converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     for node in converted.graph.node:
         if node.op_type == "Cast" and node.name in own_casts:
             for attr in node.attribute:
