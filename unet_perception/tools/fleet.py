@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -60,6 +61,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
                            "there, and has this machine the cluster's token (RAY_AUTH_MODE=token, with the head's "
                            "~/.ray/auth_token copied here or RAY_AUTH_TOKEN set; see docs/bags.md)?") from exc
     else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # an embedded Ray reports nothing home unasked
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  object_store_memory=LOCAL_OBJECT_STORE_MB * 1024 * 1024)
     try:
