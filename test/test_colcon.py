@@ -52,3 +52,22 @@ def test_make_builds_the_vision_msgs_stand_in(tmp_path: Path) -> None:
              f"assert y == x and m.__file__.startswith({str(site)!r}), m.__file__; print('ok')")
     run = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+def test_pip_install_not_editable_finds_its_share(tmp_path: Path) -> None:
+    """`pip install .` (a wheel, not editable) into a fresh venv: the default model, params and Fast DDS profile
+    are found in <venv>/share/unet_perception, never looked for in site-packages."""
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    subprocess.run([Path(sys.base_prefix) / "bin" / "python3", "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", *wheels.glob("*.whl")],
+                   check=True, capture_output=True, timeout=300)
+    probe = ("from unet_perception import launch_support as ls; "
+             "print(ls.share_dir()); print(ls.default_model_path().is_file(), ls.default_params_file().is_file(), "
+             "ls.fastdds_profile_path().is_file())")
+    env = {k: v for k, v in os.environ.items() if k != "AMENT_PREFIX_PATH"}
+    out = subprocess.run([python, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split("\n")[:2] == [str(venv / "share" / "unet_perception"), "True True True"], out.stderr
