@@ -27,9 +27,12 @@ from torch import nn
 _STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
                  (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 ENCODERS = ("lite0",)  # Lite1/Lite2 scale depth and width; add them here when a measurement says they pay
-_BN = {"eps": 1e-3, "momentum": 0.01}  # TensorFlow's epsilon and decay 0.99
 # Input scaling of the TensorFlow lite models: (x - 127) / 128, i.e. [0, 1] -> about [-1, 1].
 _MEAN, _STD = 127.0 / 255.0, 128.0 / 255.0
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)  # TensorFlow's epsilon and decay 0.99
 
 
 class MBConv(nn.Module):
@@ -41,12 +44,13 @@ class MBConv(nn.Module):
         self.expand = expand
         if expand != 1:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+            self._bn0 = _bn(mid)
         self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
-        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._bn1 = _bn(mid)
         self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self._bn2 = _bn(cout)
         self.residual = stride == 1 and cin == cout
+        self.cout = cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
@@ -65,8 +69,8 @@ class LiteEncoder(nn.Module):
         if variant not in ENCODERS:
             raise ValueError(f"encoder must be one of {list(ENCODERS)}, got '{variant}'")
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, **_BN)
-        blocks: list[nn.Module] = []
+        self._bn0 = _bn(32)
+        blocks: list[MBConv] = []
         self.taps: list[int] = []  # index of the last block before each stride change
         cin = 32
         for repeats, kernel, stride, expand, cout in _STAGES:
@@ -77,7 +81,7 @@ class LiteEncoder(nn.Module):
                 cin = cout
         self.taps.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
-        self.channels = [self._blocks[i]._bn2.num_features for i in self.taps]  # type: ignore[union-attr]
+        self.channels = [blocks[i].cout for i in self.taps]
         # The classifier head (_conv_head, _bn1, _fc) of the ImageNet model is not part of the encoder.
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -132,6 +136,9 @@ class DecoderBlock(nn.Module):
 class LiteUNet(nn.Module):
     """U-Net on EfficientNet-Lite; logits [N, num_classes, H, W] for float input [N, 3, H, W] in [0, 1]."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, num_classes: int = 11, encoder: str = "lite0",
                  decoder: tuple[int, ...] | list[int] = (128, 64, 48, 32), pretrained: bool = False) -> None:
         super().__init__()
@@ -144,7 +151,8 @@ class LiteUNet(nn.Module):
         if pretrained:
             load_imagenet_weights(self.encoder, encoder)
         skips = self.encoder.channels  # strides 2, 4, 8, 16, 32
-        ups, cin = [], skips[-1]
+        ups: list[nn.Module] = []
+        cin = skips[-1]
         for skip, cout in zip(reversed(skips[:-1]), decoder):
             ups.append(DecoderBlock(cin, skip, cout))
             cin = cout
