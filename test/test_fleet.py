@@ -253,11 +253,16 @@ def test_corrupt_bag_is_reported_and_the_others_finish(local_ray: None, sources:
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", REPORT_NAME]
 
 
-def test_a_worker_that_cannot_be_placed_is_refused(local_ray: None, sources: dict[str, Path], tiny_model: Path,
-                                                    tmp_path: Path) -> None:
-    from unet_perception.tools.fleet import label_many
+def test_workers_that_cannot_start_are_one_error_not_a_hang(local_ray: None, sources: dict[str, Path],
+                                                            tiny_model: Path, tmp_path: Path) -> None:
+    from unet_perception.tools.fleet import LabelSettings, label_many
 
-    jobs = plan_jobs([sources["a"]], tmp_path / "out")
+    jobs = plan_jobs([sources["a"]], tmp_path / "cpu")  # tensorrt on a CPU-only worker: its constructor raises
+    with pytest.raises(BagError, match="the workers cannot load the model: .*BackendError: the tensorrt backend"):
+        label_many(jobs, LabelSettings(str(tiny_model), "tensorrt"), workers=1, progress=False)
+    assert _hidden(tmp_path / "cpu") == [] and not jobs[0].out.exists()
+
+    jobs = plan_jobs([sources["a"]], tmp_path / "out")  # workers the cluster cannot place
     with pytest.raises(BagError, match="has 0 GPUs; a worker needs 1 .--gpus-per-worker."):
         label_many(jobs, _settings(tiny_model), gpus_per_worker=1, progress=False)
     with pytest.raises(BagError, match="has 2 CPUs; a worker needs 3 .--cpus-per-worker."):

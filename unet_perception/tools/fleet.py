@@ -122,8 +122,9 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
         try:
             try:
                 described = ray.get([a.describe.remote() for a in pool])
-            except ray.exceptions.RayActorError as exc:
-                raise BagError(f"the workers cannot load the model: {exc}") from exc
+            except ray.exceptions.RayActorError as exc:  # its text ends with the worker's own error line
+                cause = [line for line in str(exc).splitlines() if line.strip()][-1]
+                raise BagError(f"the workers cannot load the model: {cause}") from exc
             total = sum(_frames_or_zero(job, settings) for job in todo)
             _run_pool(pool, tracker, todo, results, len(jobs), total, retries, progress, poll_s, on_poll)
         finally:
@@ -218,6 +219,7 @@ def add_parser(sub: Any) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     from unet_perception.launch_support import default_model_path
+    from unet_perception.model_contract import read_model_info
     from unet_perception.pipeline import check_alpha
 
     try:  # before Ray starts: a bad option costs nothing
@@ -229,6 +231,7 @@ def run_cli(args: argparse.Namespace) -> int:
     model = args.model or str(default_model_path())
     if not Path(model).is_file():
         raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
+    read_model_info(model)  # a model that cannot be read is one error here, not one per worker
     if args.workers is not None and args.workers < 1:
         raise BagError(f"--workers must be >= 1, got {args.workers}")
     if args.retries < 0:
