@@ -122,9 +122,8 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
         try:
             try:
                 described = ray.get([a.describe.remote() for a in pool])
-            except ray.exceptions.RayActorError as exc:  # its text ends with the worker's own error line
-                cause = [line for line in str(exc).splitlines() if line.strip()][-1]
-                raise BagError(f"the workers cannot load the model: {cause}") from exc
+            except ray.exceptions.RayActorError as exc:
+                raise BagError(f"the workers cannot load the model: {_last_line(exc)}") from exc
             total = sum(_frames_or_zero(job, settings) for job in todo)
             _run_pool(pool, tracker, todo, results, len(jobs), total, retries, progress, poll_s, on_poll)
         finally:
@@ -134,6 +133,11 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
                 if job.name not in results:  # interrupted: leave nothing half-done behind
                     job.remove_leftovers()
     return FleetReport([results[job.name] for job in jobs], time.perf_counter() - started, described)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The last line of a Ray error: the worker's own error, without Ray's traceback above it."""
+    return ([line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__])[-1]
 
 
 def _frames_or_zero(job: BagJob, settings: LabelSettings) -> int:
@@ -162,12 +166,12 @@ def _run_pool(pool: list[Any], tracker: Any, todo: deque[BagJob], results: dict[
             try:
                 results[job.name] = ray.get(ref)
             except ray.exceptions.RayActorError as exc:  # its worker died on it on every try
-                error = f"its worker died on each of {retries + 1} tries: {exc}"
+                error = f"its worker died on each of {retries + 1} tries: {_last_line(exc)}"
                 results[job.name] = BagResult(job.name, str(job.src), str(job.out), "failed",
                                               attempts=retries + 1, error=error)
             except ray.exceptions.RayError as exc:  # Ray itself failed the call (label() returns bag errors)
                 results[job.name] = BagResult(job.name, str(job.src), str(job.out), "failed", attempts=1,
-                                              error=f"{type(exc).__name__}: {exc}")
+                                              error=f"{type(exc).__name__}: {_last_line(exc)}")
         snapshot: dict[str, tuple[int, int, int]] = ray.get(tracker.snapshot.remote())
         bar.n = sum(frames for _, frames, _ in snapshot.values())
         bar.set_description(f"bags {len(results)}/{n_bags}", refresh=False)
