@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
-from ros_graph import RosGraph, wait_matched, wait_until
+from ros_graph import RosGraph, publish_until, stop_process, wait_matched, wait_until
 from test_node import as_array, reference_segmenter
 from unet_perception import node as node_module
+from unet_perception.launch_support import node_command, node_env
 from unet_perception.model_contract import UNKNOWN_LABEL, read_model_info
 from unet_perception.node import StartupError
 from unet_perception.tools.camera_sim import image_message, synthetic_frame
@@ -149,3 +153,21 @@ def test_without_vision_msgs_the_node_runs_without_label_info(tiny_model, monkey
         graph.segmentation_node(model_path=str(tiny_model), image_topics=["/nv/image_raw"])
         flows(graph, "/nv/image_raw", "/nv/segmentation/labels")
         assert graph.node.count_publishers("/nv/segmentation/label_info") == 0
+
+
+def test_readme_remap_example_across_processes(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """`segmentation_node --ros-args -r image_raw:=/camera/image_raw` as its own process: /camera/segmentation/*."""
+    cmd = node_command(None, {"model_path": str(tiny_model)}) + ["-r", "image_raw:=/camera/image_raw"]
+    proc = subprocess.Popen(cmd, env=os.environ | node_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        with RosGraph() as graph:
+            pub = graph.publisher(Image, "/camera/image_raw")
+            labels = graph.collect(Image, "/camera/segmentation/labels", RELIABLE)
+            wait_matched(pub, [labels])
+            publish_until(pub, frame(), labels)
+            assert graph.node.count_publishers("/segmentation/labels") == 0
+    finally:
+        out = stop_process(proc)
+    assert proc.returncode == 0, out
+    assert "segmenting /camera/image_raw" in out and "/camera/segmentation/{labels," in out
