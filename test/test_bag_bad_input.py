@@ -187,3 +187,24 @@ def test_from_images_bad_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
     _no_output(tmp_path, tmp_path / "out")
     with pytest.raises(BagError, match="--rate must be > 0"):
         bag.bag_from_images([], tmp_path / "out", rate=0)
+
+
+def test_model_emitting_ids_outside_its_table_is_one_error(tmp_path: Path, tiny_model: Path) -> None:
+    """A model that lies about its classes stops the run with a BagError (one line from main), no traceback."""
+    from unet_perception.backends.base import Prediction
+    from unet_perception.backends.factory import BackendOptions, create_backend
+    from unet_perception.pipeline import Segmenter
+
+    src = _camera_bag(tmp_path / "in", n=2)
+    out = tmp_path / "out"
+    with create_backend("onnxruntime", tiny_model, BackendOptions(max_batch=4)) as backend:
+        real_infer = backend.infer
+
+        def lying_infer(batch: np.ndarray) -> Prediction:
+            pred = real_infer(batch)
+            return Prediction(np.full_like(pred.labels, 200), pred.confidence)
+
+        backend.infer = lying_infer  # type: ignore[method-assign]
+        with pytest.raises(BagError, match="class id 200"):
+            label_bag(src, out, Segmenter(backend, backend.info.classes), progress=False)
+    _no_output(tmp_path, out)

@@ -397,7 +397,10 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
             read: Counter[str] = Counter()
 
             def flush() -> None:
-                results = segmenter.run([p.rgb for p in pending])
+                try:
+                    results = segmenter.run([p.rgb for p in pending])
+                except ValueError as exc:  # a model whose labels break its own metadata: no bag can be right
+                    raise BagError(f"model: {exc}; re-export it with unet-export") from exc
                 for p, seg in zip(pending, results, strict=True):
                     images = segmenter.render(p.rgb, seg, kinds, alpha=alpha, overlay_encoding=p.overlay_encoding)
                     for kind, (array, enc) in images.items():
