@@ -2,7 +2,8 @@
 
 * ``from-images DIR OUT``: an image folder -> a rosbag2 of ``sensor_msgs/Image`` or ``CompressedImage``.
 * ``label IN OUT``: every camera topic of a bag through the segmentation pipeline (no ROS graph) -> a new bag
-  with the original messages plus ``<ns>/segmentation/{labels,color,overlay}`` at the same timestamps.
+  with the original messages plus ``<ns>/segmentation/{labels,color,overlay}`` (and ``confidence`` for models
+  with that output) at the same timestamps.
 * ``play BAG``: publish a bag over rclpy at its recorded timing (for machines without ``ros2 bag play``).
 
 Bags are read and written with ``rosbags`` (sqlite3 and mcap, rosbag2 format version 8 as ROS 2 Jazzy writes
@@ -545,9 +546,7 @@ def _from_images(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     from unet_perception.backends.factory import BackendOptions, create_backend
-    from unet_perception.pipeline import Segmenter
-
-    from unet_perception.pipeline import check_alpha
+    from unet_perception.pipeline import Segmenter, check_alpha
 
     try:  # before the model loads: a bad option costs nothing
         check_alpha(args.alpha)
@@ -620,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("label", help="label every camera topic of a bag offline (no ROS graph)",
                        description="Copy every message of IN to the new bag OUT and add "
-                                   "<ns>/segmentation/{labels,color,overlay} for each Image/CompressedImage topic.")
+                                   "<ns>/segmentation/{labels,color,overlay} (and confidence, for models with that "
+                                   "output) for each Image/CompressedImage topic.")
     p.add_argument("input", type=Path, metavar="IN", help="input bag folder (sqlite3 or mcap)")
     p.add_argument("out", type=Path, metavar="OUT", help="output bag folder (must not exist)")
     p.add_argument("--model", default="", help="ONNX model (default: the package's models/unet_camvid.onnx)")
