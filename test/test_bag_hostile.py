@@ -21,7 +21,7 @@ from rosbags.rosbag2 import Reader, Writer
 
 import hostile
 from unet_perception.tools import bag
-from unet_perception.tools.bag import COMPRESSED, IMAGE, main, typestore
+from unet_perception.tools.bag import COMPRESSED, IMAGE, BagError, label_bag, main, typestore
 
 START = 1_700_000_000_000_000_000
 
@@ -186,6 +186,18 @@ def test_bad_alpha_is_refused_before_any_work(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err
     assert "--alpha: overlay alpha must be in [0, 1], got 2.0" in err and err.count("\n") == 1
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_bad_max_pixels_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   value: str) -> None:
+    """0 must not silently mean the default, nor a negative limit refuse every frame as 'over the limit'."""
+    assert main(["label", str(tmp_path / "no_bag"), str(tmp_path / "out"), "--max-pixels", value,
+                 "--model", str(tmp_path / "no.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert f"--max-pixels must be >= 1, got {value}" in err and err.count("\n") == 1
+    with pytest.raises(BagError, match="--max-pixels must be >= 1"):
+        label_bag(tmp_path / "no_bag", tmp_path / "out", None, max_pixels=int(value), progress=False)
 
 
 @pytest.fixture

@@ -326,6 +326,20 @@ def _bag_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def check_label_options(alpha: float, batch: int, max_pixels: int | None) -> None:
+    """``--alpha``, ``--batch`` and ``--max-pixels`` of label (and label-many), or a ``BagError`` naming the option."""
+    from unet_perception.pipeline import check_alpha
+
+    try:
+        check_alpha(alpha)
+    except ValueError as exc:
+        raise BagError(f"--alpha: {exc}") from exc
+    if batch < 1:
+        raise BagError(f"--batch must be >= 1, got {batch}")
+    if max_pixels is not None and max_pixels < 1:
+        raise BagError(f"--max-pixels must be >= 1, got {max_pixels} (leave it out for the default 4096*4096)")
+
+
 def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | None = None,
               storage: str | None = None, batch: int = 4, alpha: float = 0.5, max_pixels: int | None = None,
               exclude_topics: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = tqdm.write,
@@ -343,14 +357,8 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
     (metadata.yaml against the storage); after the work, that every message was read.
     """
     from unet_perception.codec import MAX_PIXELS, decode, overlay_encoding, source_encoding
-    from unet_perception.pipeline import check_alpha
 
-    try:
-        check_alpha(alpha)
-    except ValueError as exc:
-        raise BagError(f"--alpha: {exc}") from exc
-    if batch < 1:
-        raise BagError(f"--batch must be >= 1, got {batch}")
+    check_label_options(alpha, batch, max_pixels)
     if storage is not None and storage not in STORAGES:
         raise BagError(f"storage must be one of {sorted(STORAGES)}, got '{storage}'")
     check_output(out)
@@ -546,14 +554,9 @@ def _from_images(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     from unet_perception.backends.factory import BackendOptions, create_backend
-    from unet_perception.pipeline import Segmenter, check_alpha
+    from unet_perception.pipeline import Segmenter
 
-    try:  # before the model loads: a bad option costs nothing
-        check_alpha(args.alpha)
-    except ValueError as exc:
-        raise BagError(f"--alpha: {exc}") from exc
-    if args.batch < 1:
-        raise BagError(f"--batch must be >= 1, got {args.batch}")
+    check_label_options(args.alpha, args.batch, args.max_pixels)  # before the model loads: costs nothing
     check_output(args.out)
     model = args.model or _default_model()
     if not Path(model).is_file():
