@@ -58,6 +58,7 @@ def test_demo_without_a_model_says_how_to_get_one(tmp_path: Path) -> None:
     run = _demo(["--images", str(tmp_path), "--model", str(tmp_path / "missing.onnx"), "--out", str(tmp_path)])
     assert run.returncode == 1
     assert "no model at" in run.stderr and "--model" in run.stderr
+    assert "make model" in run.stderr  # a target the Makefile has (there is no `make train`)
 
 
 def test_demo_on_a_clone_without_data_uses_synthetic_frames(tmp_path: Path, tiny_model: Path) -> None:

@@ -243,7 +243,7 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
 
     if not model.is_file():
         raise DemoError(f"no model at {model}. The shipped model models/unet_camvid.onnx comes from training "
-                        "(make train, then unet-export); or pass --model PATH to any exported .onnx")
+                        "(make model: unet-train, then unet-export); or pass --model PATH to any exported .onnx")
     info = read_model_info(model)
     out.mkdir(parents=True, exist_ok=True)
     if not images.exists():
