@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from unet_perception.tools.bag import STORAGES, BagError
+from unet_perception.tools.bag import STORAGES, BagError, check_label_options
 from unet_perception.tools.fleet_plan import (
     REPORT_NAME,
     BagJob,
@@ -224,14 +224,8 @@ def add_parser(sub: Any) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     from unet_perception.launch_support import default_model_path
     from unet_perception.model_contract import read_model_info
-    from unet_perception.pipeline import check_alpha
 
-    try:  # before Ray starts: a bad option costs nothing
-        check_alpha(args.alpha)
-    except ValueError as exc:
-        raise BagError(f"--alpha: {exc}") from exc
-    if args.batch < 1:
-        raise BagError(f"--batch must be >= 1, got {args.batch}")
+    check_label_options(args.alpha, args.batch, args.max_pixels)  # before Ray starts: a bad option costs nothing
     model = args.model or str(default_model_path())
     if not Path(model).is_file():
         raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")

@@ -71,7 +71,12 @@ class _Reporting:
 
 
 class BagLabeller:
-    """Ray actor: the model loaded once (backend as ``label`` picks it), then one bag per ``label`` call."""
+    """Ray actor: the model loaded once, then one bag per ``label`` call.
+
+    The device is the worker's: ``cuda`` when Ray gave it a GPU (``--gpus-per-worker``; Ray sets
+    ``CUDA_VISIBLE_DEVICES`` to it, so it is GPU 0 here), else ``cpu``. With backend ``auto`` that is TensorRT, then
+    ONNX Runtime's CUDA provider, on a GPU worker and ONNX Runtime on a CPU worker, as the node picks by device.
+    """
 
     def __init__(self, settings: LabelSettings, progress: str) -> None:
         import ray
@@ -82,7 +87,8 @@ class BagLabeller:
         # Looked up by name: an actor handle among the constructor arguments would live in the object store,
         # which Ray cannot promise to keep for restarts.
         self.settings, self.progress = settings, ray.get_actor(progress)
-        options = BackendOptions(max_batch=settings.batch, threads=settings.threads)
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        options = BackendOptions(max_batch=settings.batch, threads=settings.threads, device=device)
         self.backend = create_backend(settings.backend, settings.model, options).activate()
         self.segmenter = Segmenter(self.backend, self.backend.info.classes)
 
