@@ -141,3 +141,30 @@ def test_cli_with_autostart_false_waits_for_a_manager(tiny_model) -> None:  # ty
         out = stop_process(proc)
     assert proc.returncode == 0, out
     assert "segmenting /cli_lc/image_raw" in out
+
+
+def test_a_failed_warm_up_frees_the_backend(tiny_model: Any, monkeypatch: Any) -> None:
+    """A backend that activates and then fails its warm-up is closed by the failed configure, not leaked
+    until garbage collection (a lifecycle manager retrying configure would pile up GPU memory)."""
+    import pytest
+
+    from unet_perception import node as node_module
+    from unet_perception.node import StartupError
+
+    created: list[Any] = []
+    real_create = node_module.create_backend
+
+    def failing_create(*args: Any, **kwargs: Any) -> Any:
+        backend = real_create(*args, **kwargs)
+
+        def fail(batch: Any) -> Any:
+            raise RuntimeError("simulated warm-up failure")
+
+        backend._infer = fail
+        created.append(backend)
+        return backend
+
+    monkeypatch.setattr(node_module, "create_backend", failing_create)
+    with RosGraph() as graph, pytest.raises(StartupError, match="simulated warm-up failure"):
+        graph.segmentation_node(model_path=str(tiny_model), image_topics=["/warm/image_raw"])
+    assert len(created) == 1 and not created[0].active

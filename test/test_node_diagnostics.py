@@ -117,3 +117,24 @@ def test_output_far_below_the_camera_rate_is_a_warning(rig: Rig) -> None:
     assert status is not None, "no status named the slow processing"
     assert status.level == DiagnosticStatus.WARN and "processing" in status.message
     assert 15.0 < float(values(status)["camera_rate_hz"]) < 25.0
+
+
+def test_a_frame_that_fails_to_publish_is_counted_and_the_worker_goes_on(rig: Rig) -> None:
+    """An exception after inference (render, encode, publish) is one counted error; the next frame is published
+    (before, it ended the worker thread: no output on any camera until restart)."""
+    segmenter = rig.node._segmenter
+    real_render = segmenter.render
+    calls = []
+
+    def render_failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated render failure")
+        return real_render(*args, **kwargs)
+
+    segmenter.render = render_failing_once
+    rig.send(0, 0)
+    rig.wait_status(lambda s: "simulated render failure" in values(s)["last_error"], "the failure counted")
+    assert len(rig.labels) == 0
+    rig.send(1, 0)
+    rig.labels.wait_for(1)

@@ -343,11 +343,18 @@ class SegmentationNode(LifecycleNode):
                                  workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"])
         try:
             backend = create_backend(p["backend"], info, options, log=self.get_logger().info)
-            backend.activate()
-            backend.infer(np.zeros((1, *info.input_hw, 3), np.uint8))  # warm-up: the first frame is not slow
         except (BackendError, ImportError, RuntimeError) as exc:
             raise StartupError(f"backend '{p['backend']}' (device '{p['device']}') cannot run the model "
                                f"'{model_path}': {exc}") from exc
+        try:
+            backend.activate()
+            backend.infer(np.zeros((1, *info.input_hw, 3), np.uint8))  # warm-up: the first frame is not slow
+        except Exception as exc:
+            backend.close()  # a manager may retry configure: free what activate allocated (GPU memory) now
+            if isinstance(exc, (BackendError, ImportError, RuntimeError)):
+                raise StartupError(f"backend '{p['backend']}' (device '{p['device']}') cannot run the model "
+                                   f"'{model_path}': {exc}") from exc
+            raise
         self._segmenter = Segmenter(backend, classes, p["unknown_threshold"])
         self._max_batch = p["max_batch"]
         self._max_pixels = p["max_image_pixels"]
@@ -566,7 +573,10 @@ class SegmentationNode(LifecycleNode):
                 self._record_error(cam, f"inference failed on {cam.topic}: {type(exc).__name__}: {exc}")
             return
         for (cam, frame), seg in zip(batch, results):
-            self._publish(cam, frame, seg)
+            try:
+                self._publish(cam, frame, seg)
+            except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame, or every camera stops
+                self._record_error(cam, f"publishing failed on {cam.topic}: {type(exc).__name__}: {exc}")
 
     def _publish(self, cam: Camera, frame: Frame, seg: Segmentation) -> None:
         assert self._segmenter is not None
