@@ -23,8 +23,8 @@ from sensor_msgs.msg import CompressedImage
 from std_msgs.msg import Header
 
 from unet_perception.backends.factory import BackendOptions, create_backend
-from unet_perception.codec import decode_compressed, decode_image, encode_image
-from unet_perception.pipeline import Segmenter, preprocess, upscale_labels
+from unet_perception.codec import decode, decode_compressed, decode_image, encode_image
+from unet_perception.pipeline import OUTPUT_KINDS, Segmenter, preprocess, upscale_labels
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = REPO / "models" / "unet_camvid.onnx"
@@ -99,14 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             labels = upscale_labels(small, FRAME_HW)
             rendered = segmenter.outputs(frame, labels)
             ni, n = args.infer_iterations, args.iterations
+            n_out = len(OUTPUT_KINDS) - (not backend.info.has_confidence)  # confidence only from models with it
 
-            def full_path() -> None:  # what the node does per bgr8 frame, minus ROS transport
-                rgb = decode_image(bgr_msg, use_cv_bridge=False)
-                lab = segmenter.run([rgb])[0].labels
-                out = segmenter.outputs(rgb, lab, alpha=0.5, overlay_bgr=True)
-                encode_image(lab, "mono8", header)
-                encode_image(out.color, "rgb8", header)  # type: ignore[arg-type]
-                encode_image(out.overlay, "bgr8", header)  # type: ignore[arg-type]
+            def full_path() -> None:  # what the node's worker does per bgr8 frame, minus ROS transport
+                rgb = decode(bgr_msg, use_cv_bridge=False)
+                seg = segmenter.run([rgb])[0]
+                for array, encoding in segmenter.render(rgb, seg, OUTPUT_KINDS, overlay_encoding="bgr8").values():
+                    encode_image(array, encoding, header)
 
             rows = [
                 ("infer, batch 1 (per frame)", measure(lambda: backend.infer(batch4[:1]), ni), ni),
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                  measure(lambda: (encode_image(labels, "mono8", header),
                                   encode_image(rendered.color, "rgb8", header),  # type: ignore[arg-type]
                                   encode_image(rendered.overlay, "rgb8", header)), n), n),  # type: ignore[arg-type]
-                ("full path bgr8 in, 3 images out, batch 1", measure(full_path, ni), ni),
+                (f"full path bgr8 in, {n_out} images out, batch 1", measure(full_path, ni), ni),
             ]
 
     print(f"model: {what}, input {w}x{h}, {backend.info.classes.num_classes} classes")
