@@ -158,3 +158,16 @@ def test_launch_file_declares_arguments_and_builds_the_node() -> None:
     (node,) = opaque.execute(context)
     assert node.node_executable == "segmentation_node"
     assert node.additional_env is not None
+
+
+def test_docs_name_every_launch_argument() -> None:
+    """docs/node.md's "Launch file" section lists each argument seg.launch.py declares (read without launch_ros)."""
+    import ast
+
+    tree = ast.parse((REPO / "launch" / "seg.launch.py").read_text())
+    arguments = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                     and any(isinstance(t, ast.Name) and t.id == "ARGUMENTS" for t in node.targets))
+    assert isinstance(arguments, ast.Dict)
+    names = [ast.literal_eval(key) for key in arguments.keys if key is not None]
+    section = (REPO / "docs" / "node.md").read_text().split("## Launch file", 1)[1].split("\n## ", 1)[0]
+    assert names and [n for n in names if f"`{n}`" not in section] == []
