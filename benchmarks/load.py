@@ -230,9 +230,9 @@ def run_load(config: LoadConfig, model: Path, workdir: Path, model_label: str = 
         except subprocess.TimeoutExpired:
             node.kill()
         executor.shutdown()
+        spinner.join(timeout=5)  # before the node goes: a spin still in flight would touch destroyed handles
         probe.node.destroy_node()
         rclpy.try_shutdown(context=context)
-        spinner.join(timeout=5)
     for k, cam in enumerate(result.cameras):
         v = probe.counters(k) or {}
         cam.sent = probe.sent[k]

@@ -90,10 +90,10 @@ def node_ms_per_frame(model: Path, frame: np.ndarray, cameras: int, threads: int
         return float(np.mean(times)), float(latencies.mean()), float(np.percentile(latencies, 99))
     finally:
         executor.shutdown()
+        spinner.join(timeout=5)  # before any node goes: a spin still in flight would touch destroyed handles
         node.destroy_node()
         probe.destroy_node()
         rclpy.try_shutdown(context=context)
-        spinner.join(timeout=5)
 
 
 def main(argv: list[str] | None = None) -> int:

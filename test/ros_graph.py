@@ -93,10 +93,10 @@ class RosGraph:
 
     def close(self) -> None:
         self.executor.shutdown()
+        self._thread.join(timeout=5)  # before any node goes: a spin still in flight would touch destroyed handles
         for node in reversed(self._nodes):
             node.destroy_node()
         rclpy.try_shutdown(context=self.context)
-        self._thread.join(timeout=5)
 
     def __enter__(self) -> RosGraph:
         return self
