@@ -599,6 +599,17 @@ def _play(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_label_options(p: argparse.ArgumentParser) -> None:
+    """The model and labelling options ``label`` and ``label-many`` share, with the same names and defaults."""
+    from unet_perception.backends.factory import KINDS
+
+    p.add_argument("--model", default="", help="ONNX model (default: the package's models/unet_camvid.onnx)")
+    p.add_argument("--backend", default="auto", choices=KINDS, help="inference backend (default: %(default)s)")
+    p.add_argument("--topics", nargs="+", metavar="TOPIC", help="camera topics to label (default: all)")
+    p.add_argument("--storage", choices=sorted(STORAGES), default=None, help="output storage (default: as IN)")
+    p.add_argument("--batch", type=int, default=4, help="frames per inference batch (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unet-bag", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -626,12 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "output) for each Image/CompressedImage topic.")
     p.add_argument("input", type=Path, metavar="IN", help="input bag folder (sqlite3 or mcap)")
     p.add_argument("out", type=Path, metavar="OUT", help="output bag folder (must not exist)")
-    p.add_argument("--model", default="", help="ONNX model (default: the package's models/unet_camvid.onnx)")
-    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
-                   help="inference backend (default: %(default)s)")
-    p.add_argument("--topics", nargs="+", metavar="TOPIC", help="camera topics to label (default: all)")
-    p.add_argument("--storage", choices=sorted(STORAGES), default=None, help="output storage (default: as IN)")
-    p.add_argument("--batch", type=int, default=4, help="frames per inference batch (default: %(default)s)")
+    add_label_options(p)
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads, 0 = library default")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask, 0..1 "
                    "(default: 0.5)")

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from unet_perception import launch_support
+from unet_perception.backends.factory import KINDS
 from unet_perception.tools.bag import (
     BagError,
     bag_from_images,
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "from <folder>annot/ when it exists (CamVid layout)")
     parser.add_argument("--model", type=Path, default=None,
                         help="ONNX model (default: the package's models/unet_camvid.onnx)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+    parser.add_argument("--backend", default="auto", choices=KINDS,
                         help="node backend (default: %(default)s, as in config/seg.yaml)")
     parser.add_argument("--frames", type=int, default=50, help="frames to replay (default: %(default)s)")
     parser.add_argument("--rate", type=float, default=5.0, help="camera rate in Hz (default: %(default)s)")
