@@ -4,6 +4,8 @@
 * ``label IN OUT``: every camera topic of a bag through the segmentation pipeline (no ROS graph) -> a new bag
   with the original messages plus ``<ns>/segmentation/{labels,color,overlay}`` (and ``confidence`` for models
   with that output) at the same timestamps.
+* ``label-many INPUTS... --out DIR``: ``label`` over many bags on Ray (this machine or a cluster), resumable
+  (``tools/fleet.py``; needs ``requirements/fleet.txt``).
 * ``play BAG``: publish a bag over rclpy at its recorded timing (for machines without ``ros2 bag play``).
 
 Bags are read and written with ``rosbags`` (sqlite3 and mcap, rosbag2 format version 8 as ROS 2 Jazzy writes
