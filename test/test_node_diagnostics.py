@@ -138,3 +138,38 @@ def test_a_frame_that_fails_to_publish_is_counted_and_the_worker_goes_on(rig: Ri
     assert len(rig.labels) == 0
     rig.send(1, 0)
     rig.labels.wait_for(1)
+
+
+PERIOD = 100_000_000  # a 10 Hz camera's stamps
+
+
+def stamp_rate(stamps: list[int]):  # type: ignore[no-untyped-def]
+    from unet_perception.node import StampRate
+
+    rate = StampRate()
+    for ns in stamps:
+        rate.add(ns)
+    return rate
+
+
+def test_stamps_after_a_bag_loop_are_counted_again() -> None:
+    """The bag starts over (stamps jump back 30 s); frames 13 and 14 of the second pass are lost: 2 missing.
+    Before, every stamp below the first pass's last one was ignored, so the second pass counted nothing."""
+    first = [5_000_000_000 + i * PERIOD for i in range(300)]
+    second = [5_000_000_000 + i * PERIOD for i in range(20) if i not in (13, 14)]
+    rate = stamp_rate(first + second)
+    assert rate.missing == 2 and round(rate.rate_hz()) == 10
+
+
+def test_one_frame_stamped_in_the_future_does_not_blind_the_camera() -> None:
+    """A frame stamped a day ahead (a bad clock, a hostile sender), then the camera goes on and loses a frame."""
+    good = [5_000_000_000 + i * PERIOD for i in range(10)]
+    later = [5_000_000_000 + i * PERIOD for i in range(10, 20) if i != 15]
+    rate = stamp_rate([*good, 5_000_000_000 + 86_400 * 1_000_000_000, *later])
+    assert rate.missing == 1 and round(rate.rate_hz()) == 10
+
+
+def test_unset_repeated_and_slightly_late_stamps_are_not_losses() -> None:
+    base = [5_000_000_000 + i * PERIOD for i in range(10)]
+    rate = stamp_rate([*base[:8], 0, base[7], base[6], *base[8:]])
+    assert rate.missing == 0 and round(rate.rate_hz()) == 10

@@ -53,6 +53,7 @@ LOG_THROTTLE_S = 5.0          # at most one bad-input / backend-failure line per
 STAMP_WINDOW = 50             # the input rate is the median period of the last this many header-stamp gaps
 MIN_GAPS = 5                  # gaps needed before frames missing are counted against that period
 MAX_SKIP = 1000               # a stamp jump of more periods is a restart (bag loop, clock reset), not a loss
+MAX_REORDER = 10              # a stamp more periods older than the newest is a restart too, not a late frame
 SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
 
 
@@ -186,15 +187,23 @@ class StampRate:
     missing: int = 0  # frames the stamps say were sent but never arrived
 
     def add(self, stamp_ns: int) -> None:
-        if stamp_ns <= self.last_ns:  # unset stamps, repeats and out-of-order frames say nothing about loss
+        if stamp_ns <= 0:  # an unset stamp says nothing
+            return
+        period = self.period_ns() if len(self.gaps) >= MIN_GAPS else 0.0
+        if stamp_ns <= self.last_ns:
+            # Repeats and slightly out-of-order frames say nothing about loss. A jump back of many periods is a
+            # restart (a bag looping, a clock reset, a frame stamped in the future before it): count from here,
+            # or every frame until the old stamp came round again would be ignored.
+            if not period or self.last_ns - stamp_ns > MAX_REORDER * period:
+                self.last_ns = stamp_ns
             return
         if self.last_ns:
             gap = stamp_ns - self.last_ns
-            period = self.period_ns()
-            if period and len(self.gaps) >= MIN_GAPS:
-                skipped = round(gap / period) - 1
-                if 0 < skipped <= MAX_SKIP:
-                    self.missing += skipped
+            skipped = round(gap / period) - 1 if period else 0
+            if skipped > MAX_SKIP:  # a jump forward (a restart, a bogus stamp): neither a loss nor a period
+                self.last_ns = stamp_ns
+                return
+            self.missing += max(skipped, 0)
             self.gaps.append(gap)
         self.last_ns = stamp_ns
 
