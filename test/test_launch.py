@@ -11,7 +11,7 @@ import yaml
 
 from conftest import REPO
 from unet_perception import launch_support as ls
-from unet_perception.node import PARAMS
+from unet_perception.node_params import PARAMS
 
 FASTDDS_NS = "{http://www.eprosima.com/XMLSchemas/fastRTPS_Profiles}"
 

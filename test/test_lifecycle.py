@@ -149,7 +149,7 @@ def test_a_failed_warm_up_frees_the_backend(tiny_model: Any, monkeypatch: Any) -
     import pytest
 
     from unet_perception import node as node_module
-    from unet_perception.node import StartupError
+    from unet_perception.node_params import StartupError
 
     created: list[Any] = []
     real_create = node_module.create_backend

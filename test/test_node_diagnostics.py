@@ -144,7 +144,7 @@ PERIOD = 100_000_000  # a 10 Hz camera's stamps
 
 
 def stamp_rate(stamps: list[int]):  # type: ignore[no-untyped-def]
-    from unet_perception.node import StampRate
+    from unet_perception.node_stats import StampRate
 
     rate = StampRate()
     for ns in stamps:

@@ -16,7 +16,7 @@ from test_node import as_array, reference_segmenter
 from unet_perception import node as node_module
 from unet_perception.launch_support import node_command, node_env
 from unet_perception.model_contract import UNKNOWN_LABEL, read_model_info
-from unet_perception.node import StartupError
+from unet_perception.node_params import StartupError
 from unet_perception.tools.camera_sim import image_message, synthetic_frame
 
 vision_msgs = pytest.importorskip("vision_msgs.msg", reason="vision_msgs is not installed (make venv builds it)")

@@ -12,7 +12,7 @@ from rclpy.parameter import Parameter
 
 from ros_graph import RosGraph
 from unet_perception.launch_support import node_command, node_env
-from unet_perception.node import PARAMS, StartupError
+from unet_perception.node_params import PARAMS, StartupError
 
 TIMEOUT_S = 60
 

@@ -10,6 +10,8 @@ message claims) and put it into its camera's keep-latest slot (a frame replaced 
 a drop); one worker thread takes the latest frame of every camera, decodes it (``codec.decode``, the bag tool's
 path too), runs them as one batch through the Segmenter and publishes, so memory and latency stay bounded
 whatever the input rate, and no camera's frames can stall the executor (other cameras, ``/diagnostics``).
+
+The parameter table and its checks live in ``node_params``, the per-camera counters in ``node_stats``.
 """
 
 from __future__ import annotations
@@ -17,14 +19,12 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.exceptions import InvalidTopicNameException, ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -34,122 +34,25 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from unet_perception.backends.base import BackendError
-from unet_perception.backends.factory import DEVICES, KINDS, PRECISIONS, BackendOptions, create_backend
-from unet_perception.class_table import ClassTable
+from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.codec import check, decode, encode_image, overlay_encoding, source_encoding
 from unet_perception.launch_support import NODE_NAME, apply_node_env, default_model_path, missing_profile_note
 from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo, read_model_info
+from unet_perception.node_params import PARAMS, QOS_RELIABILITY, StartupError, parse_class_colors, validate
+from unet_perception.node_stats import CameraStats
 from unet_perception.pipeline import Segmentation, Segmenter
 from unet_perception.topics import CONFIDENCE, LABEL_INFO, OUTPUTS, camera_outputs, is_compressed_topic
+
+__all__ = ["PARAMS", "SegmentationNode", "StartupError", "main"]  # PARAMS, StartupError: node_params
 
 try:  # vision_msgs: ros-jazzy-vision-msgs on a ROS system, interfaces/vision_msgs in the venv (make venv)
     from vision_msgs.msg import LabelInfo, VisionClass
 except ImportError:  # no class map topic then; configure says so once
     LabelInfo = VisionClass = None
 
-RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
-LATENCY_WINDOW = 200          # latency mean / p99 over the last this many frames of a camera
+RELIABILITY = dict(zip(QOS_RELIABILITY, (ReliabilityPolicy.BEST_EFFORT, ReliabilityPolicy.RELIABLE), strict=True))
 LOG_THROTTLE_S = 5.0          # at most one bad-input / backend-failure line per call site this often
-STAMP_WINDOW = 50             # the input rate is the median period of the last this many header-stamp gaps
-MIN_GAPS = 5                  # gaps needed before frames missing are counted against that period
-MAX_SKIP = 1000               # a stamp jump of more periods is a restart (bag loop, clock reset), not a loss
-MAX_REORDER = 10              # a stamp more periods older than the newest is a restart too, not a late frame
 SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
-
-
-class StartupError(RuntimeError):
-    """A parameter, model or backend problem that stops start-up; the message names what to fix."""
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One node parameter: default, description and the constraints checked at start-up."""
-
-    name: str
-    default: Any
-    description: str
-    choices: tuple[str, ...] = ()
-    int_range: tuple[int, int] | None = None
-    float_range: tuple[float, float] | None = None
-    read_only: bool = True
-
-    def descriptor(self) -> ParameterDescriptor:
-        d = ParameterDescriptor(name=self.name, description=self.description, read_only=self.read_only)
-        if self.choices:
-            d.additional_constraints = "one of: " + ", ".join(self.choices)
-        if self.int_range:
-            d.integer_range = [IntegerRange(from_value=self.int_range[0], to_value=self.int_range[1], step=1)]
-        if self.float_range:
-            d.floating_point_range = [FloatingPointRange(from_value=self.float_range[0],
-                                                         to_value=self.float_range[1], step=0.0)]
-        return d
-
-
-PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("image_topics", ["image_raw"], "Camera topics; one ending in /compressed is a "
-              "sensor_msgs/CompressedImage. Resolved (namespace, remapping) first; the outputs of <ns>/<image> go to "
-              "<ns>/segmentation/{labels,confidence,color,overlay,label_info}."),
-    ParamSpec("model_path", "", "ONNX model following the unet_perception contract; empty = the package's "
-              "models/unet_camvid.onnx."),
-    ParamSpec("backend", "auto", "Inference backend; auto = ONNX Runtime on device cpu; on device cuda TensorRT, "
-              "else ONNX Runtime's CUDA provider.", choices=KINDS),
-    ParamSpec("device", "cpu", "Where inference runs, for every backend: cpu or cuda (tensorrt: cuda only).",
-              choices=DEVICES),
-    ParamSpec("max_batch", 4, "At most this many camera frames run as one batch.", int_range=(1, 64)),
-    ParamSpec("precision", "fp32", "fp32 = the model file as it is; fp16 = its float16 conversion; int8 = its "
-              "Q/DQ twin (<model>_int8.onnx). torch: fp16 = autocast on cuda.", choices=PRECISIONS),
-    ParamSpec("gpu_id", 0, "device cuda: CUDA device index.", int_range=(0, 63)),
-    ParamSpec("threads", 0, "device cpu: ONNX Runtime / torch threads; 0 = the library's default.",
-              int_range=(0, 256)),
-    ParamSpec("engine_cache_dir", "", "tensorrt: engine and timing cache folder (also the fp16 model); empty = "
-              "~/.cache/unet_perception/engines."),
-    ParamSpec("workspace_mb", 1024, "tensorrt: builder workspace in MiB.", int_range=(16, 1 << 20)),
-    ParamSpec("checkpoint", "", "torch: training checkpoint (.pt) the model was exported from; empty = the .pt "
-              "beside the model."),
-    ParamSpec("input_qos", "best_effort", "Reliability of the image subscriptions; best_effort is the "
-              "sensor-data QoS camera drivers publish with and also hears reliable publishers.",
-              choices=tuple(RELIABILITY)),
-    ParamSpec("output_qos", "reliable", "Reliability of the image publishers; reliable serves reliable "
-              "subscribers (rviz2's default) and best-effort ones alike.", choices=tuple(RELIABILITY)),
-    ParamSpec("qos_depth", 5, "History depth (keep last) of image subscriptions and publishers.",
-              int_range=(1, 100)),
-    ParamSpec("unknown_threshold", 0, f"Pixels whose confidence (0-255) is below this get label {UNKNOWN_LABEL} "
-              "(unknown); 0 = off. Needs a model with a confidence output.", int_range=(0, 255)),
-    ParamSpec("publish_labels", True, "Publish <ns>/segmentation/labels (mono8 class ids)."),
-    ParamSpec("publish_confidence", True, "Publish <ns>/segmentation/confidence (mono8, 0-255 = the winning "
-              "class's probability) when the model has a confidence output."),
-    ParamSpec("publish_color", True, "Publish <ns>/segmentation/color (rgb8 colour mask)."),
-    ParamSpec("publish_overlay", True, "Publish <ns>/segmentation/overlay (input blended with the mask)."),
-    ParamSpec("overlay_alpha", 0.5, "Weight of the colour mask in the overlay; changeable at run time.",
-              float_range=(0.0, 1.0), read_only=False),
-    ParamSpec("max_image_pixels", 4096 * 4096, "Frames with more pixels are refused as bad input.",
-              int_range=(1, 1 << 30)),
-    ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.05, 60.0)),
-    ParamSpec("class_colors", Parameter.Type.STRING_ARRAY, "Colour overrides, 'Class=R,G,B' with a class "
-              "name of the model (class names and ids always come from the model)."),
-    ParamSpec("autostart", True, "Configure and activate at start-up; false leaves the node unconfigured for "
-              "a lifecycle manager (nav2_lifecycle_manager, ros2 lifecycle set)."),
-)
-
-
-def parse_class_colors(entries: list[str], classes: ClassTable) -> ClassTable:
-    """``["Road=128,64,128", ...]`` applied to ``classes``; StartupError naming the bad entry."""
-    colors: dict[str, tuple[int, int, int]] = {}
-    for entry in entries:
-        name, sep, rgb = entry.partition("=")
-        parts = rgb.split(",")
-        try:
-            values = tuple(int(p) for p in parts)
-        except ValueError:
-            values = ()
-        if not sep or len(values) != 3 or not all(0 <= v <= 255 for v in values):
-            raise StartupError(f"class_colors entry '{entry}' is not 'Class=R,G,B' with R, G, B in 0..255 "
-                               "(e.g. 'Road=128,64,128')")
-        colors[name.strip()] = values  # type: ignore[assignment]
-    try:
-        return classes.with_colors(colors)
-    except ValueError as exc:
-        raise StartupError(f"class_colors: {exc}") from exc
 
 
 @dataclass
@@ -176,59 +79,6 @@ class Frame:
     @property
     def encoding(self) -> str:
         return source_encoding(self.msg)
-
-
-@dataclass
-class StampRate:
-    """A camera's own rate, from its header stamps: frames lost before the node show as longer gaps."""
-
-    last_ns: int = 0
-    gaps: deque[int] = field(default_factory=lambda: deque(maxlen=STAMP_WINDOW))
-    missing: int = 0  # frames the stamps say were sent but never arrived
-
-    def add(self, stamp_ns: int) -> None:
-        if stamp_ns <= 0:  # an unset stamp says nothing
-            return
-        period = self.period_ns() if len(self.gaps) >= MIN_GAPS else 0.0
-        if stamp_ns <= self.last_ns:
-            # Repeats and slightly out-of-order frames say nothing about loss. A jump back of many periods is a
-            # restart (a bag looping, a clock reset, a frame stamped in the future before it): count from here,
-            # or every frame until the old stamp came round again would be ignored.
-            if not period or self.last_ns - stamp_ns > MAX_REORDER * period:
-                self.last_ns = stamp_ns
-            return
-        if self.last_ns:
-            gap = stamp_ns - self.last_ns
-            skipped = round(gap / period) - 1 if period else 0
-            if skipped > MAX_SKIP:  # a jump forward (a restart, a bogus stamp): neither a loss nor a period
-                self.last_ns = stamp_ns
-                return
-            self.missing += max(skipped, 0)
-            self.gaps.append(gap)
-        self.last_ns = stamp_ns
-
-    def period_ns(self) -> float:
-        return float(np.median(self.gaps)) if self.gaps else 0.0
-
-    def rate_hz(self) -> float:
-        period = self.period_ns()
-        return 1e9 / period if period and len(self.gaps) >= MIN_GAPS else 0.0
-
-
-@dataclass
-class CameraStats:
-    """Counters of one camera; guarded by the node's lock."""
-
-    frames_in: int = 0
-    decoded: int = 0  # frames_in that passed decoding and validation
-    frames_out: int = 0
-    drops: int = 0
-    errors: int = 0
-    last_error: str = ""
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    stamps: StampRate = field(default_factory=StampRate)
-    # the counters at the previous diagnostics message, for rates and "recent" levels
-    prev: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
 
 
 @dataclass
@@ -335,7 +185,7 @@ class SegmentationNode(LifecycleNode):
     # -- configure ------------------------------------------------------------------------------
     def _configure(self) -> None:
         p = {spec.name: self._param_value(spec.name) for spec in PARAMS}
-        topics = self._validate(p)
+        topics = validate(p)
         inputs = self._resolve_inputs(topics)
         model_path = p["model_path"] or str(default_model_path())
         try:
@@ -482,22 +332,6 @@ class SegmentationNode(LifecycleNode):
                 raise StartupError(f"parameter '{spec.name}' rejected: {exc.args[0]}") from exc
             values[spec.name] = [] if param.type_ == Parameter.Type.NOT_SET else param.value
         return values
-
-    @staticmethod
-    def _validate(p: dict[str, Any]) -> list[str]:
-        """Checks the descriptors cannot express; returns the input topics."""
-        for spec in PARAMS:
-            if spec.choices and p[spec.name] not in spec.choices:
-                raise StartupError(f"parameter '{spec.name}' is '{p[spec.name]}'; it must be one of "
-                                   f"{', '.join(spec.choices)}")
-        topics = list(p["image_topics"])
-        if not topics or any(not t.strip("/") for t in topics):
-            raise StartupError(f"parameter 'image_topics' is {topics}; give one or more topic names, "
-                               "e.g. ['camera/image_raw']")
-        if not any(p[f"publish_{kind}"] for kind in (*OUTPUTS, CONFIDENCE)):
-            raise StartupError("publish_labels, publish_confidence, publish_color and publish_overlay are all "
-                               "false; switch at least one output on")
-        return topics
 
     def _add_camera(self, topic: str, prefix: str, qos_in: QoSProfile, qos_out: QoSProfile,
                     p: dict[str, Any]) -> Camera:

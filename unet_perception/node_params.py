@@ -1,0 +1,132 @@
+"""The segmentation node's parameters: every one declared from this table (default, description, constraints),
+the checks the descriptors cannot express, and the ``class_colors`` parser. docs/node.md's parameter table is
+checked against ``PARAMS``. No rclpy node here, so the surface is readable and testable on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.parameter import Parameter
+
+from unet_perception.backends.factory import DEVICES, KINDS, PRECISIONS
+from unet_perception.class_table import ClassTable
+from unet_perception.model_contract import UNKNOWN_LABEL
+from unet_perception.topics import CONFIDENCE, OUTPUTS
+
+QOS_RELIABILITY = ("best_effort", "reliable")  # input_qos / output_qos values
+
+
+class StartupError(RuntimeError):
+    """A parameter, model or backend problem that stops start-up; the message names what to fix."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One node parameter: default, description and the constraints checked at start-up."""
+
+    name: str
+    default: Any
+    description: str
+    choices: tuple[str, ...] = ()
+    int_range: tuple[int, int] | None = None
+    float_range: tuple[float, float] | None = None
+    read_only: bool = True
+
+    def descriptor(self) -> ParameterDescriptor:
+        d = ParameterDescriptor(name=self.name, description=self.description, read_only=self.read_only)
+        if self.choices:
+            d.additional_constraints = "one of: " + ", ".join(self.choices)
+        if self.int_range:
+            d.integer_range = [IntegerRange(from_value=self.int_range[0], to_value=self.int_range[1], step=1)]
+        if self.float_range:
+            d.floating_point_range = [FloatingPointRange(from_value=self.float_range[0],
+                                                         to_value=self.float_range[1], step=0.0)]
+        return d
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("image_topics", ["image_raw"], "Camera topics; one ending in /compressed is a "
+              "sensor_msgs/CompressedImage. Resolved (namespace, remapping) first; the outputs of <ns>/<image> go to "
+              "<ns>/segmentation/{labels,confidence,color,overlay,label_info}."),
+    ParamSpec("model_path", "", "ONNX model following the unet_perception contract; empty = the package's "
+              "models/unet_camvid.onnx."),
+    ParamSpec("backend", "auto", "Inference backend; auto = ONNX Runtime on device cpu; on device cuda TensorRT, "
+              "else ONNX Runtime's CUDA provider.", choices=KINDS),
+    ParamSpec("device", "cpu", "Where inference runs, for every backend: cpu or cuda (tensorrt: cuda only).",
+              choices=DEVICES),
+    ParamSpec("max_batch", 4, "At most this many camera frames run as one batch.", int_range=(1, 64)),
+    ParamSpec("precision", "fp32", "fp32 = the model file as it is; fp16 = its float16 conversion; int8 = its "
+              "Q/DQ twin (<model>_int8.onnx). torch: fp16 = autocast on cuda.", choices=PRECISIONS),
+    ParamSpec("gpu_id", 0, "device cuda: CUDA device index.", int_range=(0, 63)),
+    ParamSpec("threads", 0, "device cpu: ONNX Runtime / torch threads; 0 = the library's default.",
+              int_range=(0, 256)),
+    ParamSpec("engine_cache_dir", "", "tensorrt: engine and timing cache folder (also the fp16 model); empty = "
+              "~/.cache/unet_perception/engines."),
+    ParamSpec("workspace_mb", 1024, "tensorrt: builder workspace in MiB.", int_range=(16, 1 << 20)),
+    ParamSpec("checkpoint", "", "torch: training checkpoint (.pt) the model was exported from; empty = the .pt "
+              "beside the model."),
+    ParamSpec("input_qos", "best_effort", "Reliability of the image subscriptions; best_effort is the "
+              "sensor-data QoS camera drivers publish with and also hears reliable publishers.",
+              choices=QOS_RELIABILITY),
+    ParamSpec("output_qos", "reliable", "Reliability of the image publishers; reliable serves reliable "
+              "subscribers (rviz2's default) and best-effort ones alike.", choices=QOS_RELIABILITY),
+    ParamSpec("qos_depth", 5, "History depth (keep last) of image subscriptions and publishers.",
+              int_range=(1, 100)),
+    ParamSpec("unknown_threshold", 0, f"Pixels whose confidence (0-255) is below this get label {UNKNOWN_LABEL} "
+              "(unknown); 0 = off. Needs a model with a confidence output.", int_range=(0, 255)),
+    ParamSpec("publish_labels", True, "Publish <ns>/segmentation/labels (mono8 class ids)."),
+    ParamSpec("publish_confidence", True, "Publish <ns>/segmentation/confidence (mono8, 0-255 = the winning "
+              "class's probability) when the model has a confidence output."),
+    ParamSpec("publish_color", True, "Publish <ns>/segmentation/color (rgb8 colour mask)."),
+    ParamSpec("publish_overlay", True, "Publish <ns>/segmentation/overlay (input blended with the mask)."),
+    ParamSpec("overlay_alpha", 0.5, "Weight of the colour mask in the overlay; changeable at run time.",
+              float_range=(0.0, 1.0), read_only=False),
+    ParamSpec("max_image_pixels", 4096 * 4096, "Frames with more pixels are refused as bad input.",
+              int_range=(1, 1 << 30)),
+    ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.05, 60.0)),
+    ParamSpec("class_colors", Parameter.Type.STRING_ARRAY, "Colour overrides, 'Class=R,G,B' with a class "
+              "name of the model (class names and ids always come from the model)."),
+    ParamSpec("autostart", True, "Configure and activate at start-up; false leaves the node unconfigured for "
+              "a lifecycle manager (nav2_lifecycle_manager, ros2 lifecycle set)."),
+)
+
+
+def parse_class_colors(entries: list[str], classes: ClassTable) -> ClassTable:
+    """``["Road=128,64,128", ...]`` applied to ``classes``; StartupError naming the bad entry."""
+    colors: dict[str, tuple[int, int, int]] = {}
+    for entry in entries:
+        name, sep, rgb = entry.partition("=")
+        parts = rgb.split(",")
+        try:
+            values = tuple(int(p) for p in parts)
+        except ValueError:
+            values = ()
+        if not sep or len(values) != 3 or not all(0 <= v <= 255 for v in values):
+            raise StartupError(f"class_colors entry '{entry}' is not 'Class=R,G,B' with R, G, B in 0..255 "
+                               "(e.g. 'Road=128,64,128')")
+        colors[name.strip()] = values  # type: ignore[assignment]
+    try:
+        return classes.with_colors(colors)
+    except ValueError as exc:
+        raise StartupError(f"class_colors: {exc}") from exc
+
+
+def validate(p: dict[str, Any]) -> list[str]:
+    """The checks the descriptors cannot express, on the values read at configure; returns the
+    input topics. StartupError quoting the bad value."""
+    for spec in PARAMS:
+        if spec.choices and p[spec.name] not in spec.choices:
+            raise StartupError(f"parameter '{spec.name}' is '{p[spec.name]}'; it must be one of "
+                               f"{', '.join(spec.choices)}")
+    topics = list(p["image_topics"])
+    if not topics or any(not t.strip("/") for t in topics):
+        raise StartupError(f"parameter 'image_topics' is {topics}; give one or more topic names, "
+                           "e.g. ['camera/image_raw']")
+    if not any(p[f"publish_{kind}"] for kind in (*OUTPUTS, CONFIDENCE)):
+        raise StartupError("publish_labels, publish_confidence, publish_color and publish_overlay are all "
+                           "false; switch at least one output on")
+    return topics
+
