@@ -130,3 +130,27 @@ def test_an_unloadable_model_file_names_the_path(tmp_path: Path, tiny_model: Pat
     backend = create(type(info)(broken, info.classes, info.input_hw, info.metadata), BackendOptions())
     with pytest.raises(BackendError, match=f"onnxruntime cannot load '{broken}'"):
         backend.activate()
+
+
+def test_the_cpu_path_runs_without_onnx(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rosdep has no key for onnx, so a ROS install may lack it: metadata comes from ONNX Runtime then, the
+    model runs, an int8 twin is still told apart, and a broken file is still a ModelError naming it."""
+    import sys
+
+    from qdq import make_qdq_model
+    from unet_perception.backends.precision_onnx import is_qdq_model
+    from unet_perception.model_contract import ModelError
+
+    int8 = make_qdq_model(tiny_model, tmp_path / "tiny_int8.onnx")
+    with_onnx = read_model_info(tiny_model)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError from here on
+    info = read_model_info(tiny_model)
+    assert (info.classes, info.input_hw, info.has_confidence, info.metadata) == \
+        (with_onnx.classes, with_onnx.input_hw, with_onnx.has_confidence, with_onnx.metadata)
+    assert is_qdq_model(int8) and not is_qdq_model(tiny_model)
+    with create(info, BackendOptions(max_batch=2)) as backend:
+        assert backend.infer(frames(2)).labels.shape == (2, 32, 48)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="broken.onnx"):
+        read_model_info(broken)

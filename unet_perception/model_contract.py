@@ -8,7 +8,7 @@
   {id, name, color}), ``ignore_index``, ``input_height``, ``input_width``, ``dataset``,
   ``metrics`` (JSON), ``training`` (JSON), ``version``.
 
-This module needs only ``onnx`` (no torch, no onnxruntime).
+This module needs ``onnx``, or ONNX Runtime where onnx is not installed (no torch).
 """
 
 from __future__ import annotations
@@ -47,19 +47,34 @@ class ModelError(RuntimeError):
 
 
 def read_model_info(path: str | Path) -> ModelInfo:
-    """Read and validate an exported model's metadata; raises ModelError naming the path and problem."""
-    import onnx
+    """Read and validate an exported model's metadata; raises ModelError naming the path and problem.
 
+    Uses ``onnx`` when it imports, else ONNX Runtime (rosdep has no key for onnx, so a ROS install may lack it).
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file '{path}' does not exist")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean "not a model"
+        try:
+            import onnx
+        except ImportError:
+            meta, inputs, outputs = _read_with_onnxruntime(path)
+        else:
+            model = onnx.load(str(path), load_external_data=False)
+            meta = {p.key: p.value for p in model.metadata_props}
+            inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    except Exception as exc:  # onnx raises DecodeError, OSError; onnxruntime its own: all mean "not a model"
         raise ModelError(f"model file '{path}' is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
-    meta = {p.key: p.value for p in model.metadata_props}
-    return info_from_metadata(path, meta, [i.name for i in model.graph.input],
-                              [o.name for o in model.graph.output])
+    return info_from_metadata(path, meta, inputs, outputs)
+
+
+def _read_with_onnxruntime(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """Metadata props, input and output names through an ONNX Runtime session (loads the whole model)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    return meta, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
 
 
 def info_from_metadata(path: Path, meta: dict[str, str], inputs: list[str], outputs: list[str]) -> ModelInfo:
