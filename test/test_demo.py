@@ -71,3 +71,22 @@ def test_demo_on_a_clone_without_data_uses_synthetic_frames(tmp_path: Path, tiny
     assert summary["frames_in"] == 4 and summary["node_frames_in"] == 4 and summary["frames_out"] >= 1
     assert summary["miou_frames"] == 0  # no ground truth for synthetic frames: no mIoU claimed
     assert cv2.imread(str(out / "overlay_000.png")).shape == (480, 640, 3)
+
+
+def test_score_counts_unknown_pixels_as_misses_not_as_the_last_class(tmp_path: Path) -> None:
+    """Truth [Sky, Sky, Bicyclist, Bicyclist], the node says [Sky, unknown, Bicyclist, Bicyclist]: Sky 1/2,
+    Bicyclist 2/2, mIoU 0.75. Clipping 255 to the last class (Bicyclist, id 10) made it 2/3 and mIoU 0.58."""
+    from types import SimpleNamespace
+
+    import cv2
+    import numpy as np
+
+    from unet_perception.class_table import load_class_table
+    from unet_perception.tools.demo import score
+
+    classes = load_class_table("camvid")
+    (tmp_path / "valannot").mkdir()
+    cv2.imwrite(str(tmp_path / "valannot" / "f.png"), np.array([[0, 0, 10, 10]], np.uint8))
+    msg = SimpleNamespace(data=np.array([0, 255, 10, 10], np.uint8), height=1, width=4, step=4)
+    miou, scored = score({7: msg}, {7: tmp_path / "val" / "f.png"}, tmp_path / "valannot", classes)
+    assert scored == 1 and abs(miou - 0.75) < 1e-9

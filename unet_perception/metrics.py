@@ -11,7 +11,8 @@ import numpy as np
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int,
                      ignore_index: int | None = None) -> np.ndarray:
     """A [C, C] int64 confusion matrix; ignored and out-of-range truth pixels are dropped, predictions
-    beyond the classes (e.g. the unknown label 255) count in the last column."""
+    beyond the classes are clipped into the last column (argmax never makes them; to score the unknown label
+    255 as a miss, pass C + 1 classes with it mapped to C, as ``tools.demo.score`` does)."""
     truth = np.asarray(truth).reshape(-1).astype(np.int64)
     pred = np.asarray(pred).reshape(-1).astype(np.int64)
     keep = (truth >= 0) & (truth < num_classes)

@@ -161,10 +161,15 @@ class Recorder:
 
 
 def score(labels: dict[int, Any], frames: dict[int, Path], truth_dir: Path | None, classes: Any) -> tuple[float, int]:
-    """(mIoU, frames scored) of the node's label messages against ``truth_dir``, matched by header stamp."""
+    """(mIoU, frames scored) of the node's label messages against ``truth_dir``, matched by header stamp.
+
+    Pixels the node labelled unknown (255, under ``unknown_threshold``) are misses of their true class, not
+    predictions of some class: they go to an extra last column, which no truth row is, so it is never averaged.
+    """
     from unet_perception.metrics import confusion_matrix, mean_iou
 
-    cm = np.zeros((classes.num_classes, classes.num_classes), dtype=np.int64)
+    n = classes.num_classes
+    cm = np.zeros((n + 1, n + 1), dtype=np.int64)
     scored = 0
     for stamp, msg in labels.items():
         truth_path = truth_dir / frames[stamp].name if truth_dir and stamp in frames else None
@@ -172,7 +177,8 @@ def score(labels: dict[int, Any], frames: dict[int, Path], truth_dir: Path | Non
         pred = msg.data.reshape(msg.height, msg.step)[:, : msg.width]
         if truth is None or truth.shape != pred.shape:
             continue
-        cm += confusion_matrix(truth, pred, classes.num_classes, classes.ignore_index)
+        truth = np.where(truth < n, truth.astype(np.int64), -1)  # ids beyond the classes (void) are not scored
+        cm += confusion_matrix(truth, np.minimum(pred, n), n + 1, classes.ignore_index)
         scored += 1
     return mean_iou(cm), scored
 
