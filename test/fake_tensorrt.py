@@ -278,9 +278,17 @@ def fake_tensorrt(engine: FakeEngine | None = None, version: str = "10.13.0.35",
     built: dict[str, Any] = {}
     mod.built = built  # type: ignore[attr-defined]
 
+    built["live_parsers"] = 0
+
     class Parser:
+        """Counts live instances: the real parser owns the network's weights (it must outlive the build)."""
+
         def __init__(self, network: Any, logger: Any) -> None:
             self.num_errors = len(parse_errors)
+            built["live_parsers"] += 1
+
+        def __del__(self) -> None:
+            built["live_parsers"] -= 1
 
         def parse_from_file(self, path: str) -> bool:
             built["parsed"] = path
@@ -312,6 +320,7 @@ def fake_tensorrt(engine: FakeEngine | None = None, version: str = "10.13.0.35",
             return FakeProfile()
 
         def build_serialized_network(self, network: Any, config: FakeConfig) -> bytes | None:
+            built["parsers_at_build"] = built["live_parsers"]
             return plan
 
     class Runtime:

@@ -38,6 +38,7 @@ def test_one_strongly_typed_path_for_10_and_11(tiny_model: Path, tmp_path: Path,
     plan = tb.build_serialized_engine(settings(tmp_path, tiny_model, precision), HostCuda(), logs.append)
     built = trt.built  # type: ignore[attr-defined]
     assert plan == b"plan" and built["parsed"] == str(tiny_model)
+    assert built["parsers_at_build"] == 1  # the parser owns the weights the network points at: alive at the build
     assert built["network_flags"] == flags  # STRONGLY_TYPED on 10.x; 11.x has no such member (the only mode)
     config = built["config"]
     assert config.flags == (set() if precision == "fp32" else {"TF32"})

@@ -120,8 +120,12 @@ def construct(what: str, factory: Callable[[Any], Any], trt_log: TrtLog, gpu_id:
     return made
 
 
-def parse_onnx(trt_log: TrtLog, builder: tensorrt.Builder, path: Path) -> tensorrt.INetworkDefinition:
-    """Parse the ONNX file into a strongly typed network; raises BackendError listing every parser error."""
+def parse_onnx(trt_log: TrtLog, builder: tensorrt.Builder,
+               path: Path) -> tuple[tensorrt.INetworkDefinition, tensorrt.OnnxParser]:
+    """Parse the ONNX file into a strongly typed network; raises BackendError listing every parser error.
+
+    Returns the parser too: it owns the weights the network points at, so it must live until the build is done.
+    """
     import tensorrt as trt
 
     network = builder.create_network(network_flags())
@@ -133,7 +137,7 @@ def parse_onnx(trt_log: TrtLog, builder: tensorrt.Builder, path: Path) -> tensor
             errors.append(f"node '{err.node_name()}' ({err.node_operator()}): {err.desc()}")
         raise BackendError(f"TensorRT {trt.__version__} cannot parse '{path}': " + "; ".join(errors or ["no detail"])
                            + ". Re-export with unet-export or use backend onnxruntime")
-    return network
+    return network, parser
 
 
 def progress_monitor(log: Log, min_interval_s: float = 10.0) -> tensorrt.IProgressMonitor:
@@ -192,13 +196,16 @@ def build_serialized_engine(settings: BuildSettings, cuda: CudaApi, log: Log) ->
     import tensorrt as trt
 
     require_tensorrt(trt)
-    trt_log = TrtLog(log)  # TensorRT keeps raw pointers to the logger and the monitor: both live to the end
+    # TensorRT keeps raw pointers to the logger and the monitor, and the network to the parser's weights: all
+    # of them stay referenced here until the engine is built
+    trt_log = TrtLog(log)
     monitor = progress_monitor(log)
     with cuda.use_device(settings.gpu_id):  # a CUDA driver problem surfaces here as a CudaError naming it
         builder: tensorrt.Builder = construct("Builder", trt.Builder, trt_log, settings.gpu_id)
-        network = parse_onnx(trt_log, builder, settings.onnx_path)
+        network, parser = parse_onnx(trt_log, builder, settings.onnx_path)
         config = configure(builder, settings, log, monitor)
         plan = builder.build_serialized_network(network, config)
+        del parser  # only now: the weights were copied into the plan
         if plan is None:
             raise BackendError(f"TensorRT {trt.__version__} failed to build an engine from '{settings.onnx_path}' "
                                f"({settings.precision}): {trt_log.reason()}. Try precision fp32, a larger "
