@@ -96,6 +96,14 @@ class Rig:
         status = next(s for s in msg.status if s.hardware_id == topic)
         return next(kv.value for kv in status.values if kv.key == key)
 
+    def settled(self, topic: str) -> bool:
+        """No frame of ``topic`` in the node (in = out + drops + errors) and every output it counted arrived."""
+        if not self.diagnostics.messages:
+            return False
+        counts = {k: int(self.value(topic, k)) for k in ("frames_in", "frames_out", "drops", "errors")}
+        return (counts["frames_in"] == counts["frames_out"] + counts["drops"] + counts["errors"]
+                and len(self.bad_out if topic == BAD else self.good_out) >= counts["frames_out"])
+
     def stream(self, payload: bytes, fmt: str, seconds: float) -> tuple[float, float]:
         """Good frames at GOOD_HZ and ``payload`` at BAD_HZ for ``seconds``; returns the window."""
         start = time.monotonic()
@@ -127,6 +135,9 @@ def rig(tiny_model: Path) -> Iterator[Rig]:
             good = hostile.encode(hostile.textured(48, 64), ".jpg")
             r.stream(good, "jpeg", 1.0)  # warm-up: both cameras decode, infer and publish
             wait_until(lambda: len(r.bad_out) > 0, what="a good frame's output on the compressed camera")
+            # The warm-up's last frames may still be in the node: settle, or their outputs would arrive during the
+            # first hostile stream and count as "published".
+            wait_until(lambda: r.settled(BAD), what="the warm-up frames of the compressed camera processed")
             r.baseline_hwm = vm_hwm_mb(node.pid)  # type: ignore[attr-defined]
             yield r
         finally:
