@@ -55,6 +55,7 @@ class OnnxRuntimeBackend(Backend):
         self.options = options
         self._providers = _providers(options)
         self._session: Any = None
+        self._fetch = [OUTPUT_NAME]
         self._precision = options.precision  # the precision the model file runs at, known once active
 
     @property
@@ -82,6 +83,12 @@ class OnnxRuntimeBackend(Backend):
                                "check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed and "
                                "on LD_LIBRARY_PATH (docs/tensorrt.md), or set device to cpu")
         self._check_io(session)
+        # What to fetch comes from the session (the fp16/int8 file may differ from the model it stands for).
+        has_confidence = CONFIDENCE_NAME in {o.name for o in session.get_outputs()}
+        if self.info.has_confidence and not has_confidence:
+            raise BackendError(f"'{path}' has no '{CONFIDENCE_NAME}' output but '{self.info.path}' "
+                               "has; re-create it from that model (unet-quantize, or delete the fp16 cache)")
+        self._fetch = [OUTPUT_NAME, CONFIDENCE_NAME] if has_confidence else [OUTPUT_NAME]
         self._session = session
 
     def _check_io(self, session: Any) -> None:
@@ -111,10 +118,8 @@ class OnnxRuntimeBackend(Backend):
                                    "dynamic batch axis (unet-export does), or use max_batch 1 with a batch-1 model")
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.info.has_confidence:
-            labels, confidence = self._session.run([OUTPUT_NAME, CONFIDENCE_NAME], {INPUT_NAME: batch})
-            return labels, confidence
-        return self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], None
+        outputs = self._session.run(self._fetch, {INPUT_NAME: batch})
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
 
     def _deactivate(self) -> None:
         self._session = None

@@ -7,7 +7,6 @@ import math
 import time
 from collections.abc import Callable, Iterable
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -15,6 +14,7 @@ from torch import nn
 
 from unet_perception.torch_contract import to_model_input
 from unet_perception.metrics import confusion_matrix
+from unet_perception.pipeline import preprocess, upscale_labels
 
 
 def collate(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,15 +62,13 @@ def predict_labels(model: nn.Module, frames: list[np.ndarray], input_hw: tuple[i
     """Labels for RGB frames of any size: resize to the model input (bilinear), argmax, then nearest
     upscale back to each frame's own size, exactly as the runtime pipeline does."""
     model.eval()
-    h, w = input_hw
     out: list[np.ndarray] = []
     for i in range(0, len(frames), batch_size):
         chunk = frames[i:i + batch_size]
-        batch = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in chunk])
+        batch = preprocess(chunk, input_hw)  # the runtime's own resize, so val scores are the node's
         logits = model(to_model_input(torch.from_numpy(batch).to(device)))
         small = logits.argmax(1).to(torch.uint8).cpu().numpy()
-        for f, lab in zip(chunk, small):
-            out.append(cv2.resize(lab, (f.shape[1], f.shape[0]), interpolation=cv2.INTER_NEAREST))
+        out.extend(upscale_labels(lab, f.shape[:2]) for f, lab in zip(chunk, small))
     return out
 
 
