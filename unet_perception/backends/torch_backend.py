@@ -3,8 +3,9 @@
 For parity checks, and for GPU users without TensorRT.
 
 It runs ``torch_contract.ContractWrapper`` (the very module the ONNX file is exported from), so its labels
-are the reference the exported model is checked against. The checkpoint is ``options.checkpoint``, or the
-``.pt`` beside the ONNX model (``models/unet_camvid.onnx`` -> ``models/unet_camvid.pt``). ``precision: fp16``
+are the reference the exported model is checked against. The checkpoint is ``options.checkpoint`` (the ``best.pt``
+``unet-train`` wrote), or a ``.pt`` of the same name beside the ONNX model (``my.onnx`` -> ``my.pt``); the shipped
+models come without one. ``precision: fp16``
 runs under ``torch.autocast`` on CUDA; fp32 everywhere, with cuDNN's TF32 off on CUDA; anything else is refused.
 """
 
