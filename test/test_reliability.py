@@ -197,18 +197,17 @@ def test_garbage_camera_does_not_starve_a_good_one(tiny_model: Path) -> None:
         wait_matched(pubs[good], [labels])
         wait_until(lambda: all(p.get_subscription_count() for p in pubs.values()), what="the junk cameras' match")
 
-        junk_sent = 0
+        junk_sent: dict[str, int] = {}
 
         def share_out(first: int, with_junk: bool) -> float:
             """Share of the good camera's frames answered during ``seconds`` of streaming (stamps from ``first``)."""
-            nonlocal junk_sent
             before = len(labels)
             with ExitStack() as streams:
                 camera = streams.enter_context(Stream(pubs[good], lambda i: frame_message(first + i)))
-                junk_streams = [streams.enter_context(Stream(pubs[t], make, 4 * RATE_HZ))
-                                for t, make in ((junk, junk_image), (junk_c, junk_jpeg)) if with_junk]
+                junk_streams = {t: streams.enter_context(Stream(pubs[t], make, 4 * RATE_HZ))
+                                for t, make in ((junk, junk_image), (junk_c, junk_jpeg)) if with_junk}
                 time.sleep(seconds)  # the measurement window, not a synchronisation
-            junk_sent = max([junk_sent, *(s.sent for s in junk_streams)])
+            junk_sent.update({t: stream.sent for t, stream in junk_streams.items()})
             last = first + camera.sent - 1  # the keep-latest slot always processes a camera's newest frame
             wait_until(lambda: len(labels) > before and labels.messages[-1].header.stamp.sec == last,
                        what=f"the output of good frame {last}")
@@ -217,9 +216,13 @@ def test_garbage_camera_does_not_starve_a_good_one(tiny_model: Path) -> None:
         alone = share_out(0, with_junk=False)
         beside_junk = share_out(10_000, with_junk=True)
         assert beside_junk >= MIN_SHARE * alone, (alone, beside_junk)
-        for topic in (junk, junk_c):  # every junk frame that arrived is an error; best effort may lose some
-            diag.wait(topic, "every junk frame counted as an error",
-                      lambda v: v("errors") == v("frames_in") >= junk_sent / 4)
+        # Every junk frame that reached the node is an error, refused in its callback (never queued: no drops), and
+        # none came out. How many reach it is not the node's to promise: best effort with keep-last 5 loses what a
+        # loaded machine's executor does not take in time (under a training job, over 3/4 of 80 Hz has been lost).
+        for topic in (junk, junk_c):
+            diag.wait(topic, "every junk frame that arrived counted as an error",
+                      lambda v, topic=topic: 0 < v("frames_in") == v("errors") <= junk_sent[topic]
+                      and v("drops") == v("frames_out") == 0)
         assert "needs 921600 bytes" in diag.text(junk, "last_error")
         assert "not a decodable" in diag.text(junk_c, "last_error")
         assert diag.value(good, "errors") == 0 and diag.text(good, "last_error") == ""
