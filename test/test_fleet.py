@@ -150,6 +150,13 @@ def _settings(tiny_model: Path):  # type: ignore[no-untyped-def]
     return LabelSettings(str(tiny_model), "onnxruntime", threads=1)
 
 
+def test_local_ray_keeps_to_loopback(local_ray: None) -> None:
+    import ray
+
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
 def test_all_bags_labelled_as_label_does(local_ray: None, sources: dict[str, Path], single: dict[str, Path],
                                          tiny_model: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -197,18 +204,23 @@ def test_worker_killed_mid_bag_is_retried(local_ray: None, sources: dict[str, Pa
 def test_rerun_after_interruption_does_only_the_missing_bags(local_ray: None, sources: dict[str, Path],
                                                               single: dict[str, Path], tiny_model: Path,
                                                               tmp_path: Path) -> None:
-    from unet_perception.tools.fleet import label_many
+    from unet_perception.tools.fleet import _alive, label_many
 
     out = tmp_path / "out"
     jobs = plan_jobs([sources[n] for n in ("a", "big", "b", "c")], out)
 
+    workers: set[int] = set()
+
     def interrupt_after_first_bag(snapshot: dict[str, tuple[int, int, int]]) -> None:
+        workers.update(pid for _, _, pid in snapshot.values())
         if any(job.out.exists() for job in jobs):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         label_many(jobs, _settings(tiny_model), workers=2, progress=False, poll_s=0.02,
                    on_poll=interrupt_after_first_bag)
+    # ray.kill only asks; label_many returns once its killed workers have ended, so none can still write a bag
+    assert workers and not [pid for pid in workers if _alive(pid)], "a killed worker still runs"
     first = {job.name: (job.out / "metadata.yaml").stat().st_mtime_ns for job in jobs if job.out.exists()}
     assert first and "big" not in first
     for job in jobs:  # every output is whole or absent

@@ -13,8 +13,10 @@ Ray is imported only here and only when label-many runs, so ``unet-bag`` works w
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
+import socket
 import time
 import uuid
 from collections import deque
@@ -38,6 +40,8 @@ from unet_perception.tools.fleet_plan import (
 from unet_perception.tools.fleet_worker import BagLabeller, LabelSettings, Progress
 
 LOCAL_OBJECT_STORE_MB = 200  # only paths and small results travel through it; Ray's default is 30% of RAM
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps to 127.0.0.1 (see ray_session)
+KILLED_WAIT_S = 30.0         # how long the driver waits for a killed worker's process to end
 
 
 @contextmanager
@@ -62,8 +66,25 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
                            "~/.ray/auth_token copied here or RAY_AUTH_TOKEN set; see docs/bags.md)?") from exc
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # an embedded Ray reports nothing home unasked
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 object_store_memory=LOCAL_OBJECT_STORE_MB * 1024 * 1024)
+        # An embedded Ray is this machine's alone: its services listen on loopback, never on the network. Ray
+        # replaces a _node_ip_address of 127.0.0.1 by the machine's routable address (and its servers then listen
+        # on all interfaces) unless multi-node clusters are off: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray's
+        # processes read from the environment and this one, where ray is imported already, from ray_constants.
+        constants: Any = importlib.import_module("ray._private.ray_constants")
+        saved = os.environ.get(LOOPBACK_ENV), constants.ENABLE_RAY_CLUSTER
+        os.environ[LOOPBACK_ENV], constants.ENABLE_RAY_CLUSTER = "0", False
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     object_store_memory=LOCAL_OBJECT_STORE_MB * 1024 * 1024, _node_ip_address="127.0.0.1")
+            yield
+        finally:
+            ray.shutdown()
+            constants.ENABLE_RAY_CLUSTER = saved[1]
+            if saved[0] is None:
+                os.environ.pop(LOOPBACK_ENV, None)
+            else:
+                os.environ[LOOPBACK_ENV] = saved[0]
+        return
     try:
         yield
     finally:
@@ -119,20 +140,50 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
         actor: Any = ray.remote(BagLabeller).options(  # type: ignore[attr-defined]
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=retries)
         pool: list[Any] = [actor.remote(settings, progress_name) for _ in range(n)]
+        pids: set[int] = set()  # worker processes on this machine, restarted ones too
         try:
             try:
                 described = ray.get([a.describe.remote() for a in pool])
+                places = ray.get([a.place.remote() for a in pool])
             except ray.exceptions.RayActorError as exc:
                 raise BagError(f"the workers cannot load the model: {_last_line(exc)}") from exc
+            local = all(host == socket.gethostname() for host, _ in places)
+            pids.update(pid for host, pid in places if host == socket.gethostname())
             total = sum(_frames_or_zero(job, settings) for job in todo)
-            _run_pool(pool, tracker, todo, results, len(jobs), total, retries, progress, poll_s, on_poll)
+            _run_pool(pool, tracker, todo, results, len(jobs), total, retries, progress, poll_s, on_poll,
+                      pids if local else None)
         finally:
             for a in [*pool, tracker]:
                 ray.kill(a)
+            # ray.kill only asks: a killed worker goes on labelling until its process ends (measured: 0.1-0.3 s
+            # on a loaded 2-core machine, Ray's workers run at nice 19). Until then it can still write into its
+            # work folder, or rename a bag into place, after the cleanup below and after a rerun began.
+            _wait_until_gone(pids)
             for job in jobs:
                 if job.name not in results:  # interrupted: leave nothing half-done behind
                     job.remove_leftovers()
     return FleetReport([results[job.name] for job in jobs], time.perf_counter() - started, described)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped by its raylet, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _wait_until_gone(pids: set[int], timeout: float = KILLED_WAIT_S) -> None:
+    """Wait until the processes ``pids`` (killed workers on this machine) have ended, at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _last_line(exc: BaseException) -> str:
@@ -149,8 +200,9 @@ def _frames_or_zero(job: BagJob, settings: LabelSettings) -> int:
 
 def _run_pool(pool: list[Any], tracker: Any, todo: deque[BagJob], results: dict[str, BagResult], n_bags: int,
               total: int, retries: int, progress: bool, poll_s: float,
-              on_poll: Callable[[dict[str, tuple[int, int, int]]], None] | None) -> None:
-    """Hand each idle worker the next bag until all are done; one bar over bags and frames."""
+              on_poll: Callable[[dict[str, tuple[int, int, int]]], None] | None, pids: set[int] | None) -> None:
+    """Hand each idle worker the next bag until all are done; one bar over bags and frames. ``pids`` (workers on
+    this machine) gains the process of each worker that Ray restarted."""
     import ray
 
     bar = tqdm(total=total, unit="frame", disable=not progress, desc=f"bags {len(results)}/{n_bags}")
@@ -173,6 +225,8 @@ def _run_pool(pool: list[Any], tracker: Any, todo: deque[BagJob], results: dict[
                 results[job.name] = BagResult(job.name, str(job.src), str(job.out), "failed", attempts=1,
                                               error=f"{type(exc).__name__}: {_last_line(exc)}")
         snapshot: dict[str, tuple[int, int, int]] = ray.get(tracker.snapshot.remote())
+        if pids is not None:
+            pids.update(pid for _, _, pid in snapshot.values())
         bar.n = sum(frames for _, frames, _ in snapshot.values())
         bar.set_description(f"bags {len(results)}/{n_bags}", refresh=False)
         bar.set_postfix(failed=sum(r.status == "failed" for r in results.values()), refresh=False)

@@ -95,6 +95,10 @@ class BagLabeller:
     def describe(self) -> str:
         return f"{self.backend.name} ({self.backend.device}) on {socket.gethostname()} pid {os.getpid()}"
 
+    def place(self) -> tuple[str, int]:
+        """This worker's host and process id (the driver waits for a killed worker's process to end)."""
+        return socket.gethostname(), os.getpid()
+
     def label(self, job: BagJob) -> BagResult:
         """Label ``job.src`` into ``job.out``; every failure comes back as a failed result, never raised."""
         attempt: int = self._ray().get(self.progress.start.remote(job.name, os.getpid()))
