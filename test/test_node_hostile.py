@@ -5,7 +5,10 @@ streams beside one hostile compressed camera; for each class of attack (test/hos
 
 * the node process is alive and the good camera's output never pauses for more than ``MAX_GAP_S``;
 * ``/diagnostics`` keeps coming (no gap over ``MAX_GAP_S``) and counts the hostile frames as errors, saying why;
-* nothing is published for the hostile camera;
+* nothing is published for a hostile frame: the frames on the hostile camera carry a ``frame_id`` saying what they
+  are (the node copies it into its outputs), and every output of that camera between two markers (good frames
+  whose outputs were each waited for, before and after the attack) is a marker's: none of a hostile frame, none
+  of anything else, whatever arrives late on a loaded machine;
 * the node's VmHWM grows by less than ``MAX_HWM_GROWTH_MB`` over its warmed-up value.
 
 Why 64 MiB: with ``max_image_pixels`` = 640x480 the largest frame the node may accept is 0.9 MB as RGB, and the
@@ -17,6 +20,7 @@ headers (4.8 GB).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +35,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 import hostile
-from ros_graph import RosGraph, publish_until, start_node_process, stop_process, wait_until
+from ros_graph import TIMEOUT_S, RosGraph, publish_until, start_node_process, stop_process, wait_until
 from unet_perception.tools.camera_sim import image_message, synthetic_frame
 
 pytestmark = pytest.mark.slow
@@ -42,6 +46,8 @@ MAX_GAP_S = 2.0
 MAX_HWM_GROWTH_MB = 64.0
 STREAM_S, GOOD_HZ, BAD_HZ = 2.5, 10.0, 20.0
 WARM_UP = "warm-up"  # frame_id of the good frames the compressed camera gets before the attacks
+MARKER = "marker "   # frame_id prefix of a good frame that opens or closes an attack's window
+HOSTILE = "hostile"  # frame_id of the hostile frames
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -76,6 +82,11 @@ class Arrivals:
         with self._lock:
             return list(self.messages)
 
+    def frame_ids(self, since: int = 0) -> list[str]:
+        """``header.frame_id`` of the messages from index ``since`` on."""
+        with self._lock:
+            return [m.header.frame_id for m in self.messages[since:]]
+
     def max_gap(self, start: float, end: float) -> float:
         """The longest time in [start, end] without a message."""
         with self._lock:
@@ -92,6 +103,31 @@ class Rig:
         self.good_out = Arrivals(graph, Image, "/good/segmentation/labels")
         self.bad_out = Arrivals(graph, Image, "/hostile/segmentation/labels")
         self.diagnostics = Arrivals(graph, DiagnosticArray, "/diagnostics")
+        self.good_jpeg = hostile.encode(hostile.textured(48, 64), ".jpg")
+        self._markers = itertools.count(1)
+
+    def mark(self) -> int:
+        """Send a good marker frame on the hostile camera until the newest marker's output has arrived; returns how
+        many outputs that camera has then.
+
+        The node takes a camera's frames in the order sent (one writer, a keep-latest slot) and publishes their
+        outputs in that order from one thread: once the newest marker's output is here, no output of a frame sent
+        before it can still come. A marker lost on the way (best effort) is followed by another after a wait that
+        doubles, so a slow node is waited for, not outrun.
+        """
+        deadline, wait = time.monotonic() + TIMEOUT_S, 0.5
+        while True:
+            frame_id = f"{MARKER}{next(self._markers)}"
+            self.bad_pub.publish(CompressedImage(header=Header(frame_id=frame_id), format="jpeg", data=self.good_jpeg))
+            resend = min(time.monotonic() + wait, deadline)
+            while time.monotonic() < resend:
+                if frame_id in self.bad_out.frame_ids():
+                    return len(self.bad_out)
+                time.sleep(0.01)
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out after {TIMEOUT_S:.0f} s waiting for a marker's output on "
+                                     f"{self.bad_out.topic}")
+            wait = min(2 * wait, 4.0)
 
     def value(self, topic: str, key: str) -> str:
         msg = self.diagnostics.messages[-1]
@@ -139,18 +175,19 @@ def rig(tiny_model: Path) -> Iterator[Rig]:
 @pytest.mark.parametrize("name", list(hostile.CLASSES))
 def test_hostile_camera_beside_a_good_one(rig: Rig, name: str) -> None:
     build, fmt, phrase = hostile.CLASSES[name]
+    before = rig.mark()  # no output of an earlier frame (the warm-up's, the last attack's) can come after this
     errors_before = int(rig.value(BAD, "errors"))
-    bad_outputs = len(rig.bad_out)
-    start, end = rig.stream(build(), fmt, STREAM_S)
+    start, end = rig.stream(build(), fmt, STREAM_S, HOSTILE)
     wait_until(lambda: int(rig.value(BAD, "errors")) > errors_before, what=f"{name} counted as bad input")
+    rig.mark()  # every hostile frame sent is refused, dropped, or (the failure) its output is here now
     assert rig.node.poll() is None, "the node process died"
     assert rig.good_out.max_gap(start, end) <= MAX_GAP_S, f"the good camera's output paused beside {name}"
     assert rig.diagnostics.max_gap(start, end) <= MAX_GAP_S, f"/diagnostics paused beside {name}"
     assert phrase in rig.value(BAD, "last_error"), rig.value(BAD, "last_error")
     assert rig.value(GOOD, "errors") == "0"
-    # outputs of the warm-up's last good frames may still arrive on a loaded machine; nothing else may
-    published = [m for m in rig.bad_out.wait_for(0)[bad_outputs:] if m.header.frame_id != WARM_UP]
-    assert published == [], f"{name} was published"
+    window = rig.bad_out.frame_ids(before)
+    assert HOSTILE not in window, f"{name} was published: {window}"
+    assert window and all(f.startswith(MARKER) for f in window), f"not a marker's output beside {name}: {window}"
     growth = vm_hwm_mb(rig.node.pid) - rig.baseline_hwm  # type: ignore[attr-defined]
     assert growth < MAX_HWM_GROWTH_MB, f"VmHWM grew by {growth:.0f} MB beside {name}"
 
