@@ -43,7 +43,10 @@ from unet_perception.tools.camera_sim import image_message, synthetic_frame
 
 RATE_HZ = 20.0
 DIAG_PERIOD_S = 0.25
-MIN_SHARE = 0.8  # the good camera keeps this share of its output next to a garbage camera
+# The good camera keeps at least this share of its output next to two garbage cameras. Starvation (the bug) takes
+# it near 0; the flood itself costs CPU on a 2-core machine (publishing it, refusing it), so a loaded machine
+# measured 0.57-0.75 of the share alone now and then: 0.5 keeps the test about starvation, not about load.
+MIN_SHARE = 0.5
 
 
 class Stream:
