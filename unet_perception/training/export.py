@@ -22,6 +22,7 @@ from unet_perception.class_table import ClassTable
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, make_metadata
 from unet_perception.onnx_rules import check_tensorrt_rules
 from unet_perception.torch_contract import ContractWrapper, checkpoint_table, load_checkpoint
+from unet_perception.training.train import parse_size
 
 MIN_AGREEMENT = 0.999
 OPSET = 17
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-data", default=None,
                    help="dataset root whose val frames check torch/ONNX agreement (default: random frames)")
     p.add_argument("--check-frames", type=int, default=8, help="frames used for the agreement check")
+    p.add_argument("--input-size", default=None, metavar="HxW",
+                   help="export at this input size instead of the one trained at (e.g. 240x320 for speed; "
+                        "evaluate the result: accuracy changes with the size)")
     p.add_argument("--metrics", default=None,
                    help="evaluate's JSON report to embed as the model's metrics (default: training's best val)")
     return p
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model, ckpt = load_checkpoint(args.checkpoint)
     table = checkpoint_table(ckpt)
-    input_hw = tuple(ckpt["input_size"])
+    input_hw = parse_size(args.input_size) if args.input_size else tuple(ckpt["input_size"])
     if args.metrics:
         metrics = json.loads(Path(args.metrics).read_text())
     else:
