@@ -127,3 +127,14 @@ def test_export_cli_fails_loudly_when_runtimes_disagree(checkpoint: Path, tmp_pa
 def test_export_cli_names_a_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="checkpoint '.*nope.pt' does not exist"):
         export.main([str(tmp_path / "nope.pt"), str(tmp_path / "m.onnx")])
+
+
+def test_export_at_another_input_size(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m_64x96.onnx"
+    assert export.main([str(checkpoint), str(out), "--input-size", "64x96", "--check-frames", "2"]) == 0
+    assert read_model_info(out).input_hw == (64, 96)  # the metadata says the size the graph takes
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    labels = session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((1, 64, 96, 3), np.uint8)})[0]
+    assert labels.shape == (1, 64, 96)
+    with pytest.raises(SystemExit):
+        export.main([str(checkpoint), str(tmp_path / "bad.onnx"), "--input-size", "60x90"])

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-data", default=None,
                    help="dataset root whose val frames check torch/ONNX agreement (default: random frames)")
     p.add_argument("--check-frames", type=int, default=8, help="frames used for the agreement check")
-    p.add_argument("--input-size", default=None, metavar="HxW",
+    p.add_argument("--input-size", type=parse_size, default=None, metavar="HxW",
                    help="export at this input size instead of the one trained at (e.g. 240x320 for speed; "
                         "evaluate the result: accuracy changes with the size)")
     p.add_argument("--metrics", default=None,
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model, ckpt = load_checkpoint(args.checkpoint)
     table = checkpoint_table(ckpt)
-    input_hw = parse_size(args.input_size) if args.input_size else tuple(ckpt["input_size"])
+    input_hw = args.input_size or tuple(ckpt["input_size"])
     if args.metrics:
         metrics = json.loads(Path(args.metrics).read_text())
     else:
