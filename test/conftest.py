@@ -59,3 +59,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_carla_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small CARLA-table (23 classes) ONNX model (input 48x64)."""
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny_carla.onnx", "carla", (48, 64))
+
+
+def bag_messages(path: Path) -> dict[str, list[tuple[int, bytes]]]:
+    """topic -> [(timestamp, serialized message)] of a rosbag2, in bag order: compares bags byte for byte."""
+    from rosbags.rosbag2 import Reader
+
+    out: dict[str, list[tuple[int, bytes]]] = {}
+    with Reader(path) as reader:
+        for conn, ts, raw in reader.messages():
+            out.setdefault(conn.topic, []).append((ts, bytes(raw)))
+    return out

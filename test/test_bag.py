@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from conftest import bag_messages
 
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.codec import decode_compressed
@@ -109,13 +110,6 @@ def _mixed_bag(path: Path, storage: StoragePlugin, frames: list[np.ndarray]) -> 
             w.write(note, ts + 2, store.serialize_cdr(T["std_msgs/msg/String"](data=f"n{i}"), "std_msgs/msg/String"))
 
 
-def _raw(path: Path) -> dict[str, list[tuple[int, bytes]]]:
-    out: dict[str, list[tuple[int, bytes]]] = {}
-    with Reader(path) as reader:
-        for conn, ts, raw in reader.messages():
-            out.setdefault(conn.topic, []).append((ts, bytes(raw)))
-    return out
-
 
 @pytest.mark.parametrize("storage", [StoragePlugin.SQLITE3, StoragePlugin.MCAP], ids=["sqlite3", "mcap"])
 def test_label_adds_outputs_and_keeps_originals(tmp_path: Path, segmenter: Segmenter,
@@ -133,7 +127,7 @@ def test_label_adds_outputs_and_keeps_originals(tmp_path: Path, segmenter: Segme
         for kind in ("labels", "color", "overlay"):
             assert types[f"{ns}/segmentation/{kind}"] == IMAGE
     got, original = _read(out), _read(src)
-    raw_in, raw_out = _raw(src), _raw(out)
+    raw_in, raw_out = bag_messages(src), bag_messages(out)
     for topic in raw_in:  # originals byte for byte, at their timestamps
         assert raw_out[topic] == raw_in[topic]
     assert [m.data for _, m in got["/note"]] == [f"n{i}" for i in range(5)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from rosbags.rosbag2 import Reader
+from conftest import bag_messages
 
 from unet_perception.tools.bag import BagError, bag_from_images, main
 from unet_perception.tools.fleet_plan import REPORT_NAME, expand_inputs, plan_jobs
@@ -31,14 +31,6 @@ def _images(folder: Path, n: int, hw: tuple[int, int]) -> list[Path]:
         cv2.imwrite(str(path), rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
     return paths
 
-
-def _raw(path: Path) -> dict[str, list[tuple[int, bytes]]]:
-    """topic -> [(timestamp, serialized message)] in bag order."""
-    out: dict[str, list[tuple[int, bytes]]] = {}
-    with Reader(path) as reader:
-        for conn, ts, raw in reader.messages():
-            out.setdefault(conn.topic, []).append((ts, bytes(raw)))
-    return out
 
 
 def _hidden(folder: Path) -> list[str]:
@@ -168,7 +160,8 @@ def test_all_bags_labelled_as_label_does(local_ray: None, sources: dict[str, Pat
     assert "3 labelled, 0 skipped (output existed), 0 failed" in printed
     assert "counts checked: frames in = labelled + refused for all 3 labelled bags (23 = 23 + 0)" in printed
     for name in ("a", "b", "c"):
-        assert _raw(out / name) == _raw(single[name]), name  # every message, frame by frame, byte for byte
+        # every message, frame by frame, byte for byte
+        assert bag_messages(out / name) == bag_messages(single[name]), name
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["bags"] == {"labelled": 3, "skipped": 0, "failed": 0}
     assert [(r["name"], r["frames_in"], r["labelled"], r["counts_ok"]) for r in report["results"]] == \
@@ -197,7 +190,7 @@ def test_worker_killed_mid_bag_is_retried(local_ray: None, sources: dict[str, Pa
     assert [r.status for r in report.results] == ["labelled"] * 3, report.table()
     assert by_name["big"].attempts == 2 and by_name["big"].labelled == 150 and by_name["big"].counts_ok
     for name in ("big", "a", "b"):
-        assert _raw(out / name) == _raw(single[name]), name
+        assert bag_messages(out / name) == bag_messages(single[name]), name
     assert _hidden(out) == []
 
 
@@ -225,7 +218,7 @@ def test_rerun_after_interruption_does_only_the_missing_bags(local_ray: None, so
     assert first and "big" not in first
     for job in jobs:  # every output is whole or absent
         if job.name in first:
-            assert _raw(job.out) == _raw(single[job.name])
+            assert bag_messages(job.out) == bag_messages(single[job.name])
 
     report = label_many(jobs, _settings(tiny_model), workers=2, progress=False)
     status = {r.name: r.status for r in report.results}
@@ -233,7 +226,7 @@ def test_rerun_after_interruption_does_only_the_missing_bags(local_ray: None, so
     assert {n for n, s in status.items() if s == "labelled"} == {"a", "big", "b", "c"} - set(first)
     assert {n: (out / n / "metadata.yaml").stat().st_mtime_ns for n in first} == first  # not redone
     for job in jobs:
-        assert _raw(job.out) == _raw(single[job.name]), job.name
+        assert bag_messages(job.out) == bag_messages(single[job.name]), job.name
     assert _hidden(out) == []
 
 
@@ -261,7 +254,7 @@ def test_corrupt_bag_is_reported_and_the_others_finish(local_ray: None, sources:
     assert all("\n" not in error for error in failed.values()), failed  # one line each, no traceback
     assert "8" in failed["short"] and "6" in failed["short"], failed  # the count check names both counts
     for name in ("a", "b"):
-        assert _raw(out / name) == _raw(single[name])
+        assert bag_messages(out / name) == bag_messages(single[name])
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", REPORT_NAME]
 
 
