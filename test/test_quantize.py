@@ -80,3 +80,25 @@ def test_shipped_int8_agrees_with_fp32_on_val() -> None:
     frames = frames_of(CAMVID, "val", hw, count=None)
     assert len(frames) == 101
     assert agreement(FP32, INT8, frames) >= MIN_AGREEMENT
+
+
+def test_an_int8_twin_without_confidence_is_a_clear_error(quantized: tuple[Path, Path, list[np.ndarray]],
+                                                        tmp_path: Path) -> None:
+    """The model says it has confidence; its int8 twin lost that output: refuse at activation, naming both."""
+    from unet_perception.backends.base import BackendError
+    from unet_perception.backends.factory import BackendOptions, create_backend
+
+    fp32, int8, frames = quantized
+    model_path = tmp_path / "lite.onnx"
+    model_path.write_bytes(fp32.read_bytes())
+    twin = onnx.load(str(int8))
+    kept = [o for o in twin.graph.output if o.name != CONFIDENCE_NAME]
+    del twin.graph.output[:]
+    twin.graph.output.extend(kept)
+    onnx.save(twin, str(tmp_path / "lite_int8.onnx"))
+    backend = create_backend("onnxruntime", model_path, BackendOptions(precision="int8"))
+    with pytest.raises(BackendError, match="no 'confidence' output"):
+        backend.activate()
+    with create_backend("onnxruntime", model_path, BackendOptions(precision="fp32")) as fine:
+        pred = fine.infer(np.stack(frames[:1]))
+        assert pred.confidence is not None and pred.confidence.shape == pred.labels.shape
