@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, read_model_info
 from unet_perception.onnx_rules import check_tensorrt_rules
+from unet_perception.pipeline import preprocess
 
 MIN_AGREEMENT = 0.97  # of val label pixels, int8 against fp32
 
@@ -42,8 +42,7 @@ def frames_of(data: str | Path, split: str, hw: tuple[int, int], count: int | No
     pairs = list_pairs(Path(data), load_class_table(dataset), split)
     if count is not None and count < len(pairs):
         pairs = [pairs[i] for i in np.linspace(0, len(pairs) - 1, count).round().astype(int)]
-    h, w = hw
-    return [cv2.resize(read_rgb(p.image), (w, h), interpolation=cv2.INTER_LINEAR) for p in pairs]
+    return list(preprocess([read_rgb(p.image) for p in pairs], hw))
 
 
 class _Frames:
@@ -168,16 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     agree = agreement(args.model, path, check)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), calibrated on {len(calib)} train frames; int8 and "
           f"fp32 labels agree on {agree:.3%} of pixels over {len(check)} val frames")
-    if agree >= MIN_AGREEMENT:  # the int8 file carries its own val scores, not the fp32 model's
-        metrics = val_metrics(path, args.data, args.dataset)
-        set_metadata(path, "metrics", json.dumps(metrics))
-        print(f"int8 val mIoU {metrics['mean_iou']:.4f} (fp32: {info.metrics.get('mean_iou', float('nan')):.4f})")
     if agree < MIN_AGREEMENT:
         bad = path.with_name(path.name + ".rejected")
         path.replace(bad)
         print(f"error: agreement {agree:.3%} is below {MIN_AGREEMENT:.0%}; moved the file to '{bad}'",
               file=sys.stderr)
         return 1
+    metrics = val_metrics(path, args.data, args.dataset)  # the int8 file carries its own val scores
+    set_metadata(path, "metrics", json.dumps(metrics))
+    print(f"int8 val mIoU {metrics['mean_iou']:.4f} (fp32: {info.metrics.get('mean_iou', float('nan')):.4f})")
     return 0
 
 
