@@ -216,11 +216,20 @@ def build_serialized_engine(settings: BuildSettings, cuda: CudaApi, log: Log) ->
 
 def ensure_engine(key: EngineKey, settings: BuildSettings, cache_dir: Path, cuda: CudaApi, log: Log,
                   builder: EngineBuilder | None = None) -> Path:
-    """The path of a cached engine for ``key``, building and storing it first when needed."""
+    """The path of a cached engine for ``key``, building and storing it first when needed.
+
+    Before a build, the per-precision ONNX file is checked against TensorRT's rules (``onnx_rules``)."""
     plan = plan_engine(cache_dir, key)
     if plan.action == "load":
         log(f"tensorrt: using cached engine {plan.engine}")
         return plan.engine
+    # Checked only before a build: a cached engine was built from this very file (its hash is in the key), so
+    # the check passed then; a start-up that loads the engine skips re-parsing the ONNX with shape inference.
+    problems = check_tensorrt_rules(settings.onnx_path)
+    if problems:
+        raise BackendError(f"'{settings.onnx_path}' breaks TensorRT's ONNX rules: " + "; ".join(problems[:5])
+                           + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+                           + ". Re-export it with unet-export")
     h, w = settings.input_hw
     log(f"tensorrt: building a {settings.precision} engine from {settings.onnx_path.name} "
         f"(batch 1..{settings.max_batch}, {h}x{w}) on {key.gpu_name}, TensorRT {key.tensorrt_version}, because "
@@ -238,11 +247,6 @@ def engine_for(info: ModelInfo, options: BackendOptions, cuda: CudaApi, log: Log
     """The cached (or freshly built) engine for ``info`` under ``options``, and its key."""
     cache_dir = cache_dir_for(options.engine_cache_dir)
     onnx_path, precision = onnx_for_precision(info.path, options.precision, cache_dir)
-    problems = check_tensorrt_rules(onnx_path)
-    if problems:
-        raise BackendError(f"'{onnx_path}' breaks TensorRT's ONNX rules: " + "; ".join(problems[:5])
-                           + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-                           + ". Re-export it with unet-export")
     gpu = cuda.device_name(options.gpu_id)
     cc = cuda.compute_capability(options.gpu_id)
     key = make_key(onnx_path, info.input_hw, precision, options.max_batch, gpu, cc, version)
