@@ -30,7 +30,7 @@ from unet_perception.backends.cuda_memory import gpu_visible
 from unet_perception.backends.factory import BackendOptions, backend_module, create_backend
 from unet_perception.backends.precision_onnx import int8_model_for
 from unet_perception.backends.torch_backend import checkpoint_path
-from unet_perception.model_contract import read_model_info
+from unet_perception.model_contract import ModelInfo, read_model_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = [REPO / "models" / "unet_camvid.onnx"]
@@ -71,15 +71,18 @@ def is_failure(reason: str, gpu: bool) -> bool:
     return gpu and not any(word in reason for word in LACKING)
 
 
-def missing_file(kind: str, model: Path, options: BackendOptions) -> str | None:
+def missing_file(kind: str, info: ModelInfo, options: BackendOptions) -> str | None:
     """The file a row needs beside the model and lacks (int8 twin, torch checkpoint), or None."""
+    model = info.path
     if options.precision == "int8":
         try:
             int8_model_for(model)
         except BackendError as exc:
             return str(exc).split(":")[0] + f" ({model.stem}_int8.onnx not found)"
-    if kind == "torch" and not checkpoint_path(read_model_info(model), options).is_file():
-        return f"no training checkpoint {checkpoint_path(read_model_info(model), options).name} beside the model"
+    if kind == "torch":
+        checkpoint = checkpoint_path(info, options)
+        if not checkpoint.is_file():
+            return f"no training checkpoint {checkpoint.name} beside the model"
     return None
 
 
@@ -116,7 +119,7 @@ def run(models: list[Path], configs: list[tuple[str, str, str, str]], batches: l
             key = f"{label} ({model.name})"
             options = BackendOptions(max_batch=max(batches), device=device, precision=precision, gpu_id=gpu_id,
                                      engine_cache_dir=cache_dir)
-            reason = backend_module(kind).unavailable_reason(options) or missing_file(kind, model, options)
+            reason = backend_module(kind).unavailable_reason(options) or missing_file(kind, info, options)
             if reason is not None:
                 (failed if is_failure(reason, gpu and options.device == "cuda") else skipped)[key] = reason
                 continue
