@@ -200,16 +200,14 @@ class SegmentationNode(LifecycleNode):
         options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
                                  workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"])
+        backend = None
         try:
             backend = create_backend(p["backend"], info, options, log=self.get_logger().info)
-        except (BackendError, ImportError, RuntimeError) as exc:
-            raise StartupError(f"backend '{p['backend']}' (device '{p['device']}') cannot run the model "
-                               f"'{model_path}': {exc}") from exc
-        try:
             backend.activate()
             backend.infer(np.zeros((1, *info.input_hw, 3), np.uint8))  # warm-up: the first frame is not slow
         except Exception as exc:
-            backend.close()  # a manager may retry configure: free what activate allocated (GPU memory) now
+            if backend is not None:  # a manager may retry configure: free what activate allocated (GPU memory) now
+                backend.close()
             if isinstance(exc, (BackendError, ImportError, RuntimeError)):
                 raise StartupError(f"backend '{p['backend']}' (device '{p['device']}') cannot run the model "
                                    f"'{model_path}': {exc}") from exc
