@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rosbags.rosbag2 import Reader
 
+from unet_perception.backends.engine_cache import atomic_write
 from unet_perception.tools.bag import BagError, camera_connections, open_bag
 from unet_perception.topics import output_topics
 
@@ -209,6 +210,4 @@ class FleetReport:
                 "bags": {s: self.count(s) for s in ("labelled", "skipped", "failed")},
                 "frames_labelled": self.labelled_frames,
                 "results": [{**asdict(r), "fps": r.fps, "counts_ok": r.counts_ok} for r in self.results]}
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
