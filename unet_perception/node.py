@@ -213,7 +213,6 @@ class SegmentationNode(LifecycleNode):
                                    f"'{model_path}': {exc}") from exc
             raise
         self._segmenter = Segmenter(backend, classes, p["unknown_threshold"])
-        self._max_batch = p["max_batch"]
         self._max_pixels = p["max_image_pixels"]
         self._model = model_path
         self._config = Config(p, inputs, info)
@@ -264,9 +263,8 @@ class SegmentationNode(LifecycleNode):
             raise StartupError(f"parameter 'image_topics' is {list(self._config.inputs)}: {exc}") from exc
         self._publish_label_info(info)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diag_period = p["diagnostics_period"]
         self._last_diag = time.monotonic()
-        self._diag_timer = self.create_timer(self._diag_period, self._publish_diagnostics)
+        self._diag_timer = self.create_timer(p["diagnostics_period"], self._publish_diagnostics)
         with self._lock:
             self._stopping = False
         self._worker = threading.Thread(target=self._work, name="segmentation_worker", daemon=True)
@@ -277,7 +275,7 @@ class SegmentationNode(LifecycleNode):
         self.get_logger().info(
             f"segmenting {', '.join(c.topic for c in self._cameras)} with {backend.name} on {backend.device}, "
             f"model '{self._model}' ({info.classes.num_classes} classes, input {info.input_hw[1]}x"
-            f"{info.input_hw[0]}), max_batch {self._max_batch}; outputs {outputs}; QoS in {p['input_qos']}, "
+            f"{info.input_hw[0]}), max_batch {p['max_batch']}; outputs {outputs}; QoS in {p['input_qos']}, "
             f"out {p['output_qos']}, depth {p['qos_depth']}")
 
     def _deactivate(self) -> None:
