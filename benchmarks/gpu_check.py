@@ -26,8 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from unet_perception.backends.base import Backend
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FRAMES = REPO.parent / "shared" / "data" / "camvid" / "val"
@@ -129,6 +133,12 @@ def random_seed_model(folder: Path, width: int = 32) -> Path:
     return export_onnx(model, path, table, (240, 320))
 
 
+def labels_in_batches(backend: Backend, batch: np.ndarray) -> np.ndarray:
+    """The labels for ``batch``, inferred ``backend.max_batch`` frames at a time."""
+    step = backend.max_batch
+    return np.concatenate([backend.infer(batch[i:i + step]).labels for i in range(0, len(batch), step)])
+
+
 def torch_parity_and_speed(model: Path, frames: list[np.ndarray], what: str, iterations: int,
                            trained: bool = True, device: str = "cuda") -> str:
     """torch CUDA (fp32, fp16 autocast) against ONNX Runtime CPU labels, and camera fps through the pipeline.
@@ -143,12 +153,12 @@ def torch_parity_and_speed(model: Path, frames: list[np.ndarray], what: str, ite
     notes = []
     with create_backend("onnxruntime", model, BackendOptions(max_batch=4)) as ort_cpu:
         batch = preprocess(frames, ort_cpu.input_hw)
-        want = np.concatenate([ort_cpu.infer(batch[i:i + 4]).labels for i in range(0, len(batch), 4)])
+        want = labels_in_batches(ort_cpu, batch)
     failures = []
     for precision, minimum in PARITY.items():
         with create_backend("torch", model, BackendOptions(max_batch=4, device=device,
                                                            precision=precision)) as backend:
-            got = np.concatenate([backend.infer(batch[i:i + 4]).labels for i in range(0, len(batch), 4)])
+            got = labels_in_batches(backend, batch)
             agreement = float((got == want).mean())
             segmenter = Segmenter(backend, backend.info.classes)
             speeds = []
