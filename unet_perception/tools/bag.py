@@ -674,11 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (BagError, BackendError, ModelError) as exc:
-        print(f"unet-bag {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # a file we may not read, a folder that vanished: one line, not a traceback
-        print(f"unet-bag {args.command}: error: {exc}", file=sys.stderr)
+    except (BagError, BackendError, ModelError, OSError) as exc:  # OSError: an unreadable file, a vanished folder
+        print(f"unet-bag {args.command}: error: {exc}", file=sys.stderr)  # one line, not a traceback
         return 1
     except KeyboardInterrupt:
         print(f"unet-bag {args.command}: interrupted; no output was left behind", file=sys.stderr)
