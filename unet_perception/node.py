@@ -55,6 +55,11 @@ LOG_THROTTLE_S = 5.0          # at most one bad-input / backend-failure line per
 SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
 
 
+def _value(param: Parameter) -> Any:
+    """A parameter's value; [] for one declared without a value (``class_colors``, a STRING_ARRAY)."""
+    return [] if param.type_ == Parameter.Type.NOT_SET else param.value
+
+
 @dataclass
 class Frame:
     """An input frame waiting in its camera's slot: header-checked by the callback, decoded by the worker."""
@@ -221,8 +226,7 @@ class SegmentationNode(LifecycleNode):
                                       "topic; install ros-jazzy-vision-msgs (or run make venv)")
 
     def _param_value(self, name: str) -> Any:
-        param = self.get_parameter_or(name)  # get_parameter refuses a declared but unset (STRING_ARRAY) one
-        return [] if param.type_ == Parameter.Type.NOT_SET else param.value
+        return _value(self.get_parameter_or(name))  # get_parameter refuses a declared but unset (STRING_ARRAY) one
 
     def _resolve_inputs(self, topics: list[str]) -> dict[str, str]:
         """Input topics as rclpy resolves them (namespace, ``~``, ``-r`` remapping) -> their output prefixes."""
@@ -326,7 +330,7 @@ class SegmentationNode(LifecycleNode):
                 param = self.declare_parameter(spec.name, spec.default, spec.descriptor())
             except ParameterException as exc:  # wrong type or out of its range; args[0] is the reason
                 raise StartupError(f"parameter '{spec.name}' rejected: {exc.args[0]}") from exc
-            values[spec.name] = [] if param.type_ == Parameter.Type.NOT_SET else param.value
+            values[spec.name] = _value(param)
         return values
 
     def _add_camera(self, topic: str, prefix: str, qos_in: QoSProfile, qos_out: QoSProfile,
