@@ -355,24 +355,19 @@ class SegmentationNode(LifecycleNode):
     # -- callbacks: check and store only (decoding runs in the worker) ------------------------------
     def _on_image(self, cam: Camera, msg: Image | CompressedImage) -> None:
         received = time.monotonic()
-        self._track_stamp(cam, msg.header)
+        with self._lock:
+            cam.stats.frames_in += 1
+            cam.stats.stamps.add(msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec)
         try:
             check(msg, self._max_pixels)
         except Exception as exc:  # noqa: BLE001 - whatever a hostile message raises is bad input, never a crash
             self._record_error(cam, f"bad input on {cam.topic}: {exc}")
-            with self._lock:
-                cam.stats.frames_in += 1
             return
         with self._lock:
-            cam.stats.frames_in += 1
             if cam.pending is not None:
                 cam.stats.drops += 1
             cam.pending = Frame(msg, received)
             self._lock.notify()
-
-    def _track_stamp(self, cam: Camera, header: Header) -> None:
-        with self._lock:
-            cam.stats.stamps.add(header.stamp.sec * 1_000_000_000 + header.stamp.nanosec)
 
     def _decode(self, cam: Camera, frame: Frame) -> bool:
         """Decode a frame taken from its slot; one that does not decode cleanly is counted bad input."""
