@@ -41,7 +41,7 @@ from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo,
 from unet_perception.node_params import PARAMS, QOS_RELIABILITY, StartupError, parse_class_colors, validate
 from unet_perception.node_stats import CameraStats
 from unet_perception.pipeline import Segmentation, Segmenter
-from unet_perception.topics import CONFIDENCE, LABEL_INFO, OUTPUTS, camera_outputs, is_compressed_topic
+from unet_perception.topics import LABEL_INFO, camera_outputs, is_compressed_topic, output_kinds
 
 __all__ = ["PARAMS", "SegmentationNode", "StartupError", "main"]  # PARAMS, StartupError: node_params
 
@@ -336,7 +336,7 @@ class SegmentationNode(LifecycleNode):
     def _add_camera(self, topic: str, prefix: str, qos_in: QoSProfile, qos_out: QoSProfile,
                     p: dict[str, Any]) -> Camera:
         assert self._config is not None
-        kinds = [*OUTPUTS, *((CONFIDENCE,) if self._config.info.has_confidence else ())]
+        kinds = output_kinds(self._config.info.has_confidence)
         publishers = {kind: self.create_publisher(Image, f"{prefix}/{kind}", qos_out) if p[f"publish_{kind}"]
                       else None for kind in kinds}
         compressed = is_compressed_topic(topic)

@@ -14,7 +14,7 @@ from rclpy.parameter import Parameter
 from unet_perception.backends.factory import DEVICES, KINDS, PRECISIONS
 from unet_perception.class_table import ClassTable
 from unet_perception.model_contract import UNKNOWN_LABEL
-from unet_perception.topics import CONFIDENCE, OUTPUTS
+from unet_perception.topics import output_kinds
 
 QOS_RELIABILITY = ("best_effort", "reliable")  # input_qos / output_qos values
 
@@ -125,7 +125,7 @@ def validate(p: dict[str, Any]) -> list[str]:
     if not topics or any(not t.strip("/") for t in topics):
         raise StartupError(f"parameter 'image_topics' is {topics}; give one or more topic names, "
                            "e.g. ['camera/image_raw']")
-    if not any(p[f"publish_{kind}"] for kind in (*OUTPUTS, CONFIDENCE)):
+    if not any(p[f"publish_{kind}"] for kind in output_kinds(has_confidence=True)):
         raise StartupError("publish_labels, publish_confidence, publish_color and publish_overlay are all "
                            "false; switch at least one output on")
     return topics

@@ -25,6 +25,11 @@ def is_compressed_topic(topic: str) -> bool:
     return topic.rstrip("/").endswith("/compressed")
 
 
+def output_kinds(has_confidence: bool) -> tuple[str, ...]:
+    """The image outputs of a model: ``OUTPUTS``, and ``CONFIDENCE`` when it has that output."""
+    return (*OUTPUTS, CONFIDENCE) if has_confidence else OUTPUTS
+
+
 def camera_image(input_topic: str) -> str:
     """The image a topic carries: ``/cam/image_raw/compressed`` -> ``/cam/image_raw``."""
     topic = input_topic.rstrip("/")

@@ -46,7 +46,7 @@ from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files
 from unet_perception.model_contract import ModelError
 from unet_perception.tools.bag_preflight import (BagError, ReadableBag, check_output, check_read, compare_counts,
                                                  full_type, readable_bag, storage_counts)
-from unet_perception.topics import CONFIDENCE, OUTPUTS, camera_outputs, is_compressed_topic, output_topics
+from unet_perception.topics import camera_outputs, is_compressed_topic, output_kinds, output_topics
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
@@ -387,7 +387,7 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
             raise BagError(f"topics {sorted(excluded & set(topics))} are both labelled and excluded")
         cameras = [c for c in camera_connections(reader, topics) if c.topic not in excluded]
         has_confidence = bool(getattr(getattr(segmenter.backend, "info", None), "has_confidence", False))
-        kinds = (*OUTPUTS, CONFIDENCE) if has_confidence else OUTPUTS
+        kinds = output_kinds(has_confidence)
         plan = _output_plan(reader, cameras, kinds)
         per_frame = len(kinds) * 3 + 400  # bytes per pixel of the outputs (upper bound) + message overhead
         need = _bag_bytes(readable.path) + sum(c.msgcount * (per_frame + 3 * _frame_bytes(reader, c, store,
