@@ -42,9 +42,10 @@ class Lifecycle:
             return None
         return future.result()
 
-    def change(self, transition: int) -> bool:
-        answer = self._call(self.change_client, ChangeState.Request(transition=Transition(id=transition)), ANSWER_S)
-        if answer is None and transition in TARGET:
+    def change(self, transition: int, label: str = "") -> bool:
+        request = ChangeState.Request(transition=Transition(id=transition, label=label))
+        answer = self._call(self.change_client, request, ANSWER_S)
+        if answer is None and transition in TARGET and not label:
             return self.state() == TARGET[transition]
         assert answer is not None, f"no answer to transition {transition}"
         return bool(answer.success)

@@ -27,7 +27,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.exceptions import InvalidTopicNameException, ParameterException
 from rclpy.executors import ExternalShutdownException
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -36,6 +36,7 @@ from std_msgs.msg import Header
 from unet_perception.backends.base import BackendError
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.codec import check, decode, encode_image, overlay_encoding, source_encoding
+from unet_perception.lifecycle_guard import GuardedLifecycleNode
 from unet_perception.launch_support import NODE_NAME, apply_node_env, default_model_path, missing_profile_note
 from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo, read_model_info
 from unet_perception.node_params import PARAMS, QOS_RELIABILITY, StartupError, parse_class_colors, validate
@@ -106,7 +107,7 @@ class Config:
     info: ModelInfo
 
 
-class SegmentationNode(LifecycleNode):
+class SegmentationNode(GuardedLifecycleNode):
     """Semantic segmentation of one or more cameras with a U-Net (see the module docstring)."""
 
     def __init__(self, **kwargs: Any) -> None:

@@ -1,0 +1,127 @@
+"""Every transition id and label through the real change_state service, in every state, while frames stream.
+
+A lifecycle manager sends ids. Jazzy's rclpy let an id the current state does not have (configure or activate
+to an active node) raise out of the service callback and end the node (ros2/rclpy#1209); lifecycle_guard
+answers success=False instead. Each request here either performs its transition or is refused, and the node
+keeps answering and, where it is active, labelling.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lifecycle_msgs.msg import Transition
+from sensor_msgs.msg import Image
+
+from ros_graph import RosGraph, start_node_process, stop_process, wait_matched
+from test_lifecycle import Lifecycle
+from unet_perception.tools.camera_sim import image_message, synthetic_frame
+
+# The transitions each primary state has (the design article's state machine), by id and label.
+LEGAL = {
+    "unconfigured": {Transition.TRANSITION_CONFIGURE: "configure",
+                     Transition.TRANSITION_UNCONFIGURED_SHUTDOWN: "shutdown"},
+    "inactive": {Transition.TRANSITION_CLEANUP: "cleanup", Transition.TRANSITION_ACTIVATE: "activate",
+                 Transition.TRANSITION_INACTIVE_SHUTDOWN: "shutdown"},
+    "active": {Transition.TRANSITION_DEACTIVATE: "deactivate", Transition.TRANSITION_ACTIVE_SHUTDOWN: "shutdown"},
+    "finalized": {},
+}
+LABELS = ["configure", "cleanup", "activate", "deactivate", "shutdown", "create", "destroy", "transition_success",
+          "transition_failure", "transition_error", "unconfigured_shutdown", "no such transition"]
+
+
+@contextmanager
+def streaming(graph: RosGraph, topic: str, hz: float = 20.0) -> Iterator[None]:
+    """Publish frames on ``topic`` from a thread the whole time (what a camera does while a manager talks)."""
+    pub = graph.publisher(Image, topic)
+    stop = threading.Event()
+
+    def run() -> None:
+        i = 0
+        while not stop.wait(1.0 / hz):
+            pub.publish(image_message(synthetic_frame(64, 48, i)))
+            i += 1
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def refuse_all_but_legal(lc: Lifecycle, state: str) -> None:
+    """Every id 0..255 and every label the state lacks is answered success=False and changes nothing."""
+    for tid in range(256):
+        if tid not in LEGAL[state]:
+            assert not lc.change(tid), f"transition id {tid} succeeded from {state}"
+    for label in LABELS:
+        if label not in LEGAL[state].values():
+            assert not lc.change(0, label), f"transition '{label}' succeeded from {state}"
+    assert lc.state() == state
+
+
+def labels_keep_coming(labels: Any, more: int = 3) -> None:
+    labels.wait_for(len(labels) + more)
+
+
+def test_every_id_and_label_in_every_state(tiny_model: Any) -> None:
+    topic = "/lcid"
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=[f"{topic}/image_raw"],
+                                       autostart=False)
+        lc = Lifecycle(graph)
+        labels = graph.collect(Image, f"{topic}/segmentation/labels")
+        with streaming(graph, f"{topic}/image_raw"):
+            refuse_all_but_legal(lc, "unconfigured")
+            assert lc.change(Transition.TRANSITION_CONFIGURE)
+            refuse_all_but_legal(lc, "inactive")
+            assert lc.change(Transition.TRANSITION_ACTIVATE)
+            labels_keep_coming(labels)
+            refuse_all_but_legal(lc, "active")
+            labels_keep_coming(labels)  # the refused requests left the cameras running
+            assert lc.change(0, "deactivate") and lc.state() == "inactive"
+            assert lc.change(0, "cleanup") and lc.state() == "unconfigured" and node._segmenter is None
+            assert lc.change(0, "configure") and lc.change(0, "activate")
+            labels_keep_coming(labels)
+            assert lc.change(0, "shutdown") and lc.state() == "finalized"
+            refuse_all_but_legal(lc, "finalized")
+
+
+def test_shutdown_by_id_from_unconfigured_and_inactive(tiny_model: Any) -> None:
+    for setup, shutdown in (([], Transition.TRANSITION_UNCONFIGURED_SHUTDOWN),
+                            ([Transition.TRANSITION_CONFIGURE], Transition.TRANSITION_INACTIVE_SHUTDOWN)):
+        with RosGraph() as graph:
+            graph.segmentation_node(model_path=str(tiny_model), image_topics=["/lcsd/image_raw"], autostart=False)
+            lc = Lifecycle(graph)
+            assert all(lc.change(t) for t in setup)
+            assert lc.change(shutdown) and lc.state() == "finalized"
+            refuse_all_but_legal(lc, "finalized")
+
+
+def test_a_manager_configuring_an_autostarted_node_does_not_end_it(tiny_model: Any) -> None:
+    """The report: a manager pointed at a node left on autostart sends configure (1) and activate (3) to the
+    running process. Before, `RCLError: Transition is not registered` ended it with exit 1."""
+    topic = "/lcproc"
+    proc = start_node_process({"model_path": str(tiny_model), "image_topics": [f"{topic}/image_raw"]})
+    try:
+        with RosGraph() as graph:
+            lc = Lifecycle(graph)
+            labels = graph.collect(Image, f"{topic}/segmentation/labels")
+            with streaming(graph, f"{topic}/image_raw"):
+                wait_matched(graph.publisher(Image, f"{topic}/image_raw"), [labels])
+                labels_keep_coming(labels, 1)
+                assert lc.state() == "active"
+                assert not lc.change(Transition.TRANSITION_CONFIGURE)
+                assert not lc.change(Transition.TRANSITION_ACTIVATE)
+                assert proc.poll() is None and lc.state() == "active"
+                labels_keep_coming(labels)
+    finally:
+        out = stop_process(proc)
+    assert proc.returncode == 0, out
+    assert "transition 1 is not available from state 'active'" in out, out
+    assert "Traceback" not in out and "RCLError" not in out, out

@@ -1,0 +1,40 @@
+"""``change_state`` that answers every request: a transition the current state does not have is success=False.
+
+Lifecycle managers send transition ids. Jazzy's rclpy hands an id to rcl without checking it against the
+current state, and rcl's "Transition is not registered" error then escapes the service callback and
+``rclpy.spin`` (ros2/rclpy#1209; fixed upstream by #1319, not in the Jazzy wheel): a manager sending
+configure (1) or activate (3) to an autostarted, active node ended the process and every camera with it.
+By label the same request was already answered success=False; this makes ids behave the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+from rclpy.lifecycle import LifecycleNode
+
+
+class GuardedLifecycleNode(LifecycleNode):
+    """A LifecycleNode whose ``change_state`` service checks the request against the current state first."""
+
+    # rclpy registers the service with ``self.__on_change_state``, i.e. this name-mangled attribute, so defining
+    # it here is what the service calls (test_lifecycle_ids fails if a new rclpy stops doing so).
+    def _LifecycleNodeMixin__on_change_state(self, req: Any, resp: Any) -> Any:
+        state_id, state = self._state_machine.current_state
+        available = {t[0]: t[1] for t in self._state_machine.available_transitions}  # id -> label
+        label, tid = req.transition.label, req.transition.id
+        if (label not in available.values()) if label else (tid not in available):
+            choices = ", ".join(f"{name} ({i})" for i, name in available.items()) or "none"
+            self.get_logger().warning(
+                f"change_state: transition {repr(label) if label else tid} is not available from state "
+                f"'{state}'; available: {choices}")
+            resp.success = False
+            return resp
+        try:
+            return super()._LifecycleNodeMixin__on_change_state(req, resp)  # type: ignore[misc]
+        except _rclpy.RCLError as exc:  # belt and braces: whatever rcl refuses is an answer, not the node's end
+            self.get_logger().error(f"change_state: transition {repr(label) if label else tid} from state "
+                                    f"'{state}' ({state_id}) failed: {str(exc).split(', at ')[0]}")
+            resp.success = False
+            return resp
