@@ -32,7 +32,7 @@ setup(
             "unet-export = unet_perception.training.export:main",
             "unet-quantize = unet_perception.training.quantize:main",
             "unet-build-engine = unet_perception.tools.build_engine:main",
-            "unet-bag = unet_perception.tools.bag:main",
+            "unet-bag = unet_perception.tools.bag_cli:main",
             "unet-demo = unet_perception.tools.demo:main",
         ],
     },

@@ -29,9 +29,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from unet_perception.fleet.driver import LabelSettings, label_many, ray_session
+from unet_perception.fleet.plan import BagJob, plan_jobs
 from unet_perception.tools.bag import bag_from_images, label_bag
-from unet_perception.tools.fleet import LabelSettings, label_many, ray_session
-from unet_perception.tools.fleet_plan import BagJob, plan_jobs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline as stages  # noqa: E402  (benchmarks/pipeline.py: default model, CamVid folder)

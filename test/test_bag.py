@@ -16,7 +16,8 @@ from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.codec import decode_compressed
 from unet_perception.pipeline import Segmenter, colorize
 from unet_perception.tools import bag
-from unet_perception.tools.bag import IMAGE, bag_from_images, label_bag, main, typestore
+from unet_perception.tools.bag import IMAGE, bag_from_images, label_bag, typestore
+from unet_perception.tools.bag_cli import main
 
 START = 1_700_000_000_000_000_000
 

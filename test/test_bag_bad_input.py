@@ -9,7 +9,8 @@ import pytest
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from unet_perception.tools import bag
-from unet_perception.tools.bag import IMAGE, BagError, label_bag, main, typestore
+from unet_perception.tools.bag import IMAGE, BagError, label_bag, typestore
+from unet_perception.tools.bag_cli import main
 
 START = 1_700_000_000_000_000_000
 

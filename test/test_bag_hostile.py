@@ -21,7 +21,8 @@ from rosbags.rosbag2 import Reader, Writer
 
 import hostile
 from unet_perception.tools import bag
-from unet_perception.tools.bag import COMPRESSED, IMAGE, BagError, label_bag, main, typestore
+from unet_perception.tools.bag import COMPRESSED, IMAGE, BagError, label_bag, typestore
+from unet_perception.tools.bag_cli import main
 
 START = 1_700_000_000_000_000_000
 

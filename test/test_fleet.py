@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from conftest import bag_messages
 
-from unet_perception.tools.bag import BagError, bag_from_images, main
-from unet_perception.tools.fleet_plan import REPORT_NAME, expand_inputs, plan_jobs
+from unet_perception.fleet.plan import REPORT_NAME, expand_inputs, plan_jobs
+from unet_perception.tools.bag import BagError, bag_from_images
+from unet_perception.tools.bag_cli import main
 
 START = 1_700_000_000_000_000_000
 pytestmark = pytest.mark.fleet
@@ -71,7 +72,7 @@ def test_count_check_reads_the_labelled_bag(tmp_path: Path, tiny_model: Path) ->
     from unet_perception.backends.factory import BackendOptions, create_backend
     from unet_perception.pipeline import Segmenter
     from unet_perception.tools.bag import label_bag
-    from unet_perception.tools.fleet_plan import camera_counts, check_counts
+    from unet_perception.fleet.plan import camera_counts, check_counts
 
     src, out = tmp_path / "in", tmp_path / "out"
     bag_from_images(_images(tmp_path / "img", 5, (24, 32)), src, start_ns=START, progress=False)
@@ -89,7 +90,7 @@ def test_count_check_reads_the_labelled_bag(tmp_path: Path, tiny_model: Path) ->
 
 
 def test_unet_bag_builds_its_parser_without_importing_ray() -> None:
-    code = ("import sys; from unet_perception.tools.bag import build_parser; "
+    code = ("import sys; from unet_perception.tools.bag_cli import build_parser; "
             "build_parser().parse_args(['label-many', 'x', '--out', 'y']); assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -100,7 +101,7 @@ def test_unet_bag_builds_its_parser_without_importing_ray() -> None:
 def local_ray() -> Iterator[None]:
     """One local Ray for the module: 2 CPUs, so 2 workers."""
     pytest.importorskip("ray", reason="label-many needs Ray: pip install -r requirements/fleet.txt")
-    from unet_perception.tools.fleet import ray_session
+    from unet_perception.fleet.driver import ray_session
 
     with ray_session(num_cpus=2):
         yield
@@ -137,7 +138,7 @@ def _args(tiny_model: Path, out: Path) -> list[str]:
 
 
 def _settings(tiny_model: Path):  # type: ignore[no-untyped-def]
-    from unet_perception.tools.fleet import LabelSettings
+    from unet_perception.fleet.driver import LabelSettings
 
     return LabelSettings(str(tiny_model), "onnxruntime", threads=1)
 
@@ -172,7 +173,7 @@ def test_all_bags_labelled_as_label_does(local_ray: None, sources: dict[str, Pat
 
 def test_worker_killed_mid_bag_is_retried(local_ray: None, sources: dict[str, Path], single: dict[str, Path],
                                           tiny_model: Path, tmp_path: Path) -> None:
-    from unet_perception.tools.fleet import label_many
+    from unet_perception.fleet.driver import label_many
 
     killed: list[int] = []
 
@@ -197,7 +198,7 @@ def test_worker_killed_mid_bag_is_retried(local_ray: None, sources: dict[str, Pa
 def test_rerun_after_interruption_does_only_the_missing_bags(local_ray: None, sources: dict[str, Path],
                                                               single: dict[str, Path], tiny_model: Path,
                                                               tmp_path: Path) -> None:
-    from unet_perception.tools.fleet import _alive, label_many
+    from unet_perception.fleet.driver import _alive, label_many
 
     out = tmp_path / "out"
     jobs = plan_jobs([sources[n] for n in ("a", "big", "b", "c")], out)
@@ -260,7 +261,7 @@ def test_corrupt_bag_is_reported_and_the_others_finish(local_ray: None, sources:
 
 def test_workers_that_cannot_start_are_one_error_not_a_hang(local_ray: None, sources: dict[str, Path],
                                                             tiny_model: Path, tmp_path: Path) -> None:
-    from unet_perception.tools.fleet import LabelSettings, label_many
+    from unet_perception.fleet.driver import LabelSettings, label_many
 
     jobs = plan_jobs([sources["a"]], tmp_path / "cpu")  # tensorrt on a CPU-only worker: its constructor raises
     with pytest.raises(BagError, match="the workers cannot load the model: .*BackendError: the tensorrt backend"):

@@ -1,9 +1,13 @@
-"""Imports point one way (STYLE.md): the runtime (node, pipeline, backends, tools) never imports training code."""
+"""Imports point one way (STYLE.md): the runtime (node, pipeline, backends, tools) never imports training code, and
+``unet-bag``'s layers go cli (``tools/bag_cli.py``) -> fleet (``unet_perception/fleet``) -> one-bag tool
+(``tools/bag.py``, ``tools/bag_preflight.py``)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -11,6 +15,10 @@ RUNTIME = ("unet_perception.node", "unet_perception.pipeline", "unet_perception.
            "unet_perception.backends.factory", "unet_perception.backends.onnxruntime",
            "unet_perception.backends.torch_backend", "unet_perception.backends.tensorrt",
            "unet_perception.tools.bag", "unet_perception.tools.demo", "unet_perception.tools.build_engine")
+PACKAGE = Path(REPO) / "unet_perception"
+ONE_BAG = (PACKAGE / "tools" / "bag.py", PACKAGE / "tools" / "bag_preflight.py")
+FLEET = tuple(sorted((PACKAGE / "fleet").glob("*.py")))
+CLI = "unet_perception.tools.bag_cli"
 
 
 def test_the_runtime_never_imports_training() -> None:
@@ -22,3 +30,30 @@ def test_the_runtime_never_imports_training() -> None:
                          check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[]", f"runtime modules import training code: {run.stdout.strip()}"
+
+
+def _imported(path: Path) -> set[str]:
+    """Every module ``path`` imports, at the top or inside a function (a lazy import is still a dependency)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # from package import module
+    return names
+
+
+def _offending(paths: tuple[Path, ...], banned: tuple[str, ...]) -> dict[str, list[str]]:
+    found = {p.name: sorted(n for n in _imported(p) if any(n == b or n.startswith(b + ".") for b in banned))
+             for p in paths}
+    return {name: names for name, names in found.items() if names}
+
+
+def test_the_one_bag_tool_knows_neither_the_fleet_nor_the_cli() -> None:
+    assert len(FLEET) >= 3, f"the fleet package moved: {FLEET}"
+    assert _offending(ONE_BAG, ("unet_perception.fleet", CLI)) == {}
+
+
+def test_the_fleet_never_imports_the_cli() -> None:
+    assert _offending(FLEET, (CLI,)) == {}

@@ -1,28 +1,26 @@
-"""unet-bag: make, label and play rosbag2 files without the ``ros2`` CLI.
+"""The one-bag tool behind ``unet-bag``: make, label and play rosbag2 files without the ``ros2`` CLI.
 
-* ``from-images DIR OUT``: an image folder -> a rosbag2 of ``sensor_msgs/Image`` or ``CompressedImage``.
-* ``label IN OUT``: every camera topic of a bag through the segmentation pipeline (no ROS graph) -> a new bag
+* ``bag_from_images``: an image folder -> a rosbag2 of ``sensor_msgs/Image`` or ``CompressedImage``.
+* ``label_bag``: every camera topic of a bag through the segmentation pipeline (no ROS graph) -> a new bag
   with the original messages plus ``<ns>/segmentation/{labels,color,overlay}`` (and ``confidence`` for models
   with that output) at the same timestamps.
-* ``label-many INPUTS... --out DIR``: ``label`` over many bags on Ray (this machine or a cluster), resumable
-  (``tools/fleet.py``; needs ``requirements/fleet.txt``).
-* ``play BAG``: publish a bag over rclpy at its recorded timing (for machines without ``ros2 bag play``).
+* ``play_bag``: publish a bag over rclpy at its recorded timing (for machines without ``ros2 bag play``).
 
 Bags are read and written with ``rosbags`` (sqlite3 and mcap, rosbag2 format version 8 as ROS 2 Jazzy writes
 it) and the ROS 2 Jazzy message definitions, so ``ros2 bag info``/``play`` and rviz read what we write.
 Outputs are written into a hidden staging folder and renamed into place only when complete. What can be checked
 is checked before the work (``bag_preflight``): the output path and its free space, the input's message counts
 (metadata.yaml against the storage, then against what was read), short type names, crashed-recorder WAL files.
+This module knows one bag at a time: the fleet (``unet_perception/fleet``) uses it, never the other way round,
+and the ``unet-bag`` command line lives in ``tools/bag_cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import shutil
 import sqlite3
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -41,9 +39,7 @@ from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from unet_perception.backends.base import BackendError
 from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files
-from unet_perception.model_contract import ModelError
 from unet_perception.tools.bag_preflight import (BagError, ReadableBag, check_output, check_read, compare_counts,
                                                  full_type, readable_bag, storage_counts)
 from unet_perception.topics import camera_outputs, is_compressed_topic, output_kinds, output_topics
@@ -540,147 +536,3 @@ def _ros_time(ns: int) -> Any:
     from builtin_interfaces.msg import Time  # type: ignore[import-untyped]
 
     return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def _from_images(args: argparse.Namespace) -> int:
-    images = list_images(args.dir, args.limit)
-    stamps = bag_from_images(images, args.out, topic=args.topic, rate=args.rate, frame_id=args.frame_id,
-                             compressed=args.compressed, fmt=args.format, storage=args.storage,
-                             encoding=args.encoding)
-    print(f"wrote {args.out}: {len(stamps)} frames at {args.rate:g} Hz ({args.storage})")
-    return 0
-
-
-def _label(args: argparse.Namespace) -> int:
-    from unet_perception.backends.factory import BackendOptions, create_backend
-    from unet_perception.pipeline import Segmenter
-
-    check_label_options(args.alpha, args.batch, args.max_pixels)  # before the model loads: costs nothing
-    check_output(args.out)
-    model = args.model or _default_model()
-    if not Path(model).is_file():
-        raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
-    backend = create_backend(args.backend, model, BackendOptions(max_batch=args.batch, threads=args.threads))
-    with backend:
-        summary = label_bag(args.input, args.out, Segmenter(backend, backend.info.classes), topics=args.topics,
-                            storage=args.storage, batch=args.batch, alpha=args.alpha,
-                            max_pixels=args.max_pixels, exclude_topics=args.exclude_topics or ())
-    print(summary.table())
-    print(f"wrote {args.out} (backend {backend.name}, {backend.device})")
-    return 0
-
-
-def _default_model() -> str:
-    from unet_perception.launch_support import default_model_path
-
-    return str(default_model_path())
-
-
-def _play(args: argparse.Namespace) -> int:
-    import rclpy
-    from rclpy.executors import ExternalShutdownException
-
-    from unet_perception.launch_support import apply_node_env
-
-    apply_node_env()  # before rclpy.init: Fast DDS reads the profile when the participant is created
-    rclpy.init()
-    node = rclpy.create_node("unet_bag_player")
-    try:
-        stats = play_bag(node, args.bag, rate_factor=args.rate_factor, loop=args.loop, clock=args.clock,
-                         topics=args.topics, reliable=args.reliable, wait_for_subscribers=args.wait_for_subscribers)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        return 130
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    print(f"published {sum(stats.published.values())} messages on {len(stats.published)} topics "
-          f"in {stats.seconds:.1f} s")
-    return 0
-
-
-def add_label_options(p: argparse.ArgumentParser) -> None:
-    """The model and labelling options ``label`` and ``label-many`` share, with the same names and defaults."""
-    from unet_perception.backends.factory import KINDS
-
-    p.add_argument("--model", default="", help="ONNX model (default: the package's models/unet_camvid.onnx)")
-    p.add_argument("--backend", default="auto", choices=KINDS, help="inference backend (default: %(default)s)")
-    p.add_argument("--topics", nargs="+", metavar="TOPIC", help="camera topics to label (default: all)")
-    p.add_argument("--storage", choices=sorted(STORAGES), default=None, help="output storage (default: as IN)")
-    p.add_argument("--batch", type=int, default=4, help="frames per inference batch (default: %(default)s)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unet-bag", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{from-images,label,label-many,play}")
-
-    p = sub.add_parser("from-images", help="make a rosbag2 of camera frames from an image folder",
-                       description="Write the images of DIR (name order) as one camera topic into the new bag OUT.")
-    p.add_argument("dir", type=Path, metavar="DIR", help="folder of .png/.jpg frames")
-    p.add_argument("out", type=Path, metavar="OUT", help="output bag folder (must not exist)")
-    p.add_argument("--topic", default="/camera/image_raw", help="camera topic (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=10.0, help="frame rate in Hz (default: %(default)s)")
-    p.add_argument("--frame-id", default="camera", help="header frame_id (default: %(default)s)")
-    p.add_argument("--compressed", action="store_true",
-                   help="write sensor_msgs/CompressedImage on <topic>/compressed")
-    p.add_argument("--format", choices=sorted(FORMATS), default="jpeg", help="with --compressed (default: jpeg)")
-    p.add_argument("--storage", choices=sorted(STORAGES), default="sqlite3", help="(default: %(default)s)")
-    p.add_argument("--encoding", choices=("rgb8", "bgr8"), default="rgb8",
-                   help="raw Image encoding (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N images only")
-    p.set_defaults(func=_from_images)
-
-    p = sub.add_parser("label", help="label every camera topic of a bag offline (no ROS graph)",
-                       description="Copy every message of IN to the new bag OUT and add "
-                                   "<ns>/segmentation/{labels,color,overlay} (and confidence, for models with that "
-                                   "output) for each Image/CompressedImage topic.")
-    p.add_argument("input", type=Path, metavar="IN", help="input bag folder (sqlite3 or mcap)")
-    p.add_argument("out", type=Path, metavar="OUT", help="output bag folder (must not exist)")
-    add_label_options(p)
-    p.add_argument("--threads", type=int, default=0, help="CPU inference threads, 0 = library default")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask, 0..1 "
-                   "(default: 0.5)")
-    p.add_argument("--exclude-topics", nargs="+", metavar="TOPIC",
-                   help="topics to leave out of OUT entirely (neither copied nor labelled)")
-    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="frames with more pixels are skipped as bad input, checked before decoding "
-                        "(default: 4096*4096, as the node's max_image_pixels)")
-    p.set_defaults(func=_label)
-
-    p = sub.add_parser("play", help="publish a bag over rclpy at its recorded timing",
-                       description="Publish BAG's messages at their recorded timing, for machines without "
-                                   "`ros2 bag play`. Uses the package's Fast DDS profile for large frames unless "
-                                   "FASTRTPS_DEFAULT_PROFILES_FILE is set.")
-    p.add_argument("bag", type=Path, metavar="BAG", help="bag folder (sqlite3 or mcap)")
-    p.add_argument("--rate-factor", type=float, default=1.0, help="speed factor (default: %(default)s)")
-    p.add_argument("--loop", action="store_true", help="play again from the start until Ctrl-C")
-    p.add_argument("--clock", action="store_true", help="publish /clock with the bag time (use_sim_time)")
-    p.add_argument("--topics", nargs="+", metavar="TOPIC", help="topics to play (default: all)")
-    p.add_argument("--reliable", action="store_true", help="reliable QoS instead of sensor-data (best effort)")
-    p.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="SEC",
-                   help="wait up to SEC seconds for a subscriber on every topic before playing (default: 0)")
-    p.set_defaults(func=_play)
-
-    from unet_perception.tools.fleet import add_parser as add_label_many  # imports Ray only when it runs
-
-    add_label_many(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (BagError, BackendError, ModelError, OSError) as exc:  # OSError: an unreadable file, a vanished folder
-        print(f"unet-bag {args.command}: error: {exc}", file=sys.stderr)  # one line, not a traceback
-        return 1
-    except KeyboardInterrupt:
-        print(f"unet-bag {args.command}: interrupted; no output was left behind", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

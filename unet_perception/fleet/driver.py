@@ -1,18 +1,17 @@
 """``unet-bag label-many``: ``label`` over many bags on Ray, on this machine or on a Ray cluster.
 
-Ray does the work of a fleet: it places one ``fleet_worker.BagLabeller`` actor per worker (CPUs/GPUs as asked),
+Ray does the work of a fleet: it places one ``worker.BagLabeller`` actor per worker (CPUs/GPUs as asked),
 restarts an actor whose process dies and retries the bag it was on (``max_task_retries``, bounded), and carries
 progress from the workers to the driver through a small ``Progress`` actor. The driver (here) only hands the next
-bag to the worker that finished one (``ray.wait``) and writes the report. Each actor loads the model once and
-labels one bag per call with ``bag.label_bag``, exactly as ``unet-bag label`` does.
+bag to the worker that finished one (``ray.wait``) and builds the report. Each actor loads the model once and
+labels one bag per call with ``tools.bag.label_bag``, exactly as ``unet-bag label`` does.
 
-Ray is imported only here and only when label-many runs, so ``unet-bag`` works without it
+Ray is imported only in this package and only when label-many runs, so ``unet-bag`` works without it
 (``pip install -r requirements/fleet.txt``).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -27,17 +26,9 @@ from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from unet_perception.tools.bag import STORAGES, BagError, check_label_options
-from unet_perception.tools.fleet_plan import (
-    REPORT_NAME,
-    BagJob,
-    BagResult,
-    FleetReport,
-    camera_counts,
-    expand_inputs,
-    plan_jobs,
-)
-from unet_perception.tools.fleet_worker import BagLabeller, LabelSettings, Progress
+from unet_perception.fleet.plan import BagJob, BagResult, FleetReport, camera_counts
+from unet_perception.fleet.worker import BagLabeller, LabelSettings, Progress
+from unet_perception.tools.bag import BagError
 
 LOCAL_OBJECT_STORE_MB = 200  # only paths and small results travel through it; Ray's default is 30% of RAM
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps to 127.0.0.1 (see ray_session)
@@ -234,71 +225,3 @@ def _run_pool(pool: list[Any], tracker: Any, todo: deque[BagJob], results: dict[
         if on_poll is not None:
             on_poll(snapshot)
     bar.close()
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_parser(sub: Any) -> None:
-    """The ``label-many`` subcommand of ``unet-bag`` (Ray is imported only when it runs)."""
-    p = sub.add_parser("label-many", help="label many bags on Ray (this machine or a cluster), resumable",
-                       description="Label every input bag as `unet-bag label` does, on a local Ray or an existing "
-                                   "Ray cluster, into DIR/NAME. Bags whose output exists are skipped, so a "
-                                   "rerun finishes an interrupted run. Writes DIR/" + REPORT_NAME + ".")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="bag folder, .db3/.mcap file, glob, or a text file listing them (one a line)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the labelled bags")
-    p.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="existing Ray cluster: auto (this node is in one) or ray://HEAD:10001 "
-                        "(default: start a local Ray on this machine)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="workers, each with the model loaded once (default: as many as the CPUs/GPUs hold)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="(default: %(default)s)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
-                   help="GPUs per worker, e.g. 1 or 0.5 (default: 0, CPU workers with ONNX Runtime)")
-    p.add_argument("--retries", type=int, default=2, metavar="N",
-                   help="times a bag is retried when its worker dies on it (default: %(default)s)")
-    p.add_argument("--model", default="", help="ONNX model (default: the package's models/unet_camvid.onnx)")
-    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
-                   help="inference backend (default: %(default)s)")
-    p.add_argument("--topics", nargs="+", metavar="TOPIC", help="camera topics to label (default: all)")
-    p.add_argument("--storage", choices=sorted(STORAGES), default=None, help="output storage (default: as IN)")
-    p.add_argument("--batch", type=int, default=4, help="frames per inference batch (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU inference threads per worker (default: 0 = --cpus-per-worker)")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask, 0..1 "
-                   "(default: 0.5)")
-    p.add_argument("--exclude-topics", nargs="+", metavar="TOPIC",
-                   help="topics to leave out of the outputs entirely (neither copied nor labelled)")
-    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="frames with more pixels are refused as bad input (default: 4096*4096, as `label`)")
-    p.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from unet_perception.launch_support import default_model_path
-    from unet_perception.model_contract import read_model_info
-
-    check_label_options(args.alpha, args.batch, args.max_pixels)  # before Ray starts: a bad option costs nothing
-    model = args.model or str(default_model_path())
-    if not Path(model).is_file():
-        raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
-    read_model_info(model)  # a model that cannot be read is one error here, not one per worker
-    if args.workers is not None and args.workers < 1:
-        raise BagError(f"--workers must be >= 1, got {args.workers}")
-    if args.retries < 0:
-        raise BagError(f"--retries must be >= 0, got {args.retries}")
-    jobs = plan_jobs(expand_inputs(args.inputs, args.out), args.out)
-    threads = args.threads or max(1, int(args.cpus_per_worker))
-    settings = LabelSettings(str(Path(model).resolve()), args.backend, args.batch, threads, args.alpha,
-                             tuple(args.topics) if args.topics else None, args.storage,
-                             tuple(args.exclude_topics or ()), args.max_pixels)
-    with ray_session(args.ray_address):
-        report = label_many(jobs, settings, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                            gpus_per_worker=args.gpus_per_worker, retries=args.retries)
-    report.write_json(args.out / REPORT_NAME)
-    print(report.table())
-    for line in report.workers:
-        print(f"worker: {line}")
-    print(f"report: {args.out / REPORT_NAME}")
-    return 1 if report.count("failed") else 0

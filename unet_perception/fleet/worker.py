@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unet_perception.fleet.plan import BagJob, BagResult, camera_counts, check_counts
 from unet_perception.tools.bag import BagError, label_bag
-from unet_perception.tools.fleet_plan import BagJob, BagResult, camera_counts, check_counts
 
 
 @dataclass(frozen=True)
