@@ -40,7 +40,7 @@ from unet_perception.lifecycle_guard import GuardedLifecycleNode
 from unet_perception.launch_support import NODE_NAME, apply_node_env, default_model_path, missing_profile_note
 from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo, read_model_info
 from unet_perception.node_params import PARAMS, QOS_RELIABILITY, StartupError, parse_class_colors, validate
-from unet_perception.node_stats import CameraStats
+from unet_perception.node_stats import CameraStats, check_stamp, stamp_ns
 from unet_perception.pipeline import Segmentation, Segmenter
 from unet_perception.topics import LABEL_INFO, camera_outputs, is_compressed_topic, output_kinds
 
@@ -358,9 +358,10 @@ class SegmentationNode(GuardedLifecycleNode):
         received = time.monotonic()
         with self._lock:
             cam.stats.frames_in += 1
-            cam.stats.stamps.add(msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec)
+            cam.stats.stamps.add(stamp_ns(msg.header.stamp))
         try:
             check(msg, self._max_pixels)
+            check_stamp(msg.header.stamp)  # nanosec >= 1e9: bad input, as the output would carry it
         except Exception as exc:  # noqa: BLE001 - whatever a hostile message raises is bad input, never a crash
             self._record_error(cam, f"bad input on {cam.topic}: {exc}")
             return
@@ -455,6 +456,7 @@ class SegmentationNode(GuardedLifecycleNode):
         else:
             problems = [f"{n} {what}" for n, what in ((d_errors, "errors"), (d_drops, "drops"),
                                                       (d_missing, "frames missing before the node")) if n]
+            problems += [f"stamps jumped {ns / 1e9:+.1f} s" for ns in s.stamps.take_jumps()]
             if d_in and out_hz < SLOW_RATIO * camera_hz:
                 problems.append(f"processing {out_hz:.1f} Hz of a {camera_hz:.1f} Hz camera")
             if problems:

@@ -6,44 +6,77 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 LATENCY_WINDOW = 200          # latency mean / p99 over the last this many frames of a camera
 STAMP_WINDOW = 50             # the input rate is the median period of the last this many header-stamp gaps
 MIN_GAPS = 5                  # gaps needed before frames missing are counted against that period
-MAX_SKIP = 1000               # a stamp jump of more periods is a restart (bag loop, clock reset), not a loss
-MAX_REORDER = 10              # a stamp more periods older than the newest is a restart too, not a late frame
+JUMP_PERIODS = 10             # a stamp further than this many periods from the newest is a jump, not a loss
+NS = 1_000_000_000
+
+
+def check_stamp(stamp: Any) -> None:
+    """Refuse a header stamp that is not a time (ValueError: the node counts the frame as bad input)."""
+    if not 0 <= stamp.nanosec < NS or stamp.sec < 0:
+        raise ValueError(f"header.stamp sec={stamp.sec} nanosec={stamp.nanosec} is not a valid time "
+                         "(sec >= 0, nanosec < 1e9)")
+
+
+def stamp_ns(stamp: Any) -> int:
+    """A header stamp in ns; 0 (says nothing, like an unset stamp) for one that check_stamp refuses."""
+    return stamp.sec * NS + stamp.nanosec if 0 <= stamp.nanosec < NS and stamp.sec >= 0 else 0
 
 
 @dataclass
 class StampRate:
-    """A camera's own rate, from its header stamps: frames lost before the node show as longer gaps."""
+    """A camera's own rate, from its header stamps: frames lost before the node show as longer gaps.
+
+    A stamp more than JUMP_PERIODS periods ahead of or behind the newest (a bag looping, a clock reset, one
+    frame with a bogus stamp) is a jump: kept in ``jumps`` for diagnostics to report once, and counting goes
+    on from it; it is neither a loss nor a period. When the stamps come back to within JUMP_PERIODS of where
+    they jumped from, the jump was one stray frame and counting goes on from before it.
+    """
 
     last_ns: int = 0
     gaps: deque[int] = field(default_factory=lambda: deque(maxlen=STAMP_WINDOW))
     missing: int = 0  # frames the stamps say were sent but never arrived
+    jumps: list[int] = field(default_factory=list)  # sizes (ns, signed) not reported yet
+    jumped_from: int = 0  # the newest stamp before the last jump forward, while no normal gap followed it
 
     def add(self, stamp_ns: int) -> None:
-        if stamp_ns <= 0:  # an unset stamp says nothing
+        if stamp_ns <= 0:  # an unset (or invalid) stamp says nothing
             return
         period = self.period_ns() if len(self.gaps) >= MIN_GAPS else 0.0
+        if self.jumped_from and period and abs(stamp_ns - self.jumped_from) <= JUMP_PERIODS * period:
+            self.last_ns, self.jumped_from = self.jumped_from, 0  # back on the old timeline: one stray frame
         if stamp_ns <= self.last_ns:
             # Repeats and slightly out-of-order frames say nothing about loss. A jump back of many periods is a
-            # restart (a bag looping, a clock reset, a frame stamped in the future before it): count from here,
-            # or every frame until the old stamp came round again would be ignored.
-            if not period or self.last_ns - stamp_ns > MAX_REORDER * period:
-                self.last_ns = stamp_ns
+            # restart: count from here, or every frame until the old stamp came round again would be ignored.
+            if not period or self.last_ns - stamp_ns > JUMP_PERIODS * period:
+                self._jump(stamp_ns, period)
             return
         if self.last_ns:
             gap = stamp_ns - self.last_ns
-            skipped = round(gap / period) - 1 if period else 0
-            if skipped > MAX_SKIP:  # a jump forward (a restart, a bogus stamp): neither a loss nor a period
-                self.last_ns = stamp_ns
+            if period and gap > JUMP_PERIODS * period:
+                self.jumped_from = self.last_ns
+                self._jump(stamp_ns, period)
                 return
-            self.missing += max(skipped, 0)
+            self.missing += max(round(gap / period) - 1, 0) if period else 0
             self.gaps.append(gap)
+            self.jumped_from = 0
         self.last_ns = stamp_ns
+
+    def _jump(self, stamp_ns: int, period: float) -> None:
+        if period:  # before a period is known, the first stamps are only learning it
+            self.jumps.append(stamp_ns - self.last_ns)
+        self.last_ns = stamp_ns
+
+    def take_jumps(self) -> list[int]:
+        """The jumps since the last call (diagnostics reports each once)."""
+        jumps, self.jumps = self.jumps, []
+        return jumps
 
     def period_ns(self) -> float:
         return float(np.median(self.gaps)) if self.gaps else 0.0
