@@ -383,6 +383,8 @@ class SegmentationNode(GuardedLifecycleNode):
         return True
 
     def _record_error(self, cam: Camera, message: str) -> None:
+        if not self.context.ok():  # Ctrl-C / SIGTERM mid-batch: publishing failed because the process is ending
+            return
         self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
         with self._lock:
             cam.stats.errors += 1

@@ -1,0 +1,67 @@
+"""Ctrl-C and SIGTERM while the node is inferring: exit 0 and not one warning or error line.
+
+Before, the batch in flight finished after rclpy's signal handler had shut the context down, its publish
+failed ("publisher's context is invalid"), and the node logged that as a failed frame, which rosout could not
+publish either ("Failed to publish log message to rosout").
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from sensor_msgs.msg import Image
+
+from conftest import make_tiny_model
+from ros_graph import TIMEOUT_S, RosGraph, start_node_process, wait_matched
+from unet_perception.tools.camera_sim import image_message, synthetic_frame
+
+TOPIC = "/shutdown"
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wider U-Net at 320x480 (about 0.5 s a frame on one thread of the 2-core machine, so a signal sent right
+    after a label finds the worker inferring; with the fix removed both cases fail every time)."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "slow.onnx", input_hw=(320, 480), width=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_inference_ends_cleanly(slow_model: Path, signum: int) -> None:
+    proc = start_node_process({"model_path": str(slow_model), "image_topics": [f"{TOPIC}/image_raw"],
+                               "threads": 1})
+    stop = threading.Event()
+    try:
+        with RosGraph() as graph:
+            pub = graph.publisher(Image, f"{TOPIC}/image_raw")
+            labels = graph.collect(Image, f"{TOPIC}/segmentation/labels")
+            wait_matched(pub, [labels])
+
+            def stream() -> None:  # faster than the node: a frame always waits, so the worker is always busy
+                i = 0
+                while not stop.wait(0.05):
+                    pub.publish(image_message(synthetic_frame(160, 120, i)))
+                    i += 1
+
+            streamer = threading.Thread(target=stream, daemon=True)
+            streamer.start()
+            labels.wait_for(3)  # three batches done: it is in the middle of the next one
+            proc.send_signal(signum)
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            stop.set()
+            streamer.join()
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    bad = [line for line in out.splitlines()
+           if any(word in line for word in ("[ERROR]", "[WARN]", "[FATAL]", "Traceback", "Failed to publish",
+                                            "context is invalid"))]
+    assert not bad, out
+    assert "segmenting /shutdown/image_raw" in out
+
