@@ -65,7 +65,8 @@ def test_fp16_conversion_is_cached(tiny_model: Path, tmp_path: Path, monkeypatch
     first, _ = po.onnx_for_precision(tiny_model, "fp16", tmp_path)
     monkeypatch.setattr(po, "convert_to_fp16", lambda model: pytest.fail("converted twice"))
     again, _ = po.onnx_for_precision(tiny_model, "fp16", tmp_path)
-    assert again == first and len(list((tmp_path / "onnx").iterdir())) == 1
+    assert again == first and sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        first.with_suffix(".json").name, first.name]  # the file and its sidecar (sha256 of both models)
 
 
 def test_mixed_types_after_conversion_are_refused(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,12 @@
-"""The engine cache without TensorRT: key fields, load-or-build decisions and why, sidecars, atomic writes."""
+"""The engine cache without TensorRT: key fields, load-or-build decisions and why, sidecars with the engine's
+sha256, atomic writes with the umask (who may write the cache: test_tensorrt_cache_trust.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +40,15 @@ def test_key_changes_with_every_field(tiny_model: Path, tmp_path: Path) -> None:
         assert changed == [field]
 
 
+@pytest.mark.parametrize("other", ["10.14.0.35", "10.13.1.35", "10.13.0.36"])
+def test_key_differs_when_only_the_tensorrt_minor_or_patch_differs(tiny_model: Path, other: str) -> None:
+    """An engine from 10.13 must never be handed to 10.14 (or to another patch or build of 10.13)."""
+    base = ec.make_key(tiny_model, **KEY_ARGS)  # type: ignore[arg-type]
+    key = ec.make_key(tiny_model, **{**KEY_ARGS, "tensorrt_version": other})  # type: ignore[arg-type]
+    assert key.digest != base.digest and ec.engine_paths(Path("c"), key) != ec.engine_paths(Path("c"), base)
+    assert key.fields()["tensorrt_version"] == other
+
+
 def test_key_rejects_unknown_precision(tiny_model: Path) -> None:
     with pytest.raises(BackendError, match="precision must be one of"):
         ec.make_key(tiny_model, **{**KEY_ARGS, "precision": "fp8"})  # type: ignore[arg-type]
@@ -66,10 +79,38 @@ def test_plan_never_loads_an_engine_whose_sidecar_disagrees(tiny_model: Path, tm
     tampered = ec.plan_engine(tmp_path, key)
     assert tampered.action == "build" and "precision 'fp32' != 'fp16'" in tampered.reason
     plan.sidecar.write_text("not json")
-    assert "no readable sidecar" in ec.plan_engine(tmp_path, key).reason
+    assert "no usable sidecar" in ec.plan_engine(tmp_path, key).reason
     assert ec.built_with(plan.engine) == "?"
     plan.sidecar.unlink()
     assert ec.plan_engine(tmp_path, key).action == "build"
+
+
+def test_an_engine_that_is_not_the_one_its_sidecar_describes_is_rebuilt(tiny_model: Path, tmp_path: Path) -> None:
+    """Right fields, wrong bytes (a swapped or truncated engine): never loaded, never handed to TensorRT."""
+    key = ec.make_key(tiny_model, **KEY_ARGS)  # type: ignore[arg-type]
+    plan = ec.plan_engine(tmp_path, key)
+    ec.store_engine(plan, key, b"engine-bytes", 1.0)
+    assert json.loads(plan.sidecar.read_text())["engine_sha256"] == hashlib.sha256(b"engine-bytes").hexdigest()
+    assert ec.read_engine(plan.engine) == b"engine-bytes"
+    plan.engine.write_bytes(b"planted-engine")
+    again = ec.plan_engine(tmp_path, key)
+    assert again.action == "build" and "does not match the sha256" in again.reason
+    with pytest.raises(BackendError, match="does not match the sha256 its sidecar"):
+        ec.read_engine(plan.engine)
+
+
+def test_cache_files_are_written_with_the_umask(tmp_path: Path) -> None:
+    """0644 under the usual umask 022 (mkstemp's 0600 made a cache built by root unreadable by the node's user)."""
+    old = os.umask(0o022)
+    try:
+        ec.atomic_write(tmp_path / "a" / "b.engine", b"x")
+        os.umask(0o077)
+        ec.atomic_write(tmp_path / "a" / "c.engine", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a" / "b.engine").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a" / "c.engine").stat().st_mode) == 0o600
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

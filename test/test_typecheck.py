@@ -18,7 +18,8 @@ import pytest
 from conftest import REPO
 
 CHECKED = ["unet_perception/backends/tensorrt.py", "unet_perception/backends/tensorrt_builder.py",
-           "unet_perception/backends/engine_cache.py", "unet_perception/backends/precision_onnx.py",
+           "unet_perception/backends/engine_cache.py", "unet_perception/backends/cache_trust.py",
+           "unet_perception/backends/precision_onnx.py",
            "unet_perception/backends/cuda_memory.py", "unet_perception/backends/torch_backend.py",
            "unet_perception/tools/build_engine.py"]
 SIGNATURE = re.compile(r"(\s*def \w+\()(.*)(\)(?: -> .*)?:\s*)$")

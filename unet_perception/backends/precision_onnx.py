@@ -2,8 +2,9 @@
 
 - ``fp32``: the exported model itself.
 - ``fp16``: the model with every float tensor and weight in float16, made here by ``onnxconverter-common``
-  and cached beside the engines (``<cache_dir>/onnx/<sha>-fp16.onnx``); the uint8 ``image`` input and the uint8
-  ``labels``/``confidence`` outputs stay uint8.
+  and cached beside the engines (``<cache_dir>/onnx/<sha>-fp16-occ<version>.onnx``, with a ``.json`` sidecar
+  holding the sha256 of the model it was made from and of itself, checked before every use); the uint8
+  ``image`` input and the uint8 ``labels``/``confidence`` outputs stay uint8.
 - ``int8``: a symmetric int8 Q/DQ model (zero point 0, float biases), given directly or found beside the fp32
   model as ``<name>_int8.onnx`` (``models/unet_camvid_int8.onnx``). It is made at export time, not here. A Q/DQ
   model given with the default ``fp32`` runs as int8 too (fp32 means "the file as it is").
@@ -13,13 +14,18 @@ TensorRT 11 has no FP16/INT8 builder flags and no calibrator; with this, 10.x an
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
+import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from unet_perception.backends.base import BackendError
-from unet_perception.backends.engine_cache import atomic_write, file_sha256
+from unet_perception.backends.cache_trust import atomic_write, cache_folder, require_writable
+from unet_perception.backends.engine_cache import checked_bytes, file_sha256, load_sidecar
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
@@ -98,16 +104,47 @@ def converter_version() -> str:
                            "onnxconverter-common (requirements/gpu.txt), or use precision fp32") from exc
 
 
+def cached_fp16_problem(out: Path, sidecar: Path, source_sha256: str) -> str:
+    """Why the cached fp16 file cannot be used ("" when it can): untrusted, or not the conversion of the model."""
+    try:
+        checked_bytes(out, sidecar, "fp16_sha256")
+        made_from = load_sidecar(sidecar).get("source_sha256")
+    except BackendError as exc:
+        return str(exc)
+    except (OSError, ValueError) as exc:
+        return f"cannot read '{sidecar}': {exc}"
+    return "" if made_from == source_sha256 else f"'{out}' was made from another model (sha256 {made_from})"
+
+
 def fp16_model_for(path: Path, cache_dir: Path) -> Path:
-    """The cached float16 conversion of ``path``, made on first use (keyed by file hash and converter version)."""
+    """The cached float16 conversion of ``path``, made on first use (keyed by file hash and converter version).
+
+    A cached file is used only when it is trusted (``cache_trust``) and its sidecar records this model's sha256
+    and the file's own; anything else is converted again and replaced, with a warning saying why."""
     import onnx
 
     if is_qdq_model(path):
         raise BackendError(f"'{path}' is an int8 Q/DQ model; use precision int8 with it, or the fp32 model for fp16")
-    out = cache_dir / "onnx" / f"{file_sha256(path)[:24]}-fp16-occ{converter_version()}.onnx"
-    if not out.is_file():
-        converted = convert_to_fp16(onnx.load(str(path)))
-        atomic_write(out, converted.SerializeToString())
+    cache_folder(cache_dir)  # the cache folder itself first: the rules are stricter for it than for its parents
+    folder = cache_folder(cache_dir / "onnx")
+    source_sha256 = file_sha256(path)
+    out = folder / f"{source_sha256[:24]}-fp16-occ{converter_version()}.onnx"
+    sidecar = out.with_suffix(".json")
+    problem = cached_fp16_problem(out, sidecar, source_sha256)
+    if not problem:
+        return out
+    if os.path.lexists(out) or os.path.lexists(sidecar):
+        logging.getLogger("unet_perception").warning(f"precision fp16: not using the cached file: {problem}; "
+                                                     "converting the model again")
+    require_writable(folder, f"the fp16 conversion of '{path}'")
+    data = convert_to_fp16(onnx.load(str(path))).SerializeToString()
+    try:
+        atomic_write(out, data)
+        atomic_write(sidecar, json.dumps({"source": str(path), "source_sha256": source_sha256,
+                                          "fp16_sha256": hashlib.sha256(data).hexdigest(),
+                                          "converter": f"onnxconverter-common {converter_version()}"}).encode())
+    except OSError as exc:
+        raise BackendError(f"cannot store the fp16 conversion in '{folder}': {exc.strerror or exc}") from exc
     return out
 
 

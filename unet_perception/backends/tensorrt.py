@@ -19,7 +19,7 @@ import numpy as np
 
 from unet_perception.backends.base import Backend, BackendError
 from unet_perception.backends.cuda_memory import CudaApi, cuda_unavailable_reason, load_cuda
-from unet_perception.backends.engine_cache import EngineKey, built_with
+from unet_perception.backends.engine_cache import EngineKey, built_with, read_engine
 from unet_perception.backends.factory import BackendOptions
 from unet_perception.backends.tensorrt_builder import EngineBuilder, Log, TrtLog, construct, engine_for, \
     require_tensorrt
@@ -97,7 +97,7 @@ class TensorRTBackend(Backend):
         with cuda.use_device(gpu):
             trt_log = self._trt_log = TrtLog(self._log)  # must outlive the runtime, engine and context
             self._runtime = construct("Runtime", trt.Runtime, trt_log, gpu)
-            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            engine = self._runtime.deserialize_cuda_engine(read_engine(path))  # sha256-checked bytes
             if engine is None:
                 self._runtime = None
                 raise BackendError(f"TensorRT {version} could not deserialize engine '{path}' (engine built with "

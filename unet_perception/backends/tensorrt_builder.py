@@ -6,7 +6,8 @@ the int8 Q/DQ model). No FP16/INT8 builder flags, no calibrator, no ``platform_h
 fp32 engines clear ``BuilderFlag.TF32`` so their labels match ONNX Runtime's float32 ones.
 
 The profile covers batch 1..max_batch (optimised for max_batch) at the model's own input size. The timing cache
-(``timing-<gpu+trt>.cache``) lives in the engine cache folder and makes rebuilds fast.
+(``timing-<gpu+trt>.cache``) lives in the engine cache folder and makes rebuilds fast. The cache folder and every
+file read from it pass ``cache_trust`` first (docs/tensorrt.md, "Who may write the cache").
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unet_perception.backends.base import BackendError
+from unet_perception.backends.cache_trust import UntrustedFile, atomic_write, cache_folder, read_trusted, \
+    require_writable
 from unet_perception.backends.cuda_memory import CudaApi, load_cuda
-from unet_perception.backends.engine_cache import (EngineKey, atomic_write, cache_dir_for, make_key, plan_engine,
-                                                   profile_shapes, store_engine)
+from unet_perception.backends.engine_cache import EngineKey, cache_dir_for, make_key, plan_engine, profile_shapes, \
+    store_engine
 from unet_perception.backends.factory import BackendOptions
 from unet_perception.backends.precision_onnx import onnx_for_precision
 from unet_perception.model_contract import INPUT_NAME, ModelInfo, read_model_info
@@ -184,11 +187,34 @@ def configure(builder: tensorrt.Builder, settings: BuildSettings, log: Log,
     profile.set_shape(INPUT_NAME, trt.Dims(shapes["min"]), trt.Dims(shapes["opt"]), trt.Dims(shapes["max"]))
     if config.add_optimization_profile(profile) < 0:
         raise BackendError(f"TensorRT rejected the optimisation profile {shapes} for input '{INPUT_NAME}'")
-    timing = settings.timing_cache.read_bytes() if settings.timing_cache.is_file() else b""
-    if not config.set_timing_cache(config.create_timing_cache(timing), ignore_mismatch=False):
-        log(f"tensorrt: timing cache {settings.timing_cache} is from another GPU or TensorRT; starting a new one")
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    attach_timing_cache(config, settings.timing_cache, log)
     return config
+
+
+def read_timing_cache(path: Path, log: Log) -> bytes:
+    """The timing cache's bytes, b"" when there is none or it is not trusted (``cache_trust``: never opened)."""
+    try:
+        return read_trusted(path)
+    except FileNotFoundError:
+        return b""
+    except (OSError, UntrustedFile) as exc:
+        log(f"tensorrt: warning: not using timing cache: {exc}; starting a new one")
+        return b""
+
+
+def attach_timing_cache(config: tensorrt.IBuilderConfig, path: Path, log: Log) -> bool:
+    """Attach the saved timing cache, else a new one; ``set_timing_cache`` returns False on a mismatch (another GPU
+    or TensorRT), and may refuse even a new cache: then the build goes on without one, and says so."""
+    timing = read_timing_cache(path, log)
+    if timing and config.set_timing_cache(config.create_timing_cache(timing), ignore_mismatch=False):
+        return True
+    if timing:
+        log(f"tensorrt: timing cache {path} is from another GPU or TensorRT; starting a new one")
+    if config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        return True
+    log("tensorrt: warning: TensorRT refused a new timing cache (set_timing_cache returned False); building without "
+        "one, so this build and later ones time every layer afresh")
+    return False
 
 
 def build_serialized_engine(settings: BuildSettings, cuda: CudaApi, log: Log) -> bytes:
@@ -210,7 +236,9 @@ def build_serialized_engine(settings: BuildSettings, cuda: CudaApi, log: Log) ->
             raise BackendError(f"TensorRT {trt.__version__} failed to build an engine from '{settings.onnx_path}' "
                                f"({settings.precision}): {trt_log.reason()}. Try precision fp32, a larger "
                                "workspace_mb, or backend onnxruntime")
-        atomic_write(settings.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+        timing = config.get_timing_cache()
+        if timing is not None:  # None when no cache could be attached
+            atomic_write(settings.timing_cache, bytes(memoryview(timing.serialize())))
         return bytes(memoryview(plan))
 
 
@@ -230,6 +258,7 @@ def ensure_engine(key: EngineKey, settings: BuildSettings, cache_dir: Path, cuda
         raise BackendError(f"'{settings.onnx_path}' breaks TensorRT's ONNX rules: " + "; ".join(problems[:5])
                            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
                            + ". Re-export it with unet-export")
+    require_writable(cache_dir, f"a {settings.precision} engine for '{settings.onnx_path.name}' ({plan.reason})")
     h, w = settings.input_hw
     log(f"tensorrt: building a {settings.precision} engine from {settings.onnx_path.name} "
         f"(batch 1..{settings.max_batch}, {h}x{w}) on {key.gpu_name}, TensorRT {key.tensorrt_version}, because "
@@ -245,7 +274,7 @@ def ensure_engine(key: EngineKey, settings: BuildSettings, cache_dir: Path, cuda
 def engine_for(info: ModelInfo, options: BackendOptions, cuda: CudaApi, log: Log, version: str,
                builder: EngineBuilder | None = None) -> tuple[Path, EngineKey]:
     """The cached (or freshly built) engine for ``info`` under ``options``, and its key."""
-    cache_dir = cache_dir_for(options.engine_cache_dir)
+    cache_dir = cache_folder(cache_dir_for(options.engine_cache_dir))  # refused here when others can write it
     onnx_path, precision = onnx_for_precision(info.path, options.precision, cache_dir)
     gpu = cuda.device_name(options.gpu_id)
     cc = cuda.compute_capability(options.gpu_id)
