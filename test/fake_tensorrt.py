@@ -328,6 +328,7 @@ def fake_tensorrt(engine: FakeEngine | None = None, version: str = "10.13.0.35",
             pass
 
         def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
+            built.setdefault("deserialized", []).append(bytes(data))  # what reached TensorRT: the trust tests
             return engine if data.startswith(b"serialized-engine") else None
 
     mod.OnnxParser = Parser  # type: ignore[attr-defined]
