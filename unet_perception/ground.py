@@ -171,8 +171,11 @@ class GroundProjection:
         row = np.floor((on_ground[:, 1] - grid.origin_y) / grid.resolution).astype(np.int64)
         inside = (col >= 0) & (col < grid.cols) & (row >= 0) & (row < grid.rows)
         r, c = np.nonzero(hit)
-        self._pixel = ((r * stride) * model.width + c * stride)[inside]
-        self._bins = ((row * grid.cols + col)[inside] * 3).astype(np.intp)
+        self._pixel = ((r * stride) * model.width + c * stride)[inside].astype(np.intp)
+        cell = (row * grid.cols + col)[inside]
+        self._bins = (cell * 3).astype(np.intp)
+        # how many pixels fall in each cell does not depend on the labels: a class needs more than half of them
+        self._half = np.bincount(cell, minlength=grid.rows * grid.cols) // 2
 
     def grid(self, labels: np.ndarray, kinds: np.ndarray) -> np.ndarray:
         """int8 [rows, cols] OccupancyGrid cells for one label image: FREE_CELL where more than half the pixels
@@ -181,13 +184,11 @@ class GroundProjection:
         if labels.shape != (self.model.height, self.model.width):
             raise ValueError(f"labels are {labels.shape[1]}x{labels.shape[0]}, the projection is for "
                              f"{self.model.width}x{self.model.height}")
-        kind = kinds[np.ascontiguousarray(labels).reshape(-1)[self._pixel]]
-        n = self.grid_spec.rows * self.grid_spec.cols
-        counts = np.bincount(self._bins + kind, minlength=3 * n).reshape(n, 3)
-        total = counts.sum(axis=1)
-        cells = np.full(n, UNKNOWN_CELL, np.int8)
-        cells[2 * counts[:, FREE] > total] = FREE_CELL
-        cells[2 * counts[:, OBSTACLE] > total] = OBSTACLE_CELL
+        kind = np.take(kinds, np.take(np.ascontiguousarray(labels).reshape(-1), self._pixel))
+        counts = np.bincount(self._bins + kind, minlength=3 * self._half.size)
+        cells = np.full(self._half.size, UNKNOWN_CELL, np.int8)
+        cells[counts[FREE::3] > self._half] = FREE_CELL
+        cells[counts[OBSTACLE::3] > self._half] = OBSTACLE_CELL
         return cells.reshape(self.grid_spec.rows, self.grid_spec.cols)
 
 
