@@ -74,7 +74,14 @@ def test_fastdds_profile_gives_writers_a_16mib_shm_segment() -> None:
 
 
 def test_params_file_names_only_declared_parameters() -> None:
-    params = yaml.safe_load(ls.default_params_file().read_text())["/**"]["ros__parameters"]
+    def flat(tree: dict, prefix: str = "") -> dict:  # type: ignore[type-arg]
+        """rcl's reading of nested YAML: ``ground: {enabled: ...}`` is the parameter ``ground.enabled``."""
+        out: dict = {}  # type: ignore[type-arg]
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    params = flat(yaml.safe_load(ls.default_params_file().read_text())["/**"]["ros__parameters"])
     declared = {spec.name: spec for spec in PARAMS}
     assert set(params) <= set(declared)
     for name, value in params.items():

@@ -11,6 +11,7 @@ from conftest import REPO
 SYSTEM_KEYS = {"python3-numpy", "python3-opencv", "python3-yaml", "python3-tqdm", "python3-pytest",
                "python3-onnxruntime-pip", "python3-rosbags-pip", "python3-simplejpeg-pip"}
 ROS_PACKAGES = {"rclpy", "lifecycle_msgs", "sensor_msgs", "std_msgs", "diagnostic_msgs", "vision_msgs",
+                "nav_msgs", "geometry_msgs", "tf2_ros",
                 "cv_bridge", "launch", "launch_ros", "launch_testing_ros", "rmw_fastrtps_cpp"}
 DEPENDS = ("depend", "exec_depend", "build_depend", "test_depend", "buildtool_depend")
 

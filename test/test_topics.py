@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from unet_perception.topics import camera_image, camera_outputs, is_compressed_topic, output_prefix, output_topics
+from unet_perception.topics import (
+    camera_image,
+    camera_info_topic,
+    camera_outputs,
+    is_compressed_topic,
+    output_prefix,
+    output_topics,
+)
 
 
 @pytest.mark.parametrize("topic, prefix", [
@@ -46,3 +53,13 @@ def test_two_inputs_never_share_outputs(topics: list[str], needles: list[str]) -
         camera_outputs(topics)
     for needle in needles:
         assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(("topic", "info"), [
+    ("/camera/image_raw", "/camera/camera_info"), ("/camera/image_raw/compressed", "/camera/camera_info"),
+    ("/car/front/image_rect", "/car/front/camera_info"), ("/image_raw", "/camera_info"),
+    ("image_raw", "camera_info"), ("front/image_raw/compressed", "front/camera_info"),
+])
+def test_camera_info_is_the_image_topics_sibling(topic: str, info: str) -> None:
+    """image_transport's rule: the CameraInfo of <ns>/<image>[/compressed] is <ns>/camera_info."""
+    assert camera_info_topic(topic) == info

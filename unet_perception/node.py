@@ -35,14 +35,17 @@ from std_msgs.msg import Header
 
 from unet_perception.backends.base import BackendError
 from unet_perception.backends.factory import BackendOptions, create_backend
+from unet_perception.camera_model import CameraInfoError
 from unet_perception.codec import check, decode, encode_image, overlay_encoding, source_encoding
 from unet_perception.lifecycle_guard import GuardedLifecycleNode
+from unet_perception.ground import GroundError
+from unet_perception.ground_camera import GroundCamera, GroundSettings, TfSource
 from unet_perception.launch_support import NODE_NAME, apply_node_env, default_model_path, missing_profile_note
 from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo, read_model_info
 from unet_perception.node_params import PARAMS, QOS_RELIABILITY, StartupError, parse_class_colors, validate
 from unet_perception.node_stats import CameraStats, check_stamp, stamp_ns
 from unet_perception.pipeline import Segmentation, Segmenter
-from unet_perception.topics import LABEL_INFO, camera_outputs, is_compressed_topic, output_kinds
+from unet_perception.topics import GROUND_GRID, LABEL_INFO, POINTS, camera_outputs, is_compressed_topic, output_kinds
 
 __all__ = ["PARAMS", "SegmentationNode", "StartupError", "main"]  # PARAMS, StartupError: node_params
 
@@ -96,6 +99,7 @@ class Camera:
     stats: CameraStats = field(default_factory=CameraStats)
     pending: Frame | None = None
     subscription: Any = None
+    ground: GroundCamera | None = None  # ground.enabled: camera_info in, points and ground_grid out
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class Config:
     params: dict[str, Any]
     inputs: dict[str, str]  # resolved input topic -> output prefix (<ns>/segmentation)
     info: ModelInfo
+    ground: GroundSettings | None = None  # None unless ground.enabled
 
 
 class SegmentationNode(GuardedLifecycleNode):
@@ -121,6 +126,7 @@ class SegmentationNode(GuardedLifecycleNode):
         self._label_info_pubs: list[Any] = []
         self._diag_pub: Any = None
         self._diag_timer: Any = None
+        self._tf: TfSource | None = None
         self._failure: StartupError | None = None  # why the last configure failed
         self._autostarting = False
         p = self._declare_parameters()
@@ -203,6 +209,7 @@ class SegmentationNode(GuardedLifecycleNode):
             raise StartupError(f"unknown_threshold is {p['unknown_threshold']} but model '{model_path}' has no "
                                "confidence output; re-export it with unet-export or set unknown_threshold to 0")
         classes = parse_class_colors(p["class_colors"], info.classes)
+        ground = GroundSettings.from_params(p, list(info.classes.names)) if p["ground.enabled"] else None
         options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
                                  workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"])
@@ -221,7 +228,7 @@ class SegmentationNode(GuardedLifecycleNode):
         self._segmenter = Segmenter(backend, classes, p["unknown_threshold"])
         self._max_pixels = p["max_image_pixels"]
         self._model = model_path
-        self._config = Config(p, inputs, info)
+        self._config = Config(p, inputs, info, ground)
         if LabelInfo is None:
             self.get_logger().warning("vision_msgs is not installed: no <ns>/segmentation/label_info (class map) "
                                       "topic; install ros-jazzy-vision-msgs (or run make venv)")
@@ -261,6 +268,9 @@ class SegmentationNode(GuardedLifecycleNode):
                    "durability": DurabilityPolicy.VOLATILE}
         qos_in = QoSProfile(reliability=RELIABILITY[p["input_qos"]], **history)
         qos_out = QoSProfile(reliability=RELIABILITY[p["output_qos"]], **history)
+        ground = self._config.ground
+        if ground is not None and ground.source == "tf":
+            self._tf = TfSource(self, ground.base_frame)
         try:
             self._cameras = [self._add_camera(t, prefix, qos_in, qos_out, p)
                              for t, prefix in self._config.inputs.items()]
@@ -276,12 +286,14 @@ class SegmentationNode(GuardedLifecycleNode):
         self._worker.start()
         kinds = [k for k, pub in self._cameras[0].publishers.items() if pub is not None]
         kinds += [LABEL_INFO] if self._label_info_pubs else []
+        kinds += [POINTS, GROUND_GRID] if ground is not None else []
         outputs = ", ".join(f"{prefix}/{{{','.join(kinds)}}}" for prefix in self._config.inputs.values())
         self.get_logger().info(
             f"segmenting {', '.join(c.topic for c in self._cameras)} with {backend.name} on {backend.device}, "
             f"model '{self._model}' ({info.classes.num_classes} classes, input {info.input_hw[1]}x"
             f"{info.input_hw[0]}), max_batch {p['max_batch']}; outputs {outputs}; QoS in {p['input_qos']}, "
-            f"out {p['output_qos']}, depth {p['qos_depth']}")
+            f"out {p['output_qos']}, depth {p['qos_depth']}"
+            + (f"; ground from {ground.source} in {ground.base_frame}" if ground is not None else ""))
 
     def _deactivate(self) -> None:
         """Stop and join the worker, then remove subscriptions, publishers and the diagnostics timer."""
@@ -297,12 +309,17 @@ class SegmentationNode(GuardedLifecycleNode):
             for pub in cam.publishers.values():
                 if pub is not None:
                     self.destroy_publisher(pub)
+            if cam.ground is not None:
+                cam.ground.destroy()
         for pub in self._label_info_pubs:
             self.destroy_publisher(pub)
         if self._diag_timer is not None:
             self.destroy_timer(self._diag_timer)
         if self._diag_pub is not None:
             self.destroy_publisher(self._diag_pub)
+        if self._tf is not None:
+            self._tf.close()
+            self._tf = None
         self._cameras, self._label_info_pubs, self._diag_timer, self._diag_pub = [], [], None, None
 
     def _publish_label_info(self, info: ModelInfo) -> None:
@@ -346,6 +363,9 @@ class SegmentationNode(GuardedLifecycleNode):
                                        lambda msg: self._on_image(cam, msg), qos_in)
         cam.topic = sub.topic_name  # fully resolved, as users see it in `ros2 topic list`
         cam.subscription = sub
+        if self._config.ground is not None:
+            cam.ground = GroundCamera(self, cam.topic, prefix, self._config.ground, qos_in, qos_out,
+                                      self._tf.ground if self._tf else None, lambda m: self._record_error(cam, m))
         return cam
 
     def _on_parameters_set(self, params: list[Parameter]) -> None:
@@ -427,6 +447,11 @@ class SegmentationNode(GuardedLifecycleNode):
                                         overlay_encoding=overlay_encoding(frame.encoding))
         for kind, (array, encoding) in images.items():
             wanted[kind].publish(encode_image(array, encoding, frame.header))
+        if cam.ground is not None:
+            try:
+                cam.ground.publish(frame.header, seg.labels)
+            except (CameraInfoError, GroundError) as exc:  # labels went out; no points or grid for this frame
+                self._record_error(cam, f"ground on {cam.topic}: {exc}")
         with self._lock:
             cam.stats.frames_out += 1
             cam.stats.latencies.append(time.monotonic() - frame.received)
@@ -461,6 +486,8 @@ class SegmentationNode(GuardedLifecycleNode):
             problems += [f"stamps jumped {ns / 1e9:+.1f} s" for ns in s.stamps.take_jumps()]
             if d_in and out_hz < SLOW_RATIO * camera_hz:
                 problems.append(f"processing {out_hz:.1f} Hz of a {camera_hz:.1f} Hz camera")
+            if cam.ground is not None and cam.ground.waiting:
+                problems.append(f"no camera_info on {cam.ground.info_topic} yet (no points, no ground_grid)")
             if problems:
                 level, text = DiagnosticStatus.WARN, f"{', '.join(problems)} in the last {dt:.1f} s"
             else:

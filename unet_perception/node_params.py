@@ -50,7 +50,8 @@ class ParamSpec:
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("image_topics", ["image_raw"], "Camera topics; one ending in /compressed is a "
               "sensor_msgs/CompressedImage. Resolved (namespace, remapping) first; the outputs of <ns>/<image> go to "
-              "<ns>/segmentation/{labels,confidence,color,overlay,label_info}."),
+              "<ns>/segmentation/{labels,confidence,color,overlay,label_info}, with ground.enabled also points and "
+              "ground_grid."),
     ParamSpec("model_path", "", "ONNX model following the unet_perception contract; empty = the package's "
               "models/unet_camvid.onnx."),
     ParamSpec("backend", "auto", "Inference backend; auto = ONNX Runtime on device cpu; on device cuda TensorRT, "
@@ -89,6 +90,34 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.05, 60.0)),
     ParamSpec("class_colors", Parameter.Type.STRING_ARRAY, "Colour overrides, 'Class=R,G,B' with a class "
               "name of the model (class names and ids always come from the model)."),
+    ParamSpec("ground.enabled", False, "Project the labels onto flat ground: per camera subscribe to its "
+              "camera_info (the image's sibling) and publish <ns>/segmentation/points and ground_grid."),
+    ParamSpec("ground.source", "auto", "Where the ground is: tf = the optical frame's pose in ground.base_frame "
+              "(z = 0 is the ground), needs tf2_ros; parameters = ground.camera_height/pitch/roll; auto = tf when "
+              "tf2_ros imports, else parameters.", choices=("auto", "tf", "parameters")),
+    ParamSpec("ground.base_frame", "base_link", "Frame of the ground grid; with source tf the ground is its "
+              "z = 0 plane."),
+    ParamSpec("ground.camera_height", 1.5, "source parameters: metres of the optical centre above the ground "
+              "(> 0).", float_range=(0.0, 100.0)),
+    ParamSpec("ground.camera_pitch", 0.0, "source parameters: radians, positive = optical axis tilted down "
+              "towards the ground.", float_range=(-1.5, 1.5)),
+    ParamSpec("ground.camera_roll", 0.0, "source parameters: radians about the tilted optical axis, positive = "
+              "clockwise as seen from behind the camera.", float_range=(-1.5, 1.5)),
+    ParamSpec("ground.max_range", 40.0, "Pixels whose ray meets the ground further than this many metres from "
+              "the camera (or not at all) are NaN in points and fall in no grid cell.", float_range=(0.0, 10000.0)),
+    ParamSpec("ground.stride", 1, "points has one point per stride x stride pixels: row r, column c = pixel "
+              "(c*stride, r*stride); the grid counts the same pixels.", int_range=(1, 64)),
+    ParamSpec("ground.grid_resolution", 0.2, "Ground grid cell size in metres.", float_range=(0.01, 100.0)),
+    ParamSpec("ground.grid_width", 40.0, "Ground grid extent in metres along base_frame's x (forward).",
+              float_range=(0.1, 10000.0)),
+    ParamSpec("ground.grid_height", 40.0, "Ground grid extent in metres along base_frame's y (left).",
+              float_range=(0.1, 10000.0)),
+    ParamSpec("ground.grid_origin", [0.0, -20.0], "[x, y] in base_frame of the grid's cell (0, 0) corner; the "
+              "default puts the grid ahead of the camera, centred on it."),
+    ParamSpec("ground.free_classes", Parameter.Type.STRING_ARRAY, "Drivable classes (grid 0 where more than "
+              "half a cell's pixels are); empty = the model's Road (CamVid, CARLA) or road (Cityscapes)."),
+    ParamSpec("ground.obstacle_classes", Parameter.Type.STRING_ARRAY, "Obstacle classes (grid 100 where more "
+              "than half a cell's pixels are); empty = every class of the model not in free_classes."),
     ParamSpec("autostart", True, "Configure and activate at start-up; false leaves the node unconfigured for "
               "a lifecycle manager (nav2_lifecycle_manager, ros2 lifecycle set)."),
 )

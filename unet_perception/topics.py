@@ -18,6 +18,8 @@ OUTPUTS = ("labels", "color", "overlay")  # the images every model gives
 CONFIDENCE = "confidence"                  # mono8, only from models with a confidence output
 LABEL_INFO = "label_info"                  # vision_msgs/LabelInfo, the class map
 SEGMENTATION = "segmentation"
+POINTS = "points"                          # sensor_msgs/PointCloud2, ground projection (ground.enabled)
+GROUND_GRID = "ground_grid"                # nav_msgs/OccupancyGrid, ground projection (ground.enabled)
 
 
 def is_compressed_topic(topic: str) -> bool:
@@ -36,6 +38,13 @@ def camera_image(input_topic: str) -> str:
     if not topic:
         raise ValueError("an image topic name is empty; give a topic like 'image_raw' or '/camera/image_raw'")
     return topic[: -len("/compressed")] if is_compressed_topic(topic) else topic
+
+
+def camera_info_topic(input_topic: str) -> str:
+    """The CameraInfo beside an image, as image_transport names it: ``/cam/image_raw[/compressed]`` ->
+    ``/cam/camera_info``; relative stays relative."""
+    ns, _, _ = camera_image(input_topic).rpartition("/")
+    return f"{ns}/camera_info" if ns or input_topic.startswith("/") else "camera_info"
 
 
 def output_prefix(input_topic: str) -> str:

@@ -1,0 +1,160 @@
+"""The node's ground outputs for one camera: its ``camera_info`` subscription, the ``points`` and ``ground_grid``
+publishers, and the projection cached per (CameraInfo, pose). The geometry is ``ground``/``camera_model``'s, the
+messages ``ground_msgs``'; the node calls :meth:`GroundCamera.publish` after the labels (docs/node.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from nav_msgs.msg import OccupancyGrid
+from sensor_msgs.msg import CameraInfo, PointCloud2
+from std_msgs.msg import Header
+
+from unet_perception.camera_model import CameraInfoError, CameraModel, camera_rays, check_size
+from unet_perception.ground import GridSpec, GroundError, GroundPose, GroundProjection, TfGround, class_kinds
+from unet_perception.ground_msgs import cloud_data, occupancy_grid, point_cloud
+from unet_perception.node_params import StartupError
+from unet_perception.topics import GROUND_GRID, POINTS, camera_info_topic
+
+SOURCES = ("auto", "tf", "parameters")
+
+
+def tf2_available() -> bool:
+    return importlib.util.find_spec("tf2_ros") is not None
+
+
+@dataclass(frozen=True)
+class GroundSettings:
+    """The ``ground.*`` parameters, checked, with the model's class table turned into the free/obstacle lookup."""
+
+    source: str                 # "tf" or "parameters" (auto resolved)
+    base_frame: str
+    pose: GroundPose | None     # source parameters
+    stride: int
+    max_range: float
+    grid: GridSpec
+    kinds: np.ndarray
+    max_pixels: int
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any], class_names: list[str]) -> GroundSettings:
+        """StartupError naming the parameter for a value the projection cannot use."""
+        source = p["ground.source"]
+        if source == "auto":
+            source = "tf" if tf2_available() else "parameters"
+        elif source == "tf" and not tf2_available():
+            raise StartupError("ground.source is 'tf' but tf2_ros does not import (a ROS install has it: "
+                               "ros-jazzy-tf2-ros); set ground.source to 'parameters' and give ground.camera_height, "
+                               "ground.camera_pitch, ground.camera_roll")
+        if not p["ground.base_frame"].strip():
+            raise StartupError("ground.base_frame is empty; give the frame the grid is published in (base_link)")
+        if not p["ground.max_range"] > 0:
+            raise StartupError(f"ground.max_range is {p['ground.max_range']}; it must be > 0 (metres)")
+        origin = list(p["ground.grid_origin"])
+        if len(origin) != 2:
+            raise StartupError(f"ground.grid_origin is {origin}; give [x, y] in metres")
+        try:
+            pose = (GroundPose.from_angles(p["ground.camera_height"], p["ground.camera_pitch"],
+                                           p["ground.camera_roll"]) if source == "parameters" else None)
+            grid = GridSpec(p["ground.grid_resolution"], p["ground.grid_width"], p["ground.grid_height"],
+                            float(origin[0]), float(origin[1]))
+            kinds = class_kinds(class_names, p["ground.free_classes"], p["ground.obstacle_classes"])
+        except ValueError as exc:  # GroundError is a ValueError
+            raise StartupError(str(exc)) from exc
+        return cls(source, p["ground.base_frame"], pose, p["ground.stride"], p["ground.max_range"], grid, kinds,
+                   p["max_image_pixels"])
+
+
+class TfSource:
+    """``ground.source: tf``: a tf2_ros Buffer and TransformListener on ``node`` (tf2_ros is imported here: only
+    ROS installs have it; this path has not run against a real tf2_ros in this project's tests, which use
+    ``ground.TfGround`` with a stand-in buffer)."""
+
+    def __init__(self, node: Any, base_frame: str) -> None:
+        import tf2_ros
+        from rclpy.time import Time
+
+        self.buffer = tf2_ros.Buffer()
+        self.listener = tf2_ros.TransformListener(self.buffer, node)
+        self.ground = TfGround(self.buffer, base_frame, Time())  # Time() = the latest transform
+
+    def close(self) -> None:
+        self.listener.unregister()
+
+
+class GroundCamera:
+    """One camera's ground projection outputs. ``record_error(message)`` counts a problem on the camera."""
+
+    def __init__(self, node: Any, image_topic: str, prefix: str, settings: GroundSettings, qos_in: Any,
+                 qos_out: Any, tf: TfGround | None, record_error: Callable[[str], None]) -> None:
+        self._node, self._settings, self._tf, self._record_error = node, settings, tf, record_error
+        self._lock = threading.Lock()
+        self._model: CameraModel | None = None
+        self._rays: np.ndarray | None = None
+        self._projection: GroundProjection | None = None
+        self._pose_key = b""
+        self._cloud: Any = None
+        self.points_pub = node.create_publisher(PointCloud2, f"{prefix}/{POINTS}", qos_out)
+        self.grid_pub = node.create_publisher(OccupancyGrid, f"{prefix}/{GROUND_GRID}", qos_out)
+        self.info_sub = node.create_subscription(CameraInfo, camera_info_topic(image_topic), self._on_camera_info,
+                                                 qos_in)
+        self.info_topic = self.info_sub.topic_name
+
+    @property
+    def waiting(self) -> bool:
+        """No usable CameraInfo yet: the camera's status is a WARN, labels are still published."""
+        return self._model is None
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        """Check it; the rays are recomputed only when the calibration changes (drivers repeat it every frame)."""
+        try:
+            model = CameraModel.from_camera_info(msg, self._settings.max_pixels)
+        except (CameraInfoError, ValueError, TypeError) as exc:
+            self._record_error(f"bad camera_info on {self.info_topic}: {exc}")
+            return
+        if model == self._model:
+            return
+        rays = camera_rays(model, self._settings.stride)
+        with self._lock:
+            self._model, self._rays, self._projection, self._pose_key = model, rays, None, b""
+
+    def publish(self, header: Header, labels: np.ndarray) -> None:
+        """Points and grid of one frame, each only when subscribed; CameraInfoError/GroundError for a frame that
+        does not match its CameraInfo or a ground that cannot be placed (nothing published then)."""
+        want_points = self.points_pub.get_subscription_count() > 0
+        want_grid = self.grid_pub.get_subscription_count() > 0
+        if not (want_points or want_grid) or self._model is None:
+            return
+        with self._lock:
+            model, rays, projection, key, cloud = (self._model, self._rays, self._projection, self._pose_key,
+                                                   self._cloud)
+        check_size(model, (labels.shape[1], labels.shape[0]))
+        s = self._settings
+        pose = s.pose if self._tf is None else self._tf.pose(header.frame_id)
+        assert pose is not None
+        if projection is None or pose.key() != key:
+            projection = GroundProjection(model, s.stride, pose, s.max_range, s.grid, rays)
+            cloud = cloud_data(projection.points)
+            with self._lock:
+                if self._model is model:  # a new CameraInfo meanwhile: its rays win, this one is dropped
+                    self._projection, self._pose_key, self._cloud = projection, pose.key(), cloud
+        if want_points:
+            rows, cols = projection.points.shape[:2]
+            self.points_pub.publish(point_cloud(cloud, rows, cols, header))
+        if want_grid:
+            grid_header = Header(stamp=header.stamp, frame_id=s.base_frame)
+            self.grid_pub.publish(occupancy_grid(projection.grid(labels, s.kinds), s.grid, grid_header))
+
+    def destroy(self) -> None:
+        self._node.destroy_subscription(self.info_sub)
+        self._node.destroy_publisher(self.points_pub)
+        self._node.destroy_publisher(self.grid_pub)
+
+
+__all__ = ["SOURCES", "GroundCamera", "GroundError", "GroundSettings", "TfSource"]
