@@ -7,6 +7,7 @@ table in its metadata (``classes`` key), so the runtime never needs the dataset 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,32 +67,117 @@ class ClassTable:
                            for i, (n, c) in enumerate(zip(self.names, self.colors))])
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassTable:
-        classes = sorted(data["classes"], key=lambda c: int(c["id"]))
-        ids = [int(c["id"]) for c in classes]
+    def from_dict(cls, data: Any) -> ClassTable:
+        """A table from its JSON form; TableError naming the field for anything that does not fit it."""
+        if not isinstance(data, dict):
+            raise TableError("table", f"must be a JSON object, got {shown(data)}")
+        classes = data.get("classes")
+        if not isinstance(classes, list) or not classes:
+            raise TableError("classes", f"must be a non-empty JSON list of {{id, name, color}} objects, got "
+                                        f"{shown(classes)}")
+        if len(classes) > 255:
+            raise TableError("classes", f"has {len(classes)} entries; mono8 labels hold at most 255 classes")
+        rows = [_class_entry(c, i) for i, c in enumerate(classes)]
+        rows.sort(key=lambda row: row[0])
+        ids = [row[0] for row in rows]
         if ids != list(range(len(ids))):
-            raise ValueError(f"class table '{data.get('name')}': ids must be 0..N-1 without gaps, got {ids}")
+            raise TableError("classes", f"ids must be 0..N-1 without gaps or repeats, got {ids}")
         ignore = data.get("ignore_index")
+        layout = data.get("layout", {})
+        if not isinstance(layout, dict):
+            raise TableError("layout", f"must be a JSON object, got {shown(layout)}")
         return cls(
-            name=str(data.get("name", "unnamed")),
-            names=tuple(str(c["name"]) for c in classes),
-            colors=tuple(tuple(int(v) for v in c["color"]) for c in classes),  # type: ignore[misc]
-            ignore_index=None if ignore is None else int(ignore),
-            description=str(data.get("description", "")),
-            layout=dict(data.get("layout", {})),
+            name=check_text(data.get("name", "unnamed"), "name"),
+            names=tuple(row[1] for row in rows),
+            colors=tuple(row[2] for row in rows),
+            ignore_index=None if ignore is None else check_int(ignore, "ignore_index", 0, 255),
+            description=check_text(data.get("description", ""), "description", allow_empty=True),
+            layout=dict(layout),
         )
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> ClassTable:
         """Rebuild the table from an exported model's metadata props."""
         if "classes" not in meta:
-            raise ValueError("model metadata has no 'classes' entry; export it with unet-export")
+            raise TableError("classes", "is missing; export the model with unet-export")
         ignore = meta.get("ignore_index", "")
         return cls.from_dict({
-            "name": meta.get("dataset", "model"),
-            "classes": json.loads(meta["classes"]),
-            "ignore_index": int(ignore) if ignore not in ("", "None", "null") else None,
+            "name": check_text(meta.get("dataset") or "model", "dataset"),
+            "classes": parse_json(meta["classes"], "classes"),
+            "ignore_index": None if ignore in ("", "None", "null") else metadata_int(ignore, "ignore_index", 0, 255),
         })
+
+
+class TableError(ValueError):
+    """A class table (or model metadata) field that does not fit; ``field`` names it, e.g. ``classes[3].color``."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"'{field}' {problem}")
+        self.field, self.problem = field, problem
+
+
+MAX_TEXT = 256  # class names and table names end up in logs, LabelInfo and rviz: short, printable text
+MAX_JSON = 1 << 20
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as a JSON type and a short, escaped excerpt: safe in a log line whatever it holds."""
+    if value is None:
+        return "null"
+    kind = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}.get(
+        type(value), type(value).__name__)
+    text = ascii(value)
+    return f"{kind} {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def check_text(value: Any, field: str, *, allow_empty: bool = False) -> str:
+    """Printable text: no NUL, control characters (ANSI escapes), lone surrogates; at most MAX_TEXT chars."""
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise TableError(field, f"must be a non-empty string, got {shown(value)}")
+    if len(value) > MAX_TEXT:
+        raise TableError(field, f"has {len(value)} characters; at most {MAX_TEXT}")
+    bad = next((i for i, ch in enumerate(value) if not ch.isprintable()), None)
+    if bad is not None:
+        raise TableError(field, f"holds the unprintable character U+{ord(value[bad]):04X} at position {bad} "
+                                f"({shown(value)}); it must be printable text")
+    return value
+
+
+def check_int(value: Any, field: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise TableError(field, f"must be an integer {lo}..{hi}, got {shown(value)}")
+    return value
+
+
+def metadata_int(text: Any, field: str, lo: int, hi: int) -> int:
+    """An integer written as a metadata string ("11"), in lo..hi; TableError naming the field otherwise."""
+    if isinstance(text, str) and re.fullmatch(r"-?[0-9]{1,18}", text.strip()):
+        return check_int(int(text), field, lo, hi)
+    raise TableError(field, f"must be an integer {lo}..{hi}, got {shown(text)}")
+
+
+def parse_json(text: Any, field: str) -> Any:
+    """A metadata value that holds JSON; TableError for anything that is not (deep nesting included)."""
+    if not isinstance(text, str) or len(text) > MAX_JSON:
+        raise TableError(field, f"must be JSON text of at most {MAX_JSON} characters")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise TableError(field, "is JSON nested too deeply") from None
+    except ValueError as exc:
+        raise TableError(field, f"is not valid JSON ({exc})") from None
+
+
+def _class_entry(entry: Any, index: int) -> tuple[int, str, tuple[int, int, int]]:
+    where = f"classes[{index}]"
+    if not isinstance(entry, dict):
+        raise TableError(where, f"must be an object {{id, name, color}}, got {shown(entry)}")
+    color = entry.get("color")
+    if not isinstance(color, list | tuple) or len(color) != 3:
+        raise TableError(f"{where}.color", f"must be a list of 3 integers 0..255, got {shown(color)}")
+    rgb = tuple(check_int(v, f"{where}.color[{k}]", 0, 255) for k, v in enumerate(color))
+    return (check_int(entry.get("id"), f"{where}.id", 0, 254), check_text(entry.get("name"), f"{where}.name"),
+            rgb)  # type: ignore[return-value]
 
 
 def available_tables() -> list[str]:

@@ -49,7 +49,7 @@ def _label(args: argparse.Namespace) -> int:
     check_label_options(args.alpha, args.batch, args.max_pixels)  # before the model loads: costs nothing
     check_output(args.out)
     model = args.model or _default_model()
-    if not Path(model).is_file():
+    if not Path(model).exists():  # a folder, device or FIFO: read_model_info names it
         raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
     backend = create_backend(args.backend, model, BackendOptions(max_batch=args.batch, threads=args.threads))
     with backend:
@@ -195,7 +195,7 @@ def _label_many(args: argparse.Namespace) -> int:
 
     check_label_options(args.alpha, args.batch, args.max_pixels)  # before Ray starts: a bad option costs nothing
     model = args.model or _default_model()
-    if not Path(model).is_file():
+    if not Path(model).exists():  # a folder, device or FIFO: read_model_info names it
         raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
     read_model_info(model)  # a model that cannot be read is one error here, not one per worker
     if args.workers is not None and args.workers < 1:

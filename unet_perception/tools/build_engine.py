@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     options = BackendOptions(max_batch=args.max_batch, device="cuda", precision=args.precision,
                              engine_cache_dir=args.cache_dir, workspace_mb=args.workspace_mb, gpu_id=args.gpu_id)
     try:
+        info = read_model_info(args.model)  # a broken model is the user's to fix, with or without TensorRT here
         from unet_perception.backends.tensorrt import TensorRTBackend
         from unet_perception.backends.tensorrt_builder import build_engine
 
         path = build_engine(args.model, options, print)
         if not args.build_only:
-            info = read_model_info(args.model)
             with TensorRTBackend(info, options, log=print) as backend:
                 h, w = info.input_hw
                 pred = backend.infer(np.zeros((options.max_batch, h, w, 3), np.uint8))

@@ -28,6 +28,7 @@ import numpy as np
 
 from unet_perception.class_table import ClassTable, available_tables, load_class_table
 from unet_perception.metrics import summarize
+from unet_perception.model_contract import ModelError, check_model_file
 
 Predict = Callable[[list[np.ndarray]], list[np.ndarray]]  # RGB frames (any size) -> labels at that size
 
@@ -46,8 +47,7 @@ class LoadedModel:
 def load_model(path: str | Path, device: str = "auto", batch_size: int = 4) -> LoadedModel:
     """Open a training checkpoint (``.pt``) or an exported ONNX model (``.onnx``) for evaluation."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model '{path}' does not exist; give a checkpoint (.pt) or an ONNX file")
+    check_model_file(path)  # ModelError: missing, a folder, a device, a FIFO
     if path.suffix == ".onnx":
         return _load_onnx(path, device, batch_size)
     if path.suffix in (".pt", ".pth"):
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(args.model, args.data, args.out, dataset=args.dataset, split=args.split,
                           limit=args.limit, samples=args.samples, device=args.device,
                           batch_size=args.batch_size)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ModelError) as exc:
         print(f"unet-evaluate: error: {exc}", file=sys.stderr)
         return 2
     print(f"{report['model']} on {report['dataset']} {report['split']}: {report['frames']} frames at "
