@@ -350,3 +350,15 @@ def test_grid_uses_exactly_the_sampled_pixels() -> None:
     labels = np.where((u % 3 == 0) & (v % 3 == 0), ROAD, WALL).astype(np.uint8)
     cells = proj.grid(labels, class_kinds(NAMES, [], []))
     assert (cells == 0).sum() > 1000 and not (cells == 100).any()
+
+
+def test_documented_static_transform_gives_the_parameters_pose() -> None:
+    """docs/node.md: static_transform_publisher --z h --roll (-pi/2 - pitch) --yaw -pi/2 is the parameters pose
+    (tf2's setRPY: fixed axes, R = Rz(yaw) Ry(pitch) Rx(roll), turned into a quaternion here)."""
+    roll, yaw = -math.pi / 2 - PITCH, -math.pi / 2
+    cr, sr, cy, sy = math.cos(roll / 2), math.sin(roll / 2), math.cos(yaw / 2), math.sin(yaw / 2)
+    q = (sr * cy, sr * sy, cr * sy, cr * cy)  # pitch 0: q = qz(yaw) * qx(roll)
+    pose = TfGround(FakeBuffer((0.0, 0.0, HEIGHT), q), "base_link", None).pose("camera_optical")
+    want = GroundPose.from_angles(HEIGHT, PITCH, 0.0)
+    np.testing.assert_allclose(pose.rotation, want.rotation, atol=1e-12)
+    np.testing.assert_allclose(pose.rotation, camera_axes(PITCH, 0.0), atol=1e-12)

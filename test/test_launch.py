@@ -89,9 +89,13 @@ def test_params_file_names_only_declared_parameters() -> None:
         assert type(value) is type(default), f"{name}: {value!r} in seg.yaml vs default {default!r}"
 
 
-def test_rviz_config_shows_input_colour_and_overlay() -> None:
+def test_rviz_config_shows_input_colour_overlay_points_and_grid() -> None:
     displays = yaml.safe_load(ls.rviz_config_path().read_text())["Visualization Manager"]["Displays"]
-    assert [d["Topic"]["Value"] for d in displays] == ["image_raw", "segmentation/color", "segmentation/overlay"]
+    assert [(d["Class"], d["Topic"]["Value"]) for d in displays] == [
+        ("rviz_default_plugins/Image", "image_raw"), ("rviz_default_plugins/Image", "segmentation/color"),
+        ("rviz_default_plugins/Image", "segmentation/overlay"),
+        ("rviz_default_plugins/PointCloud2", "segmentation/points"),
+        ("rviz_default_plugins/Map", "segmentation/ground_grid")]
 
 
 def test_node_env_keeps_a_users_profile() -> None:
