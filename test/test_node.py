@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import cv2
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
@@ -12,19 +13,22 @@ from rclpy.parameter_client import AsyncParameterClient
 from sensor_msgs.msg import CompressedImage, Image
 
 from conftest import SHIPPED_MODEL
+from reference import Reference
 from ros_graph import TIMEOUT_S, RosGraph, publish_until, start_node_process, stop_process, wait_matched, wait_until
-from unet_perception.backends.factory import BackendOptions, create_backend
-from unet_perception.codec import decode_compressed, decode_image
-from unet_perception.model_contract import read_model_info
-from unet_perception.pipeline import Segmenter, blend, colorize
+from unet_perception.pipeline import blend
 from unet_perception.tools.camera_sim import compressed_message, image_message, synthetic_frame
 
 N_FRAMES = 3
 
 
-def reference_segmenter(model) -> Segmenter:  # type: ignore[no-untyped-def]
-    info = read_model_info(model)
-    return Segmenter(create_backend("onnxruntime", info, BackendOptions(max_batch=4)), info.classes)
+def reference_segmenter(model) -> Reference:  # type: ignore[no-untyped-def]
+    """cv2 + ONNX Runtime on the file, not the production Segmenter (test/reference.py)."""
+    return Reference(model)
+
+
+def decoded_jpeg_or_png(msg: CompressedImage) -> np.ndarray:
+    """The RGB pixels of a compressed frame, by cv2 directly (the reference does not use the node's codec)."""
+    return cv2.imdecode(np.frombuffer(bytes(msg.data), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1].copy()
 
 
 def as_array(msg: Image) -> np.ndarray:
@@ -60,10 +64,11 @@ def test_two_cameras_labels_color_overlay(tiny_model) -> None:  # type: ignore[n
             for ns in cams:  # one frame at a time per camera: the keep-latest slot drops nothing
                 for collector in outs[ns].values():
                     collector.wait_for(i + 1)
-        ref_labels = {ns: [s.labels for s in ref.run([decode_image(m) for m in sent[ns]])] for ns in cams}
+        ref_labels = {ns: [s.labels for s in ref.run([synthetic_frame(w, h, i) for i in range(N_FRAMES)])]
+                      for ns, ((w, h), _) in cams.items()}
 
     for ns, ((w, h), enc) in cams.items():
-        for i, msg_in in enumerate(sent[ns]):
+        for i in range(len(sent[ns])):
             got = {k: c.messages[i] for k, c in outs[ns].items()}
             for kind, msg in got.items():
                 assert (msg.width, msg.height) == (w, h), (ns, kind)
@@ -75,9 +80,9 @@ def test_two_cameras_labels_color_overlay(tiny_model) -> None:  # type: ignore[n
             labels = as_array(got["labels"])
             np.testing.assert_array_equal(labels, ref_labels[ns][i])
             assert len(np.unique(labels)) > 1, "a random model still gives more than one class"
-            color = colorize(labels, ref.palette)
+            color = ref.color(labels)
             np.testing.assert_array_equal(as_array(got["color"]), color)
-            overlay = blend(decode_image(msg_in), color, 0.4)
+            overlay = blend(synthetic_frame(w, h, i), color, 0.4)
             expected = overlay[:, :, ::-1] if enc == "bgr8" else overlay
             np.testing.assert_array_equal(as_array(got["overlay"]), expected)
 
@@ -100,7 +105,7 @@ def test_compressed_input(tiny_carla_model) -> None:  # type: ignore[no-untyped-
         labels = outs["labels"].messages[i]
         assert (labels.width, labels.height, labels.encoding) == (96, 72, "mono8")
         assert labels.header.stamp == stamp(i)
-        np.testing.assert_array_equal(as_array(labels), ref.run([decode_compressed(msg_in)])[0].labels)
+        np.testing.assert_array_equal(as_array(labels), ref.run([decoded_jpeg_or_png(msg_in)])[0].labels)
         assert outs["overlay"].messages[i].encoding == "rgb8"
 
 
@@ -136,7 +141,8 @@ def test_cli_subprocess_with_params_file(tiny_model) -> None:  # type: ignore[no
             got = publish_until(pub, msg, labels)[0]
             overlay.wait_for(1)
         assert (got.width, got.height, got.header.frame_id, got.header.stamp) == (64, 48, "sub", stamp(7))
-        np.testing.assert_array_equal(as_array(got), reference_segmenter(tiny_model).run([decode_image(msg)])[0].labels)
+        expected = reference_segmenter(tiny_model).run([synthetic_frame(64, 48)])[0].labels
+        np.testing.assert_array_equal(as_array(got), expected)
     finally:
         out = stop_process(proc)
     assert proc.returncode == 0, out
@@ -192,8 +198,9 @@ def test_keep_latest_publishes_the_newest_frame(tiny_model) -> None:  # type: ig
 def test_overlay_alpha_changes_at_run_time(tiny_model) -> None:  # type: ignore[no-untyped-def]
     """`ros2 param set /segmentation_node overlay_alpha 0.9` (the parameter service) changes the next overlay."""
     msg = image_message(synthetic_frame(64, 48, 1), "rgb8")
-    rgb = decode_image(msg)
-    color = colorize(reference_segmenter(tiny_model).run([rgb])[0].labels, reference_segmenter(tiny_model).palette)
+    rgb = synthetic_frame(64, 48, 1)
+    ref = reference_segmenter(tiny_model)
+    color = ref.color(ref.run([rgb])[0].labels)
     with RosGraph() as graph:
         graph.segmentation_node(model_path=str(tiny_model), image_topics=["/oa/image_raw"], overlay_alpha=0.2)
         pub = graph.publisher(Image, "/oa/image_raw")

@@ -1,5 +1,5 @@
-"""pipeline: resizes match training, the Segmenter batches any count and sizes, and its labels equal
-``training.engine.predict_labels`` (torch) on the same frames with the same weights."""
+"""pipeline: resizes match training, the Segmenter batches any count and sizes, and its labels equal eager torch
+(with the weights, on frames resized by cv2 in the test) on the same frames."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import DATA, make_tiny_unet
+from reference import back_to_frame, resize_to_model
 
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.backends.onnxruntime import OnnxRuntimeBackend
@@ -121,19 +122,35 @@ def parity_frames() -> tuple[list[np.ndarray], str]:
 
 
 def test_segmenter_labels_equal_training_predict_labels(tmp_path: Path) -> None:
+    """The reference is eager torch on frames resized here with cv2 (bilinear down, nearest back up): not
+    ``predict_labels``, which calls ``pipeline.preprocess`` itself and so would share any bug in it."""
     torch = pytest.importorskip("torch")
-    from unet_perception.training.engine import predict_labels
     from unet_perception.training.export import export_onnx
 
     model, table = make_tiny_unet("camvid", width=4, seed=3)
     input_hw = (64, 96)
     path = export_onnx(model, tmp_path / "parity.onnx", table, input_hw)
     frames, what = parity_frames()
-    expected = predict_labels(model, frames, input_hw, torch.device("cpu"))
+    expected = []
+    with torch.inference_mode():
+        for frame in frames:
+            small = resize_to_model(frame, input_hw)
+            x = torch.from_numpy(small).float().permute(2, 0, 1)[None] / 255.0  # the contract: RGB in [0, 1]
+            expected.append(back_to_frame(model(x).argmax(1)[0].to(torch.uint8).numpy(), frame.shape[:2]))
     with create_backend("onnxruntime", path, BackendOptions(max_batch=2)) as backend:
         assert isinstance(backend, OnnxRuntimeBackend)
         got = [s.labels for s in Segmenter(backend, table).run(frames)]
     assert [g.shape for g in got] == [f.shape[:2] for f in frames]
-    agreement = np.mean(np.concatenate([(g == e).ravel() for g, e in zip(got, expected)]))
+    agreement = share_equal(got, expected)
     assert agreement >= 0.999, f"torch vs ONNX Runtime labels agree on {agreement:.4%} of {what}"
     assert len(np.unique(np.concatenate([e.ravel() for e in expected]))) > 1
+    # unet-evaluate and training score with predict_labels: it must be the same eager path (batched: float
+    # kernels may differ by an ulp from the one-frame runs above, hence agreement, not equality)
+    from unet_perception.training.engine import predict_labels
+
+    scored = share_equal(predict_labels(model, frames, input_hw, torch.device("cpu")), expected)
+    assert scored >= 0.999, f"predict_labels agrees with the reference on {scored:.4%} of {what}"
+
+
+def share_equal(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    return float(np.mean(np.concatenate([(g == e).ravel() for g, e in zip(got, expected, strict=True)])))
