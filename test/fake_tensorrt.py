@@ -127,6 +127,7 @@ class FakeContext:
         self.input_shapes: list[tuple[int, ...]] = []
         self.executions = 0
         self.execute_ok = True
+        self.unresolved: set[str] = set()  # outputs whose non-batch dims stay -1 after set_input_shape
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         self.addresses[name] = ptr
@@ -137,7 +138,8 @@ class FakeContext:
         return name == "image" and 1 <= shape[0] <= self.engine.max_batch
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return (self.input_shapes[-1][0], *self.engine.tensors[name][1][1:])
+        rest = self.engine.tensors[name][1][1:]
+        return (self.input_shapes[-1][0], *((-1,) * len(rest) if name in self.unresolved else rest))
 
     def execute_async_v3(self, stream: int) -> bool:
         self.executions += 1
@@ -214,14 +216,18 @@ class Strict:
 
 
 class FakeConfig(Strict):
-    declared = ("progress_monitor", "flags", "cleared", "profiles", "timing", "workspace")
+    """IBuilderConfig. ``timing_accepts`` says which caches ``set_timing_cache`` takes: "any", "new" (an empty
+    one only: the saved cache is from another GPU) or "none"; it returns False otherwise, as the real one can."""
 
-    def __init__(self) -> None:
+    declared = ("progress_monitor", "flags", "cleared", "profiles", "timing", "workspace", "timing_accepts")
+
+    def __init__(self, timing_accepts: str = "any") -> None:
         self.flags: set[str] = {"TF32"}  # TensorRT's default
         self.cleared: list[str] = []
         self.profiles: list[Any] = []
-        self.timing = b""
+        self.timing: bytes | None = None  # the attached cache; None: none attached
         self.workspace = 0
+        self.timing_accepts = timing_accepts
 
     def set_memory_pool_limit(self, pool: str, size: int) -> None:
         self.workspace = size
@@ -241,11 +247,15 @@ class FakeConfig(Strict):
         return bytes(data)
 
     def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+        if self.timing_accepts == "none" or (self.timing_accepts == "new" and cache):
+            return False
         self.timing = cache
         return True
 
     def get_timing_cache(self) -> Any:
-        return types.SimpleNamespace(serialize=lambda: b"timing:" + self.timing)
+        """None when no cache is attached (the real binding's documented return)."""
+        timing = self.timing
+        return None if timing is None else types.SimpleNamespace(serialize=lambda: b"timing:" + timing)
 
 
 class FakeProfile:
@@ -256,11 +266,30 @@ class FakeProfile:
         self.shapes[name] = (lo, opt, hi)
 
 
+class CreationFlag10(enum.IntEnum):
+    """``NetworkDefinitionCreationFlag`` in TensorRT 10.x (tensorrt-stubs 10.13's tensorrt.pyi)."""
+
+    EXPLICIT_BATCH = 0  # deprecated, ignored
+    STRONGLY_TYPED = 1
+    PREFER_JIT_PYTHON_PLUGINS = 2
+    PREFER_AOT_PYTHON_PLUGINS = 3
+
+
+class CreationFlag11(enum.IntEnum):
+    """In TensorRT 11.x (NVIDIA/TensorRT include/NvInfer.h at 11.1.0.106): EXPLICIT_BATCH is gone, STRONGLY_TYPED
+    is deprecated and ignored (strong typing is the only mode) and now 0; the plugin flags moved down by one."""
+
+    STRONGLY_TYPED = 0
+    PREFER_JIT_PYTHON_PLUGINS = 1
+    PREFER_AOT_PYTHON_PLUGINS = 2
+
+
 def fake_tensorrt(engine: FakeEngine | None = None, version: str = "10.13.0.35", *,
-                  builder_error: str = "", plan: bytes | None = b"plan", parse_errors: tuple[str, ...] = ()
-                  ) -> types.ModuleType:
-    """A stand-in ``tensorrt`` module. Version 11.x drops STRONGLY_TYPED, BuilderFlag.FP16/INT8 and
-    ``platform_has_fast_fp16``; ``builder_error`` makes ``Builder()`` log it and raise TypeError as pybind does."""
+                  builder_error: str = "", plan: bytes | None = b"plan", parse_errors: tuple[str, ...] = (),
+                  timing_accepts: str = "any") -> types.ModuleType:
+    """A stand-in ``tensorrt`` module. Version 11.x drops EXPLICIT_BATCH, BuilderFlag.FP16/INT8 and
+    ``platform_has_fast_fp16`` and renumbers STRONGLY_TYPED to 0; ``builder_error`` makes ``Builder()`` log it
+    and raise TypeError as pybind does; ``timing_accepts`` is passed to the builder config (``FakeConfig``)."""
     eleven = version.startswith("11.")
     mod = types.ModuleType("tensorrt")
     mod.__version__ = version  # type: ignore[attr-defined]
@@ -272,8 +301,8 @@ def fake_tensorrt(engine: FakeEngine | None = None, version: str = "10.13.0.35",
     mod.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")  # type: ignore[attr-defined]
     flags = {"TF32": "TF32"} if eleven else {"TF32": "TF32", "FP16": "FP16", "INT8": "INT8"}
     mod.BuilderFlag = types.SimpleNamespace(**flags)  # type: ignore[attr-defined]
-    creation = {} if eleven else {"STRONGLY_TYPED": 1}
-    mod.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, **creation)  # type: ignore[attr-defined]
+    creation = CreationFlag11 if eleven else CreationFlag10
+    mod.NetworkDefinitionCreationFlag = creation  # type: ignore[attr-defined]
     mod.Dims = tuple  # type: ignore[attr-defined]
     built: dict[str, Any] = {}
     mod.built = built  # type: ignore[attr-defined]
@@ -309,11 +338,13 @@ def fake_tensorrt(engine: FakeEngine | None = None, version: str = "10.13.0.35",
                 object.__setattr__(self, "platform_has_fast_fp16", True)
 
         def create_network(self, flags: int) -> Any:
+            if flags >> len(creation):  # a bit no member of this version's enum has
+                raise ValueError(f"invalid NetworkDefinitionCreationFlag bits {flags:#x} for TensorRT {version}")
             built["network_flags"] = flags
             return types.SimpleNamespace()
 
         def create_builder_config(self) -> FakeConfig:
-            built["config"] = FakeConfig()
+            built["config"] = FakeConfig(timing_accepts)
             return built["config"]
 
         def create_optimization_profile(self) -> FakeProfile:

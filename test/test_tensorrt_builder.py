@@ -27,7 +27,7 @@ def settings(tmp_path: Path, model: Path, precision: str = "fp32") -> tb.BuildSe
     return tb.BuildSettings(model, (32, 48), precision, 4, 256, tmp_path / "timing.cache")
 
 
-@pytest.mark.parametrize("version, flags", [("10.13.0.35", 1 << 1), ("11.4.0.1", 0)])
+@pytest.mark.parametrize("version, flags", [("10.13.0.35", 1 << 1), ("11.4.0.1", 1 << 0)])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_one_strongly_typed_path_for_10_and_11(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                version: str, flags: int, precision: str) -> None:
@@ -39,7 +39,7 @@ def test_one_strongly_typed_path_for_10_and_11(tiny_model: Path, tmp_path: Path,
     built = trt.built  # type: ignore[attr-defined]
     assert plan == b"plan" and built["parsed"] == str(tiny_model)
     assert built["parsers_at_build"] == 1  # the parser owns the weights the network points at: alive at the build
-    assert built["network_flags"] == flags  # STRONGLY_TYPED on 10.x; 11.x has no such member (the only mode)
+    assert built["network_flags"] == flags  # STRONGLY_TYPED by name: 1 on 10.x, 0 on 11.x (no EXPLICIT_BATCH)
     config = built["config"]
     assert config.flags == (set() if precision == "fp32" else {"TF32"})
     assert config.cleared == (["TF32"] if precision == "fp32" else [])
@@ -47,6 +47,27 @@ def test_one_strongly_typed_path_for_10_and_11(tiny_model: Path, tmp_path: Path,
     shapes = config.profiles[0].shapes["image"]
     assert shapes == ((1, 32, 48, 3), (4, 32, 48, 3), (4, 32, 48, 3))
     assert (tmp_path / "timing.cache").read_bytes() == b"timing:"
+
+
+def test_a_saved_timing_cache_tensorrt_refuses_is_replaced_by_a_new_one(tiny_model: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    trt = fake_tensorrt(version="11.4.0.1", timing_accepts="new")  # set_timing_cache(saved) returns False
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    (tmp_path / "timing.cache").write_bytes(b"from another GPU")
+    logs: list[str] = []
+    assert tb.build_serialized_engine(settings(tmp_path, tiny_model), HostCuda(), logs.append) == b"plan"
+    assert any("is from another GPU or TensorRT; starting a new one" in line for line in logs)
+    assert (tmp_path / "timing.cache").read_bytes() == b"timing:"  # the new cache, saved after the build
+
+
+def test_a_build_goes_on_without_a_timing_cache_when_tensorrt_refuses_every_one(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """set_timing_cache returns bool: when even a new cache is refused, say so and build without one."""
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version="11.4.0.1", timing_accepts="none"))
+    logs: list[str] = []
+    assert tb.build_serialized_engine(settings(tmp_path, tiny_model), HostCuda(), logs.append) == b"plan"
+    assert any("set_timing_cache returned False" in line and "building without one" in line for line in logs)
+    assert not (tmp_path / "timing.cache").exists()
 
 
 def test_a_tensorrt_without_the_tf32_flag_still_builds(tiny_model: Path, tmp_path: Path,

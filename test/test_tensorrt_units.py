@@ -122,6 +122,24 @@ def test_contract_mismatch_is_a_clear_error(fake_trt: Any, tensor: str, change: 
     assert all_freed(fake_trt.cuda)
 
 
+def test_outputs_with_dynamic_height_and_width_are_refused_clearly(fake_trt: Any) -> None:
+    """Real engines report -1 for dims computed in the graph (a Resize fed by a Shape chain)."""
+    fake_trt.engine.tensors["labels"] = ("OUTPUT", (-1, -1, -1), "UINT8")
+    with pytest.raises(BackendError, match=r"engine tensor 'labels' has dynamic non-batch dims \[-1, -1, -1\]; only "
+                                           r"the batch axis may be dynamic.*unet-export"):
+        fake_trt.backend.activate()
+    assert all_freed(fake_trt.cuda)
+
+
+def test_an_output_the_context_cannot_resolve_is_refused_clearly(fake_trt: Any) -> None:
+    h, w = fake_trt.info.input_hw
+    with fake_trt.backend as backend:
+        fake_trt.engine.contexts[0].unresolved.add("confidence")
+        with pytest.raises(BackendError, match=r"output 'confidence' has shape \[2, -1, -1\] for batch 2, expected "
+                                               r"\[2, 32, 48\]; -1 means TensorRT could not compute"):
+            backend.infer(frames(2, (h, w), 0))
+
+
 @pytest.mark.parametrize("op, call", [("alloc_device", 1), ("alloc_device", 3), ("alloc_pinned", 1),
                                       ("alloc_pinned", 3), ("create_stream", 1)])
 def test_every_allocation_failure_frees_what_was_allocated(fake_trt: Any, op: str, call: int) -> None:

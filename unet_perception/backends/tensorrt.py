@@ -132,6 +132,11 @@ class TensorRTBackend(Backend):
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             shape = dims(engine.get_tensor_shape(name))
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            if any(d < 0 for d in shape[1:]):  # before the contract check: "rebuild" would not help here
+                raise BackendError(f"engine tensor '{name}' has dynamic non-batch dims {list(shape)}; only the batch "
+                                   "axis may be dynamic: the model's output size is computed in the graph (a Shape "
+                                   "chain). Re-export it with unet-export (static output H/W) or wrap it with "
+                                   "unet-import, then rebuild")
             if name in contract and (contract[name] != (is_input, shape[1:]) or dtype != np.uint8):
                 want_input, want_shape = contract[name]
                 raise BackendError(f"engine tensor '{name}' is {'input' if is_input else 'output'} {dtype} "
@@ -139,9 +144,6 @@ class TensorRTBackend(Backend):
                                    f"[N, {', '.join(map(str, want_shape))}]; rebuild the engine from the model")
             if is_input and name != INPUT_NAME:
                 raise BackendError(f"engine has an extra input '{name}'; the contract has only '{INPUT_NAME}'")
-            if any(d < 0 for d in shape[1:]):
-                raise BackendError(f"engine tensor '{name}' has dynamic non-batch dims {list(shape)}; only the batch "
-                                   "axis may be dynamic (re-export with unet-export)")
             specs[name] = (is_input, shape[1:], dtype)
         missing = {INPUT_NAME, OUTPUT_NAME} - set(specs)
         if missing:
@@ -179,9 +181,11 @@ class TensorRTBackend(Backend):
                                        f"profile allows batch 1..{self.max_batch} at {list(image.item_shape)}")
                 for out in outputs:
                     out_shape = dims(context.get_tensor_shape(out.name))
-                    if out_shape != (n, *out.item_shape):
+                    if out_shape != (n, *out.item_shape):  # -1: TensorRT could not resolve it from the input
                         raise BackendError(f"TensorRT output '{out.name}' has shape {list(out_shape)} for batch {n}, "
-                                           f"expected {[n, *out.item_shape]}")
+                                           f"expected {[n, *out.item_shape]}"
+                                           + ("; -1 means TensorRT could not compute the size from the input shape"
+                                              if any(d < 0 for d in out_shape) else ""))
                 self._batch = n
             image.host[:n] = batch
             cuda.copy_to_device(image.device, image.host, n * image.item_bytes, self._stream, f"input '{INPUT_NAME}'")

@@ -74,7 +74,9 @@ def tensorrt_version() -> str:
 
 
 def network_flags() -> int:
-    """``create_network`` flags: strongly typed. 11.x may drop the enum member (strong typing is its only mode)."""
+    """``create_network`` flags: strongly typed. The member's value differs: 1 in 10.x (EXPLICIT_BATCH is 0), 0 in
+    11.x (deprecated and ignored there, strong typing being the only mode; EXPLICIT_BATCH is gone), so it is
+    always looked up by name, never spelt as a number; a later version that drops it gets 0 (the default)."""
     import tensorrt as trt
 
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
