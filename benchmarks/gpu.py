@@ -49,7 +49,7 @@ CONFIGS: list[tuple[str, str, str, str]] = [
 ]
 # Words in an unavailability reason that mean "not installed or not shipped here" (a skip), not "broken" (a failure).
 LACKING = ("not importable", "missing", "has no CUDAExecutionProvider", "is a CPU build", "Q/DQ model",
-           "checkpoint", "no CUDA GPU")
+           "checkpoint", "no CUDA GPU", "no NVIDIA driver")
 
 
 @dataclass

@@ -10,6 +10,7 @@ test_typecheck.py (mypy against tensorrt-stubs).
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import types
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from fake_tensorrt import (CudaRtError, FakeBuilder, FakeEngine, HostCuda, fake_confidence, fake_cudart,
                            fake_labels, fake_tensorrt)
 
+from unet_perception.backends import cuda_memory
 from unet_perception.backends import tensorrt as trt_backend
 from unet_perception.backends.base import BackendError
 from unet_perception.backends.cuda_memory import CudaError, CudaPython, cuda_unavailable_reason
@@ -201,7 +203,17 @@ def test_tensorrt_needs_device_cuda(tiny_model: Path) -> None:
 
 # --- CUDA errors are named, never "no GPU" ---------------------------------------------------------------------
 
-def test_old_driver_is_named_not_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def driver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kernel: bool, library: bool) -> None:
+    """Point the driver probe at a kernel-driver folder that exists or not, and a library that loads or not."""
+    proc = tmp_path / "proc-driver-nvidia"
+    if kernel:
+        proc.mkdir(exist_ok=True)
+    monkeypatch.setattr(cuda_memory, "DRIVER_PROC", (proc,))
+    monkeypatch.setattr(cuda_memory, "LIBCUDA", "libc.so.6" if library else "libcuda-not-here.so.1")
+
+
+def test_old_driver_is_named_not_no_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    driver(monkeypatch, tmp_path, kernel=True, library=True)
     cuda = CudaPython(fake_cudart(CudaRtError.cudaErrorInsufficientDriver))
     with pytest.raises(CudaError, match="cudaGetDeviceCount: cudaErrorInsufficientDriver \\(CUDA driver version is "
                                         "insufficient.*update the driver"):
@@ -209,6 +221,26 @@ def test_old_driver_is_named_not_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", fake_cudart(CudaRtError.cudaErrorInsufficientDriver))
     reason = cuda_unavailable_reason()
     assert reason is not None and "cudaErrorInsufficientDriver" in reason and "no CUDA GPU" not in reason
+
+
+@pytest.mark.parametrize("kernel, library, said", [
+    (False, False, "no NVIDIA driver: libcuda-not-here.so.1 cannot be loaded and there is no .*; install the NVIDIA "
+                   "driver"),
+    (True, False, "kernel driver is loaded but its user-space library libcuda-not-here.so.1 cannot be loaded; in a "
+                  "container run with --gpus all"),
+    (False, True, "libc.so.6 is installed but no NVIDIA kernel driver is loaded")])
+def test_a_missing_driver_is_not_told_to_update_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kernel: bool,
+                                                    library: bool, said: str) -> None:
+    """The CUDA runtime says cudaErrorInsufficientDriver when there is no driver at all, as for an old one."""
+    driver(monkeypatch, tmp_path, kernel, library)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", fake_cudart(CudaRtError.cudaErrorInsufficientDriver))
+    reason = cuda_unavailable_reason()
+    assert reason is not None and re.search(said, reason), reason
+    assert "update the driver" not in reason and "older than" not in reason
+    for name in ("cuda.bindings.runtime", "cuda.cudart", "pycuda.driver"):  # no CUDA library either: both said
+        monkeypatch.setitem(sys.modules, name, None)
+    reason = cuda_unavailable_reason()
+    assert reason is not None and reason.startswith("cuda-python/pycuda missing; and ") and re.search(said, reason)
 
 
 def test_no_device_is_zero_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,7 +258,8 @@ def test_cuda_errors_name_the_operation() -> None:
         CudaPython(fake_cudart()).alloc_device(1 << 41, "tensor 'image'")
 
 
-def test_cuda_reason_without_cuda_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_reason_without_cuda_libraries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    driver(monkeypatch, tmp_path, kernel=True, library=True)
     for name in ("cuda.bindings.runtime", "cuda.cudart", "pycuda.driver"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import fail
     assert cuda_unavailable_reason() == "cuda-python/pycuda missing"

@@ -107,6 +107,8 @@ class CudaPython(CudaApi):
             _, text = self.rt.cudaGetErrorString(err)
             name = getattr(err, "name", str(err))
             hint = HINTS.get(name, "")
+            if name == "cudaErrorInsufficientDriver":  # what the runtime also says when there is no driver at all
+                hint = nvidia_driver_problem() or hint
             raise CudaError(f"CUDA error during {what}: {name} ({text.decode() if isinstance(text, bytes) else text})"
                             + (f"; {hint}" if hint else ""))
         if not values:
@@ -281,12 +283,46 @@ def load_cuda() -> CudaApi:
                        "to give TensorRT its CUDA memory and stream")
 
 
+# Where the two halves of the NVIDIA driver show themselves (module level: tests point them elsewhere).
+DRIVER_PROC = (Path("/proc/driver/nvidia"), Path("/dev/nvhost-ctrl-gpu"))  # desktop/server kernel module, Jetson
+LIBCUDA = "libcuda.so.1"  # the user-space driver library every CUDA runtime loads
+
+
+def libcuda_loadable() -> bool:
+    try:
+        ctypes.CDLL(LIBCUDA)
+    except OSError:
+        return False
+    return True
+
+
+def nvidia_driver_problem() -> str:
+    """What is missing of the NVIDIA driver ("" when both halves are there), with what to do.
+
+    The CUDA runtime reports a missing driver as cudaErrorInsufficientDriver, the same error as a driver that is
+    too old; this tells the two apart, so a machine without a driver is not told to update it."""
+    kernel = any(path.exists() for path in DRIVER_PROC)
+    library = libcuda_loadable()
+    if kernel and library:
+        return ""
+    if not kernel and not library:
+        return (f"no NVIDIA driver: {LIBCUDA} cannot be loaded and there is no {DRIVER_PROC[0]}; install the NVIDIA "
+                "driver (in a container: run it with --gpus all and the NVIDIA Container Toolkit), or set device cpu")
+    if kernel:
+        return (f"the NVIDIA kernel driver is loaded but its user-space library {LIBCUDA} cannot be loaded; in a "
+                "container run with --gpus all (NVIDIA Container Toolkit), else reinstall the driver")
+    return (f"{LIBCUDA} is installed but no NVIDIA kernel driver is loaded (no {DRIVER_PROC[0]}): load it "
+            "(reboot after installing the driver, or modprobe nvidia) and check nvidia-smi")
+
+
 def cuda_unavailable_reason(gpu_id: int = 0) -> str | None:
-    """None when a CUDA library imports and sees GPU ``gpu_id``; else the reason, naming any CUDA error."""
+    """None when a CUDA library imports and sees GPU ``gpu_id``; else the reason, naming any CUDA error and a
+    missing driver ("no NVIDIA driver" is never reported as "driver too old")."""
     try:
         cuda = load_cuda()
     except BackendError:
-        return "cuda-python/pycuda missing"
+        driver = nvidia_driver_problem()
+        return "cuda-python/pycuda missing" + (f"; and {driver}" if driver else "")
     try:
         count = cuda.device_count()
     except CudaError as exc:  # the driver is there but fails: say so, never just "no GPU"
@@ -294,7 +330,9 @@ def cuda_unavailable_reason(gpu_id: int = 0) -> str | None:
     except Exception as exc:  # a broken install raises from inside the bindings
         return f"CUDA error from {cuda.library}: {type(exc).__name__}: {exc}"
     if count == 0:
-        return "no CUDA GPU" + (" (but the kernel driver lists one: check nvidia-smi)" if gpu_visible() else "")
+        driver = nvidia_driver_problem()
+        return "no CUDA GPU" + (f" ({driver})" if driver else
+                                " (but the kernel driver lists one: check nvidia-smi)" if gpu_visible() else "")
     return None if gpu_id < count else f"gpu_id {gpu_id} but only {count} CUDA GPU(s) visible"
 
 
