@@ -28,6 +28,7 @@ setup(
         "console_scripts": [
             "segmentation_node = unet_perception.node:main",
             "unet-train = unet_perception.training.train:main",
+            "unet-folds = unet_perception.training.folds:main",
             "unet-evaluate = unet_perception.training.evaluate:main",
             "unet-export = unet_perception.training.export:main",
             "unet-quantize = unet_perception.training.quantize:main",

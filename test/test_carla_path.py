@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_uses_the_block_split(run_dir: Path) -> None:
     log = (run_dir / "run" / "train.log").read_text()
-    assert "carla, 10 train / 4 val frames, 23 classes, model lite" in log  # the default network
+    assert "carla, 10 train frames (train), 4 eval frames (val, selects best.pt), 23 classes, model lite" in log
     assert (run_dir / "run" / "best.pt").is_file() and (run_dir / "run" / "last.pt").is_file()
 
 

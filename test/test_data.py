@@ -13,7 +13,9 @@ from unet_perception.class_table import load_class_table
 from unet_perception.training.data import (
     SegmentationDataset,
     block_split,
+    class_uniform_crop,
     list_pairs,
+    random_crop,
     read_label,
     resize_transform,
     train_transform,
@@ -181,3 +183,42 @@ def test_each_loader_worker_draws_its_own_augmentations() -> None:
     assert not np.array_equal(out[0], out[1])
     again = _augmented_batches(workers=2, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(out, again, strict=True))  # still deterministic
+
+
+def _corner_patch_label() -> np.ndarray:
+    """100x100 of class 0 with a 4x4 patch of class 1 in the top-left corner (1.6% of the pixels)."""
+    lab = np.zeros((100, 100), np.uint8)
+    lab[:4, :4] = 1
+    return lab
+
+
+# A 20x20 crop holds the patch when its top and left are both <= 3. Random crops: top and left uniform in 0..80,
+# (4/81)^2 = 0.0024. Class-uniform crops: class 1 half the time (always holds it); class 0 the other half, and
+# a class-0 centre at y, x <= 13 (14 * 14 - 16 = 180 of its 9984 pixels) clamps the crop onto the patch:
+# 0.5 + 0.5 * 180 / 9984 = 0.509.
+RANDOM_HITS, UNIFORM_HITS = (4 / 81) ** 2, 0.5 + 0.5 * 180 / 9984
+
+
+def test_class_uniform_crops_favour_the_rare_class() -> None:
+    lab = _corner_patch_label()
+    img = np.zeros((100, 100, 3), np.uint8)
+    rng = np.random.default_rng(0)
+    n = 4000
+    uniform = [class_uniform_crop(img, lab, (20, 20), rng, ignore_index=11) for _ in range(n)]
+    assert all(c[0].shape == (20, 20, 3) and c[1].shape == (20, 20) for c in uniform)
+    hits = np.mean([(c[1] == 1).any() for c in uniform])
+    assert abs(hits - UNIFORM_HITS) < 0.04  # 5 standard errors
+    plain = np.mean([(random_crop(img, lab, (20, 20), rng)[1] == 1).any() for _ in range(n)])
+    assert plain < 0.01
+
+
+def test_rare_crop_probability_reaches_the_training_transform() -> None:
+    lab = _corner_patch_label()
+    img = np.zeros((100, 100, 3), np.uint8)
+    n = 2000
+    for p, expected in ((0.0, RANDOM_HITS), (0.5, 0.5 * UNIFORM_HITS + 0.5 * RANDOM_HITS)):
+        aug = train_transform((20, 20), scale=(1.0, 1.0), ignore_index=11, seed=1, rare_crop=p)
+        hits = np.mean([(aug(img, lab)[1] == 1).any() for _ in range(n)])
+        assert abs(hits - expected) < 0.05, (p, hits)
+    with pytest.raises(ValueError, match="rare_crop"):
+        train_transform((20, 20), (1.0, 1.0), 11, rare_crop=1.5)

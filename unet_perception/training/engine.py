@@ -25,8 +25,10 @@ def collate(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor,
 
 def train_one_epoch(model: nn.Module, loader: Iterable, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device,
-                    scaler: torch.amp.GradScaler | None = None, progress: Callable | None = None) -> dict:
-    """One pass over ``loader``; returns mean loss and images/s. ``progress(loss, ips)`` is called per step."""
+                    scaler: torch.amp.GradScaler | None = None, progress: Callable | None = None,
+                    after_step: Callable[[], None] | None = None) -> dict:
+    """One pass over ``loader``; returns mean loss and images/s. ``progress(loss, ips)`` is called per step,
+    ``after_step()`` after each optimizer step (the EMA of the weights)."""
     model.train()
     total, count, start = 0.0, 0, time.perf_counter()
     use_amp = scaler is not None and device.type == "cuda"
@@ -46,6 +48,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, loss_fn: nn.Module, opti
         else:
             loss.backward()
             optimizer.step()
+        if after_step is not None:
+            after_step()
         if scheduler is not None:
             scheduler.step()
         total += loss.item() * len(images)
