@@ -8,8 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -67,8 +69,6 @@ def test_inputs_folders_globs_lists_and_name_clashes(tmp_path: Path) -> None:
 
 
 def test_count_check_reads_the_labelled_bag(tmp_path: Path, tiny_model: Path) -> None:
-    from collections import Counter
-
     from unet_perception.backends.factory import BackendOptions, create_backend
     from unet_perception.pipeline import Segmenter
     from unet_perception.tools.bag import label_bag
@@ -119,7 +119,61 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "c": dict(images=small[:8], topic="/front/image_raw", compressed=True), "big": dict(images=large)}
     for name, kwargs in made.items():
         bag_from_images(out=bags / name, start_ns=START, progress=False, **kwargs)  # type: ignore[arg-type]
+    shutil.move(bags / "c", root / "c_recorded")
+    _restamped(root / "c_recorded", bags / "c", CAMERA_CLOCK_LAG_NS)
     return {name: bags / name for name in made}
+
+
+CAMERA_CLOCK_LAG_NS = 1_234_567_891  # bag c: header stamps this far before the bag (receive) timestamps
+
+
+def _restamped(src: Path, dst: Path, lag_ns: int) -> None:
+    """A copy of ``src`` whose header stamps are ``lag_ns`` before its bag timestamps, as a camera stamping
+    frames with its own clock records them; then only a copied header gives an output the input's stamp."""
+    from dataclasses import replace
+
+    from rosbags.rosbag2 import Reader, Writer
+
+    from unet_perception.tools.bag import stamp_msg, typestore
+
+    store = typestore()
+    with Reader(src) as reader, Writer(dst, version=8) as writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=store) for c in reader.connections}
+        for conn, ts, raw in reader.messages():
+            msg: Any = store.deserialize_cdr(raw, conn.msgtype)
+            msg = replace(msg, header=replace(msg.header, stamp=stamp_msg(store, ts - lag_ns)))
+            writer.write(conns[conn.id], ts, store.serialize_cdr(msg, conn.msgtype))
+
+
+def _headers(bag: Path, topics: set[str] | None = None) -> dict[str, dict[int, tuple[int, int, str]]]:
+    """topic -> {bag timestamp: (header.stamp.sec, .nanosec, frame_id)}, read with rosbags alone."""
+    from rosbags.rosbag2 import Reader
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_JAZZY)
+    out: dict[str, dict[int, tuple[int, int, str]]] = {}
+    with Reader(bag) as reader:
+        for conn, ts, raw in reader.messages():
+            if topics is None or conn.topic in topics:
+                header = store.deserialize_cdr(raw, conn.msgtype).header  # type: ignore[attr-defined]
+                out.setdefault(conn.topic, {})[ts] = (header.stamp.sec, header.stamp.nanosec, header.frame_id)
+    return out
+
+
+def _assert_outputs_carry_input_stamps(src: Path, out: Path) -> None:
+    """Every message the labelling added (the topics ``out`` has and ``src`` has not) carries the header of the
+    input frame at its timestamp: stamp and frame_id, as read from the input bag itself."""
+    from rosbags.rosbag2 import Reader
+
+    with Reader(src) as reader:
+        cameras = {c.topic for c in reader.connections if c.msgtype.endswith(("/Image", "/CompressedImage"))}
+    inputs = _headers(src, cameras)
+    assert len(inputs) == 1, inputs.keys()  # one camera per source bag: each timestamp names one input frame
+    frames = next(iter(inputs.values()))
+    added = {t: m for t, m in _headers(out).items() if t not in _headers(src)}
+    assert added and all(len(m) == len(frames) for m in added.values()), {t: len(m) for t, m in added.items()}
+    for topic, messages in added.items():
+        assert messages == frames, f"{out.name} {topic}: header stamps differ from the input's"
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +217,10 @@ def test_all_bags_labelled_as_label_does(local_ray: None, sources: dict[str, Pat
     for name in ("a", "b", "c"):
         # every message, frame by frame, byte for byte
         assert bag_messages(out / name) == bag_messages(single[name]), name
+        # label shares its code with label-many: the stamps come from the input bag itself
+        _assert_outputs_carry_input_stamps(sources[name], out / name)
+    stamps = _headers(sources["c"])["/front/image_raw/compressed"]  # the fixture did restamp c
+    assert all(ts - CAMERA_CLOCK_LAG_NS == sec * 10**9 + ns for ts, (sec, ns, _) in stamps.items())
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["bags"] == {"labelled": 3, "skipped": 0, "failed": 0}
     assert [(r["name"], r["frames_in"], r["labelled"], r["counts_ok"]) for r in report["results"]] == \
@@ -231,6 +289,64 @@ def test_rerun_after_interruption_does_only_the_missing_bags(local_ray: None, so
     assert _hidden(out) == []
 
 
+def test_label_many_deletes_only_what_it_made(local_ray: None, sources: dict[str, Path], single: dict[str, Path],
+                                             tiny_model: Path, tmp_path: Path) -> None:
+    """Bags named run1 and run[1] (run[1]'s cleanup glob used to delete run1's work: "disk I/O error"), names with
+    glob characters, spaces and unicode; a partial folder of a killed run of this output, and hidden folders of
+    others'. run1 is the long bag: it is in progress on one worker while the other does the small ones, the last
+    two of them named so that a glob of their names matches run1's."""
+    from test_fleet_staging import HOSTILE, _decoys, killed_run
+
+    bags = tmp_path / "bags"
+    for name in HOSTILE:
+        shutil.copytree(sources["big" if name == "run1" else "a"], bags / name)
+    out = tmp_path / "out"
+    partial = killed_run(out)
+    decoys = _decoys(out)
+    assert main(["label-many", *(str(bags / n) for n in HOSTILE), *_args(tiny_model, out)]) == 0
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert {r["name"]: r["status"] for r in report["results"]} == dict.fromkeys(HOSTILE, "labelled"), report
+    for name in HOSTILE:
+        assert bag_messages(out / name) == bag_messages(single["big" if name == "run1" else "a"]), name
+    assert not partial.exists()
+    assert all((d / "keep").read_text() == "not label-many's" for d in decoys)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*HOSTILE, REPORT_NAME, *(d.name for d in decoys)])
+
+
+def test_a_worker_whose_count_check_fails_leaves_no_output(local_ray: None, sources: dict[str, Path],
+                                                          tiny_model: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker labels a real bag, the real count check finds the input listed one frame more than was read:
+    the labelled bag must never be renamed into place (a rerun would skip it as finished)."""
+    import ray
+
+    from unet_perception.fleet import worker
+    from unet_perception.fleet.plan import BagJob
+    from unet_perception.fleet.staging import run_folder
+
+    name = f"progress-{tmp_path.name}"
+    tracker: Any = ray.remote(worker.Progress).options(  # type: ignore[attr-defined]
+        name=name, num_cpus=0).remote()
+    try:
+        labeller = worker.BagLabeller(_settings(tiny_model), name)  # in this process: the check can be patched
+        with run_folder(tmp_path / "out") as run:
+            done = labeller.label(BagJob(sources["a"], tmp_path / "out" / "a", run / "0"))
+            assert done.status == "labelled" and (tmp_path / "out" / "a").is_dir(), done  # as it is without a fault
+
+            real = worker.check_counts
+            monkeypatch.setattr(worker, "check_counts", lambda out, listed, labelled, refused: real(
+                out, listed + Counter(listed.keys()), labelled, refused))
+            job = BagJob(sources["b"], tmp_path / "out" / "b", run / "1")
+            result = labeller.label(job)
+            assert result.status == "failed" and "frames lost: the input lists 10 camera messages, 9 were read" \
+                in result.error, result
+            assert not job.out.exists(), "a bag that failed its count check was renamed into place"
+            assert job.work is not None and not job.work.exists()
+    finally:
+        ray.kill(tracker)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a"]
+
+
 def test_corrupt_bag_is_reported_and_the_others_finish(local_ray: None, sources: dict[str, Path],
                                                        single: dict[str, Path], tiny_model: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -242,17 +358,26 @@ def test_corrupt_bag_is_reported_and_the_others_finish(local_ray: None, sources:
     shutil.copytree(sources["a"], short)
     meta = short / "metadata.yaml"
     meta.write_text(meta.read_text().replace("message_count: 6", "message_count: 8"))
+    garbled = tmp_path / "in" / "garbled"  # its metadata.yaml does not parse: a YAML error spans lines
+    shutil.copytree(sources["a"], garbled)
+    meta = garbled / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("rosbag2_bagfile_information:", "rosbag2_bagfile_information:\n  : [", 1))
     out = tmp_path / "out"
-    code = main(["label-many", str(sources["a"]), str(bad), str(short), str(sources["b"]),
+    code = main(["label-many", str(sources["a"]), str(bad), str(short), str(garbled), str(sources["b"]),
                  *_args(tiny_model, out)])
     printed = capsys.readouterr().out
     assert code == 1
-    assert "2 labelled, 0 skipped (output existed), 2 failed" in printed
+    assert "2 labelled, 0 skipped (output existed), 3 failed" in printed
     report = json.loads((out / REPORT_NAME).read_text())
     failed = {r["name"]: r["error"] for r in report["results"] if r["status"] == "failed"}
-    assert list(failed) == ["bad", "short"] and str(bad) in failed["bad"], failed
-    assert [r["attempts"] for r in report["results"]] == [1, 1, 1, 1]  # a bad bag is not retried
+    assert list(failed) == ["bad", "short", "garbled"] and str(bad) in failed["bad"], failed
+    assert [r["attempts"] for r in report["results"]] == [1, 1, 1, 1, 1]  # a bad bag is not retried
     assert all("\n" not in error for error in failed.values()), failed  # one line each, no traceback
+    assert "Traceback" not in printed and "metadata.yaml" in failed["garbled"], failed
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.split()[:1] in (["bad"], ["short"],
+                                                                                        ["garbled"])}
+    assert sorted(rows) == ["bad", "garbled", "short"]  # the table: one row per failed bag, its reason in it
+    assert all(failed[name] in row for name, row in rows.items()), rows
     assert "8" in failed["short"] and "6" in failed["short"], failed  # the count check names both counts
     for name in ("a", "b"):
         assert bag_messages(out / name) == bag_messages(single[name])

@@ -21,12 +21,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from unet_perception.fleet.plan import BagJob, BagResult, FleetReport, camera_counts
+from unet_perception.fleet.staging import run_folder
 from unet_perception.fleet.worker import BagLabeller, LabelSettings, Progress
 from unet_perception.tools.bag import BagError
 
@@ -106,54 +108,63 @@ def label_many(jobs: Sequence[BagJob], settings: LabelSettings, *, workers: int 
     """Label every job whose output does not exist yet, on the connected Ray; returns the report.
 
     ``retries``: how often Ray retries a bag whose worker died on it. ``on_poll`` gets the progress snapshot
-    (bag -> (attempt, frames done, worker pid)) every ``poll_s`` seconds.
+    (bag -> (attempt, frames done, worker pid)) every ``poll_s`` seconds. The jobs share one output folder (as
+    ``plan_jobs`` makes them); the run works in its own hidden folder there (``staging``).
     """
-    import ray
-
     started = time.perf_counter()
     most = worker_count(workers, cpus_per_worker, gpus_per_worker)
+    out_dirs = {job.out.parent for job in jobs}
+    if len(out_dirs) != 1:
+        raise BagError(f"label_many writes into one output folder; these jobs go to {sorted(map(str, out_dirs))}")
     results: dict[str, BagResult] = {}
-    todo: deque[BagJob] = deque()
-    for job in jobs:
-        job.out.parent.mkdir(parents=True, exist_ok=True)
-        job.remove_leftovers()
-        if job.out.exists():
-            results[job.name] = BagResult(job.name, str(job.src), str(job.out), "skipped")
-        else:
-            todo.append(job)
     described: list[str] = []
-    if todo:
-        n = min(most, len(todo))
-        # Ray's types do not follow ray.remote(cls).options(...); the handles are Any here.
-        progress_name = f"unet-bag-progress-{uuid.uuid4().hex}"
-        tracker: Any = ray.remote(Progress).options(  # type: ignore[attr-defined]
-            name=progress_name, num_cpus=0).remote()
-        actor: Any = ray.remote(BagLabeller).options(  # type: ignore[attr-defined]
-            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=retries)
-        pool: list[Any] = [actor.remote(settings, progress_name) for _ in range(n)]
-        pids: set[int] = set()  # worker processes on this machine, restarted ones too
-        try:
-            try:
-                described = ray.get([a.describe.remote() for a in pool])
-                places = ray.get([a.place.remote() for a in pool])
-            except ray.exceptions.RayActorError as exc:
-                raise BagError(f"the workers cannot load the model: {_last_line(exc)}") from exc
-            local = all(host == socket.gethostname() for host, _ in places)
-            pids.update(pid for host, pid in places if host == socket.gethostname())
-            total = sum(_frames_or_zero(job, settings) for job in todo)
-            _run_pool(pool, tracker, todo, results, len(jobs), total, retries, progress, poll_s, on_poll,
-                      pids if local else None)
-        finally:
-            for a in [*pool, tracker]:
-                ray.kill(a)
-            # ray.kill only asks: a killed worker goes on labelling until its process ends (measured: 0.1-0.3 s
-            # on a loaded 2-core machine, Ray's workers run at nice 19). Until then it can still write into its
-            # work folder, or rename a bag into place, after the cleanup below and after a rerun began.
-            _wait_until_gone(pids)
-            for job in jobs:
-                if job.name not in results:  # interrupted: leave nothing half-done behind
-                    job.remove_leftovers()
+    with run_folder(out_dirs.pop()) as run:  # this run's work folder, removed at its end; a killed run's before
+        todo: deque[BagJob] = deque()
+        for i, job in enumerate(jobs):
+            if job.out.exists():
+                results[job.name] = BagResult(job.name, str(job.src), str(job.out), "skipped")
+            else:
+                todo.append(replace(job, work=run / str(i)))
+        if todo:
+            described = _label_todo(todo, results, len(jobs), settings, min(most, len(todo)), cpus_per_worker,
+                                    gpus_per_worker, retries, progress, poll_s, on_poll)
     return FleetReport([results[job.name] for job in jobs], time.perf_counter() - started, described)
+
+
+def _label_todo(todo: deque[BagJob], results: dict[str, BagResult], n_bags: int, settings: LabelSettings,
+                n: int, cpus_per_worker: float, gpus_per_worker: float, retries: int, progress: bool,
+                poll_s: float, on_poll: Callable[[dict[str, tuple[int, int, int]]], None] | None) -> list[str]:
+    """Start ``n`` workers, label ``todo`` on them into ``results``, then stop them and wait until their processes
+    on this machine have ended; returns the workers' descriptions."""
+    import ray
+
+    # Ray's types do not follow ray.remote(cls).options(...); the handles are Any here.
+    progress_name = f"unet-bag-progress-{uuid.uuid4().hex}"
+    tracker: Any = ray.remote(Progress).options(  # type: ignore[attr-defined]
+        name=progress_name, num_cpus=0).remote()
+    actor: Any = ray.remote(BagLabeller).options(  # type: ignore[attr-defined]
+        num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=retries)
+    pool: list[Any] = [actor.remote(settings, progress_name) for _ in range(n)]
+    pids: set[int] = set()  # worker processes on this machine, restarted ones too
+    try:
+        try:
+            described: list[str] = ray.get([a.describe.remote() for a in pool])
+            places = ray.get([a.place.remote() for a in pool])
+        except ray.exceptions.RayActorError as exc:
+            raise BagError(f"the workers cannot load the model: {_last_line(exc)}") from exc
+        local = all(host == socket.gethostname() for host, _ in places)
+        pids.update(pid for host, pid in places if host == socket.gethostname())
+        total = sum(_frames_or_zero(job, settings) for job in todo)
+        _run_pool(pool, tracker, todo, results, n_bags, total, retries, progress, poll_s, on_poll,
+                  pids if local else None)
+    finally:
+        for a in [*pool, tracker]:
+            ray.kill(a)
+        # ray.kill only asks: a killed worker goes on labelling until its process ends (measured: 0.1-0.3 s
+        # on a loaded 2-core machine, Ray's workers run at nice 19). Until then it can still write into its
+        # work folder, or rename a bag into place, after the run's work folder is removed and a rerun began.
+        _wait_until_gone(pids)
+    return described
 
 
 def _alive(pid: int) -> bool:
@@ -185,8 +196,8 @@ def _last_line(exc: BaseException) -> str:
 def _frames_or_zero(job: BagJob, settings: LabelSettings) -> int:
     try:
         return sum(camera_counts(job.src, settings.topics, settings.exclude_topics).values())
-    except BagError:
-        return 0  # a bag that cannot be read: its worker reports why
+    except Exception:  # noqa: BLE001 - only the progress bar's total; a bag that cannot be read: its worker says why
+        return 0
 
 
 def _run_pool(pool: list[Any], tracker: Any, todo: deque[BagJob], results: dict[str, BagResult], n_bags: int,

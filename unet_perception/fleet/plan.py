@@ -2,9 +2,9 @@
 
 An input is a bag folder, a single ``.db3``/``.mcap`` file, a glob, or a text file listing any of these (one a
 line, ``#`` comments; relative lines are taken from the list's folder). Each bag ``NAME`` is labelled to
-``DIR/NAME`` (a ``.db3``/``.mcap`` file's stem). A bag is worked on in a hidden folder
-``DIR/.NAME.labelling-*`` and renamed to ``DIR/NAME`` only when complete and its counts check out, so an
-output that exists is a finished one and a rerun skips it.
+``DIR/NAME`` (a ``.db3``/``.mcap`` file's stem). A bag is worked on in the run's hidden folder in ``DIR``
+(``staging``) and renamed to ``DIR/NAME`` only when complete and its counts check out, so an output that exists
+is a finished one and a rerun skips it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,33 +20,30 @@ from pathlib import Path
 from rosbags.rosbag2 import Reader
 
 from unet_perception.backends.engine_cache import atomic_write
+from unet_perception.fleet.staging import LOCK_NAME, RUN_PREFIX
 from unet_perception.tools.bag import BagError, camera_connections, open_bag
 from unet_perception.topics import output_topics
 
 BAG_SUFFIXES = (".db3", ".mcap")
 REPORT_NAME = "label-many.json"
-WORK_MARK = ".labelling-"
 
 
 @dataclass(frozen=True)
 class BagJob:
-    """One input bag and the output bag it becomes."""
+    """One input bag, the output bag it becomes, and (during a run) its own folder in the run's work folder."""
 
     src: Path
     out: Path
+    work: Path | None = None
 
     @property
     def name(self) -> str:
         return self.out.name
 
-    def work_prefix(self) -> str:
-        """Prefix of the hidden folders this bag is labelled in (``.NAME.labelling-``)."""
-        return f".{self.name}{WORK_MARK}"
 
-    def remove_leftovers(self) -> None:
-        """Delete the hidden work folders a killed or interrupted attempt left behind."""
-        for path in self.out.parent.glob(self.work_prefix() + "*"):
-            shutil.rmtree(path, ignore_errors=True)
+def one_line(text: str) -> str:
+    """``text`` on one line (a YAML or storage error can span several): a report row and a log line each."""
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or text.strip()
 
 
 def _from_list(path: Path) -> list[str]:
@@ -58,14 +54,17 @@ def _from_list(path: Path) -> list[str]:
 def expand_inputs(inputs: Sequence[str], out_dir: Path | None = None) -> list[Path]:
     """The bags named by ``inputs`` (folders, .db3/.mcap files, globs, list files), in order, each once.
 
-    ``out_dir`` and anything inside it are left out, so ``bags/*`` with ``--out bags/labelled`` works.
+    A path that exists is taken as it is, whatever characters its name has (``run[1]`` is a bag, not a pattern).
+    What a glob matches in ``out_dir`` (or ``out_dir`` itself) is left out, so ``bags/*`` with
+    ``--out bags/labelled`` works; a bag named outright that is ``out_dir`` or inside it, or an ``out_dir``
+    inside an input bag, is refused (its outputs would be written among the inputs).
     """
-    found: list[Path] = []
+    found: list[tuple[Path, bool]] = []  # (bag, named outright rather than matched by a glob)
 
     def add(item: str, listed_in: Path | None) -> None:
         path = Path(item)
         if path.is_dir() or (path.is_file() and path.suffix in BAG_SUFFIXES):
-            found.append(path)
+            found.append((path, True))
         elif path.is_file() and listed_in is None:
             for line in _from_list(path):
                 add(line, path)
@@ -74,7 +73,7 @@ def expand_inputs(inputs: Sequence[str], out_dir: Path | None = None) -> list[Pa
             bags = [m for m in matches if m.is_dir() or m.suffix in BAG_SUFFIXES]
             if not bags:
                 raise BagError(f"the pattern '{item}' matches no bag folder or .db3/.mcap file")
-            found.extend(bags)
+            found.extend((bag, False) for bag in bags)
         else:
             where = f" (listed in {listed_in})" if listed_in else ""
             kind = "a bag folder or .db3/.mcap file" if listed_in else \
@@ -83,25 +82,41 @@ def expand_inputs(inputs: Sequence[str], out_dir: Path | None = None) -> list[Pa
 
     for item in inputs:
         add(item, None)
-    skip = out_dir.resolve() if out_dir is not None else None
+    out = out_dir.resolve() if out_dir is not None else None
     seen: set[Path] = set()
     bags = []
-    for path in found:
+    for path, named in found:
         real = path.resolve()
-        if real in seen or (skip is not None and (real == skip or skip in real.parents)):
-            continue
-        seen.add(real)
-        bags.append(path)
+        if out is not None and real in out.parents:
+            raise BagError(f"--out {out_dir} is inside the input bag {path}; give an --out outside the inputs")
+        if out is not None and (real == out or out in real.parents):
+            if named:
+                where = "is" if real == out else "is inside"
+                raise BagError(f"the input {path} {where} --out {out_dir}, where the labelled bags go; give an "
+                               "--out that holds no input")
+            continue  # a glob matched the output folder: earlier results, not an input
+        if real not in seen:
+            seen.add(real)
+            bags.append(path)
     if not bags:
         raise BagError(f"no input bags in {list(inputs)}")
     return bags
 
 
 def plan_jobs(bags: Sequence[Path], out_dir: Path) -> list[BagJob]:
-    """One job per bag, its output ``out_dir/NAME``; two inputs with one NAME are refused before any work."""
+    """One job per bag, its output ``out_dir/NAME``; refused before any work: two inputs with one NAME, and a
+    NAME that is one of the run's own files in ``out_dir`` (the report, ``staging``'s lock and work folders)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise BagError(f"--out {out_dir} is a file; give a folder for the labelled bags")
-    jobs = [BagJob(src.absolute(), out_dir.absolute() / (src.stem if src.is_file() else src.name)) for src in bags]
+    jobs = []
+    for src in bags:
+        src = Path(os.path.abspath(src))  # "..", "." and "bags/" spelled out, so NAME is the folder's own name
+        name = src.stem if src.is_file() else src.name
+        if not name or name in (REPORT_NAME, LOCK_NAME) or name.startswith(RUN_PREFIX):
+            raise BagError(f"the input {src} would be written to {out_dir / name}, which is the run's own "
+                           f"{'report' if name == REPORT_NAME else 'file'}; rename the bag (or link it under "
+                           "another name) and give that")
+        jobs.append(BagJob(src, out_dir.absolute() / name))
     by_name: dict[str, list[str]] = {}
     for job in jobs:
         by_name.setdefault(job.name, []).append(str(job.src))

@@ -1,9 +1,9 @@
 """The workers of ``unet-bag label-many``: Ray actors that load the model once and label one bag per call.
 
-``BagLabeller`` labels a bag with ``bag.label_bag`` into a hidden work folder beside its output, checks its counts
-and renames it into place; every failure of a bag comes back as a failed ``BagResult``, so the worker goes on.
-``Progress`` collects frames done per bag from all workers for the driver's bar. Ray itself is imported only
-inside the actors' methods, where it is running.
+``BagLabeller`` labels a bag with ``tools.bag.label_bag`` into its folder in the run's work folder (``staging``),
+checks its counts and renames it into place; every failure of a bag comes back as a failed ``BagResult`` with a
+one-line error, so the worker goes on. ``Progress`` collects frames done per bag from all workers for the driver's
+bar. Ray itself is imported only inside the actors' methods, where it is running.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from unet_perception.fleet.plan import BagJob, BagResult, camera_counts, check_counts
+from unet_perception.fleet.plan import BagJob, BagResult, camera_counts, check_counts, one_line
+from unet_perception.fleet.staging import attempt_folder
 from unet_perception.tools.bag import BagError, label_bag
 
 
@@ -106,25 +105,27 @@ class BagLabeller:
         if job.out.exists():  # an earlier attempt finished it and then its worker died
             result.status = "skipped"
             return result
-        job.remove_leftovers()  # of an attempt whose worker was killed
+        if job.work is None:
+            raise ValueError(f"{job.name}: a job gets its work folder from label_many")
         s = self.settings
         try:
             listed = camera_counts(job.src, s.topics, s.exclude_topics)
             result.frames_in = sum(listed.values())
-            work = Path(tempfile.mkdtemp(prefix=job.work_prefix(), dir=job.out.parent))
+            work = attempt_folder(job.work, attempt)  # the attempts before it are gone, by their exact names
             try:
                 summary = label_bag(job.src, work / job.name, _Reporting(self.segmenter, self._reporter(job)),
                                     topics=s.topics, storage=s.storage, batch=s.batch, alpha=s.alpha,
                                     max_pixels=s.max_pixels, exclude_topics=s.exclude_topics, progress=False,
-                                    log=self._refusal(job, result), info=result.notices.append)
+                                    log=self._refusal(job, result), info=lambda line: result.notices.append(
+                                        one_line(line)))
                 result.labelled, result.seconds = sum(summary.frames.values()), summary.seconds
                 result.frames_in = check_counts(work / job.name, listed, result.labelled, result.refused)
-                os.rename(work / job.name, job.out)
+                os.rename(work / job.name, job.out)  # only a bag whose counts check out is ever in place
             finally:
-                shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(job.work, ignore_errors=True)
         except Exception as exc:  # noqa: BLE001 - one bad bag is reported; the worker goes on with the others
             result.status = "failed"
-            result.error = str(exc) if isinstance(exc, BagError) else f"{type(exc).__name__}: {exc}"
+            result.error = one_line(str(exc) if isinstance(exc, BagError) else f"{type(exc).__name__}: {exc}")
         return result
 
     def _reporter(self, job: BagJob) -> Callable[[int], None]:
@@ -133,7 +134,7 @@ class BagLabeller:
     def _refusal(self, job: BagJob, result: BagResult) -> Callable[[str], None]:
         def log(line: str) -> None:
             result.refused += 1
-            result.refusals.append(line)
+            result.refusals.append(one_line(line))
             self.progress.add.remote(job.name, 1)
         return log
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_perception.backends.base import BackendError
-from unet_perception.fleet.plan import REPORT_NAME
+from unet_perception.fleet.plan import REPORT_NAME, one_line
 from unet_perception.model_contract import ModelError
 from unet_perception.tools.bag import (FORMATS, STORAGES, BagError, bag_from_images, check_label_options,
                                        check_output, label_bag, list_images, play_bag)
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (BagError, BackendError, ModelError, OSError) as exc:  # OSError: an unreadable file, a vanished folder
-        print(f"unet-bag {args.command}: error: {exc}", file=sys.stderr)  # one line, not a traceback
+        print(f"unet-bag {args.command}: error: {one_line(str(exc))}", file=sys.stderr)  # one line, no traceback
         return 1
     except KeyboardInterrupt:
         print(f"unet-bag {args.command}: interrupted; no output was left behind", file=sys.stderr)
