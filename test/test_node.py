@@ -165,10 +165,15 @@ def test_shipped_model_is_the_default() -> None:
     assert "unet_camvid.onnx" in out
 
 
-def test_keep_latest_publishes_the_newest_frame(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    """While inference is busy, frames 1, 2, 3 arrive: the next output is frame 3 (1 and 2 are dropped)."""
+@pytest.mark.parametrize("overlap", [True, False])
+def test_keep_latest_publishes_the_newest_frame(tiny_model, overlap: bool) -> None:  # type: ignore[no-untyped-def]
+    """While inference is busy on frame 0, frames 1, 2, 3 arrive: the next output is frame 3, 2 is dropped.
+
+    Overlapped, the prepare stage takes frame 1 as soon as it arrives (one batch waits between two stages), so the
+    outputs are 0, 1, 3; in turn they are 0, 3.
+    """
     with RosGraph() as graph:
-        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/kl/image_raw"])
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/kl/image_raw"], overlap=overlap)
         pub = graph.publisher(Image, "/kl/image_raw")
         labels = graph.collect(Image, "/kl/segmentation/labels")
         wait_matched(pub, [labels])
@@ -181,18 +186,26 @@ def test_keep_latest_publishes_the_newest_frame(tiny_model) -> None:  # type: ig
             release.wait(TIMEOUT_S)
             return real_infer(batch)
 
+        stats = node._cameras[0].stats
         backend._infer = blocked
         try:
             pub.publish(image_message(synthetic_frame(64, 48, 0), "rgb8", stamp=stamp(0)))
             assert busy.wait(TIMEOUT_S), "the worker never started frame 0"
-            for i in (1, 2, 3):
+            pub.publish(image_message(synthetic_frame(64, 48, 1), "rgb8", stamp=stamp(1)))
+            wait_until(lambda: stats.frames_in == 2, what="frame 1 to reach the slot")
+            if overlap:
+                wait_until(lambda: stats.decoded == 2, what="the prepare stage to take frame 1")
+            for i in (2, 3):
                 pub.publish(image_message(synthetic_frame(64, 48, i), "rgb8", stamp=stamp(i)))
-            wait_until(lambda: node._cameras[0].stats.frames_in == 4, what="frames 1-3 to reach the slot")
+            wait_until(lambda: stats.frames_in == 4, what="frames 2-3 to reach the slot")
         finally:
             backend._infer = real_infer
             release.set()
-        got = labels.wait_for(2)
-    assert [m.header.stamp for m in got] == [stamp(0), stamp(3)]
+        want = [0, 1, 3] if overlap else [0, 3]
+        got = labels.wait_for(len(want))
+        wait_until(lambda: stats.frames_out + stats.drops == 4, what="every frame accounted for")
+    assert [m.header.stamp for m in got] == [stamp(i) for i in want]
+    assert stats.drops == 4 - len(want)
 
 
 def test_overlay_alpha_changes_at_run_time(tiny_model) -> None:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CompressedImage, Image
 
 from ros_graph import RosGraph, wait_matched, wait_until
@@ -64,6 +65,15 @@ def raw(encoding: str, width: int, height: int, step: int, size: int) -> Image:
     return msg
 
 
+def cdr(msg: Image | CompressedImage, cut: int = 0, data_length: int | None = None) -> bytes:
+    """``msg`` serialised, then attacked at the CDR level: ``cut`` bytes off the end, or the data length lying."""
+    data = serialize_message(msg)
+    if data_length is not None:  # the data sequence's uint32 length sits right before its bytes, at the end
+        at = len(data) - len(bytes(msg.data)) - 4
+        data = data[:at] + data_length.to_bytes(4, "little") + data[at + 4:]
+    return data[:len(data) - cut]
+
+
 def corrupt_jpeg() -> CompressedImage:
     msg = CompressedImage(format="jpeg")
     msg.data = b"\xff\xd8\xff\xe0" + bytes(200)
@@ -78,6 +88,13 @@ BAD_INPUTS = {
     "oversize": (RAW, raw("rgb8", 200, 100, 600, 60000), "over the limit"),
     "corrupt compressed": (COMPRESSED, corrupt_jpeg(), "not a decodable"),
     "oversize compressed": (COMPRESSED, compressed_message(synthetic_frame(200, 100), "png"), "over the limit"),
+    # serialised bytes that lie, published as they are (rclpy's raw publish): the node reads CDR itself
+    "truncated CDR": (RAW, cdr(image_message(synthetic_frame(64, 48)), cut=1000), "message is truncated"),
+    "CDR data length lies": (RAW, cdr(image_message(synthetic_frame(64, 48)), data_length=1 << 30),
+                             "ends inside 'data'"),
+    "CDR string length lies": (COMPRESSED, cdr(CompressedImage(format="png", data=b"\x89PNG"), cut=6)[:20] +
+                               (1 << 20).to_bytes(4, "little"), "claims 1048576 bytes"),
+    "not an Image at all": (RAW, cdr(CompressedImage(format="jpeg", data=bytes(100))), "Image CDR"),
 }
 
 
@@ -128,7 +145,7 @@ def test_diagnostics_content(rig: Rig) -> None:
 
 
 def test_keep_latest_slot_counts_drops(rig: Rig) -> None:
-    """Frames that arrive while the worker is busy replace the waiting one and count as drops."""
+    """Frames that arrive while the stages are busy replace the waiting one and count as drops."""
     backend = rig.node._segmenter.backend
     real_infer = backend._infer
     release = threading.Event()
@@ -137,16 +154,20 @@ def test_keep_latest_slot_counts_drops(rig: Rig) -> None:
         release.wait(10)
         return real_infer(batch)
 
+    stats = rig.node._cameras[0].stats
     drops = int(values(rig.status(RAW))["drops"])
     done = len(rig.labels[RAW])
     backend._infer = blocked
     try:
-        for i in range(4):  # 1 goes to the (blocked) worker, then 3 into the slot: 2 replaced
+        # 0 goes to the (blocked) inference, 1 to the prepare stage (it waits for inference), then 2 and 3 into
+        # the slot: 2 replaced
+        for i in range(4):
+            decoded = stats.decoded
             rig.pub[RAW].publish(image_message(synthetic_frame(64, 48, i)))
-            if i == 0:
-                wait_until(lambda: rig.node._cameras[0].pending is None, what="the worker to take frame 0")
-        wait_until(lambda: int(values(rig.status(RAW))["drops"]) == drops + 2, what="2 drops")
+            if i < 2:
+                wait_until(lambda: stats.decoded == decoded + 1, what=f"the stages to take frame {i}")  # noqa: B023
+        wait_until(lambda: int(values(rig.status(RAW))["drops"]) == drops + 1, what="1 drop")
     finally:
         backend._infer = real_infer
         release.set()
-    rig.labels[RAW].wait_for(done + 2)  # the blocked frame and the latest one
+    rig.labels[RAW].wait_for(done + 3)  # the blocked frame, the prepared one and the latest one

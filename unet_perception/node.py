@@ -5,11 +5,15 @@ the backend; activate creates publishers and subscriptions and starts the worker
 and keeps the backend; cleanup and shutdown free it. ``autostart`` (default) runs configure and activate
 in the constructor, so ``ros2 run`` and ``ros2 launch`` need no lifecycle manager.
 
-Subscription callbacks check a frame's header (``codec.check``: bounded cost, whatever the
-message claims) and put it into its camera's keep-latest slot (a frame replaced before it was processed counts as
-a drop); one worker thread takes the latest frame of every camera, decodes it (``codec.decode``, the bag tool's
-path too), runs them as one batch through the Segmenter and publishes, so memory and latency stay bounded
-whatever the input rate, and no camera's frames can stall the executor (other cameras, ``/diagnostics``).
+Subscriptions are raw: a callback gets a frame's CDR bytes, reads its header and geometry from them
+(``raw_cdr``, constant time, nothing copied), checks them (``codec.check``: bounded cost, whatever the message
+claims) and puts the frame into its camera's keep-latest slot (a frame replaced before it was processed counts as
+a drop). Three stage threads follow (docs/performance.md): *prepare* takes the latest frame of every camera,
+decodes it (``codec.decode``, the bag tool's path too) and resizes it into the model's input batch; *infer* runs
+the backend; *publish* upscales, renders what is subscribed and publishes CDR written straight from the arrays.
+One batch at most waits between two stages, so memory and latency stay bounded whatever the input rate, each
+camera's outputs keep the order its frames arrived in, and no camera's frames can stall the executor. With
+``overlap: false`` one thread runs the three steps in turn.
 
 The parameter table and its checks live in ``node_params``, the per-camera counters in ``node_stats``.
 """
@@ -20,10 +24,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import rclpy
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.exceptions import InvalidTopicNameException, ParameterException
 from rclpy.executors import ExternalShutdownException
@@ -33,18 +38,20 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from unet_perception.backends.base import BackendError
+from unet_perception.backends.base import BackendError, Prediction
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.camera_model import CameraInfoError
-from unet_perception.codec import check, decode, encode_image, overlay_encoding, source_encoding
-from unet_perception.lifecycle_guard import GuardedLifecycleNode
+from unet_perception.codec import check, decode, overlay_encoding, source_encoding
 from unet_perception.ground import GroundError
 from unet_perception.ground_camera import GroundCamera, GroundSettings, TfSource
+from unet_perception.handoff import Handoff
+from unet_perception.lifecycle_guard import GuardedLifecycleNode
 from unet_perception.launch_support import NODE_NAME, apply_node_env, default_model_path, missing_profile_note
 from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo, read_model_info
 from unet_perception.node_params import PARAMS, QOS_RELIABILITY, StartupError, parse_class_colors, validate
 from unet_perception.node_stats import CameraStats, check_stamp, stamp_ns
 from unet_perception.pipeline import Segmentation, Segmenter
+from unet_perception.raw_cdr import RawCompressedImage, RawHeader, RawImage, image, parse_compressed, parse_image
 from unet_perception.topics import GROUND_GRID, LABEL_INFO, POINTS, camera_outputs, is_compressed_topic, output_kinds
 
 __all__ = ["PARAMS", "SegmentationNode", "StartupError", "main"]  # PARAMS, StartupError: node_params
@@ -68,7 +75,7 @@ def _value(param: Parameter) -> Any:
 class Frame:
     """An input frame waiting in its camera's slot: header-checked by the callback, decoded by the worker."""
 
-    msg: Image | CompressedImage
+    msg: RawImage | RawCompressedImage  # its pixels are a view of the received bytes until decoded
     received: float  # time.monotonic() when the callback got it
     _rgb: np.ndarray | None = None
 
@@ -82,8 +89,13 @@ class Frame:
         return self._rgb
 
     @property
-    def header(self) -> Header:
+    def header(self) -> RawHeader:
         return self.msg.header
+
+    def ros_header(self) -> Header:
+        """The header as a std_msgs message, for the outputs rclpy serialises (points, ground_grid)."""
+        h = self.msg.header
+        return Header(stamp=Time(sec=h.stamp.sec, nanosec=h.stamp.nanosec), frame_id=h.frame_id)
 
     @property
     def encoding(self) -> str:
@@ -100,6 +112,16 @@ class Camera:
     pending: Frame | None = None
     subscription: Any = None
     ground: GroundCamera | None = None  # ground.enabled: camera_info in, points and ground_grid out
+    parse: Any = parse_image  # raw_cdr.parse_image or parse_compressed, by the topic's type
+
+
+@dataclass
+class Work:
+    """One backend batch on its way through the stages: its frames, then the input batch, then the prediction."""
+
+    items: list[tuple[Camera, Frame]]
+    inputs: np.ndarray
+    prediction: Prediction | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +141,9 @@ class SegmentationNode(GuardedLifecycleNode):
         super().__init__(NODE_NAME, **kwargs)
         self._lock = threading.Condition()
         self._stopping = False
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._to_infer: Handoff[Work] = Handoff()
+        self._to_publish: Handoff[Work] = Handoff()
         self._segmenter: Segmenter | None = None
         self._config: Config | None = None
         self._cameras: list[Camera] = []
@@ -282,8 +306,13 @@ class SegmentationNode(GuardedLifecycleNode):
         self._diag_timer = self.create_timer(p["diagnostics_period"], self._publish_diagnostics)
         with self._lock:
             self._stopping = False
-        self._worker = threading.Thread(target=self._work, name="segmentation_worker", daemon=True)
-        self._worker.start()
+        self._to_infer, self._to_publish = Handoff(), Handoff()
+        stages = [(self._work, "segmentation_prepare")]
+        if p["overlap"]:
+            stages += [(self._infer_loop, "segmentation_infer"), (self._publish_loop, "segmentation_publish")]
+        self._workers = [threading.Thread(target=target, name=name, daemon=True) for target, name in stages]
+        for worker in self._workers:
+            worker.start()
         kinds = [k for k, pub in self._cameras[0].publishers.items() if pub is not None]
         kinds += [LABEL_INFO] if self._label_info_pubs else []
         kinds += [POINTS, GROUND_GRID] if ground is not None else []
@@ -292,17 +321,20 @@ class SegmentationNode(GuardedLifecycleNode):
             f"segmenting {', '.join(c.topic for c in self._cameras)} with {backend.name} on {backend.device}, "
             f"model '{self._model}' ({info.classes.num_classes} classes, input {info.input_hw[1]}x"
             f"{info.input_hw[0]}), max_batch {p['max_batch']}; outputs {outputs}; QoS in {p['input_qos']}, "
-            f"out {p['output_qos']}, depth {p['qos_depth']}"
+            f"out {p['output_qos']}, depth {p['qos_depth']}; stages {'overlapped' if p['overlap'] else 'in turn'}"
             + (f"; ground from {ground.source} in {ground.base_frame}" if ground is not None else ""))
 
     def _deactivate(self) -> None:
-        """Stop and join the worker, then remove subscriptions, publishers and the diagnostics timer."""
+        """Stop and join the stages (batches in flight are finished), then remove subscriptions, publishers and
+        the diagnostics timer."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
+        for worker, handoff in zip(self._workers, (self._to_infer, self._to_publish, None)):
+            worker.join()  # prepare first: nothing new enters while the later stages drain
+            if handoff is not None:
+                handoff.close()
+        self._workers = []
         for cam in self._cameras:
             if cam.subscription is not None:
                 self.destroy_subscription(cam.subscription)
@@ -358,9 +390,10 @@ class SegmentationNode(GuardedLifecycleNode):
         publishers = {kind: self.create_publisher(Image, f"{prefix}/{kind}", qos_out) if p[f"publish_{kind}"]
                       else None for kind in kinds}
         compressed = is_compressed_topic(topic)
-        cam = Camera(topic, publishers)
+        cam = Camera(topic, publishers, parse=parse_compressed if compressed else parse_image)
+        # raw: the callback gets the CDR bytes; only the frames the worker takes are ever converted (raw_cdr)
         sub = self.create_subscription(CompressedImage if compressed else Image, topic,
-                                       lambda msg: self._on_image(cam, msg), qos_in)
+                                       lambda data: self._on_image(cam, cast(bytes, data)), qos_in, raw=True)
         cam.topic = sub.topic_name  # fully resolved, as users see it in `ros2 topic list`
         cam.subscription = sub
         if self._config.ground is not None:
@@ -374,8 +407,15 @@ class SegmentationNode(GuardedLifecycleNode):
                 self._alpha = float(param.value)
 
     # -- callbacks: check and store only (decoding runs in the worker) ------------------------------
-    def _on_image(self, cam: Camera, msg: Image | CompressedImage) -> None:
+    def _on_image(self, cam: Camera, data: bytes) -> None:
         received = time.monotonic()
+        try:
+            msg = cam.parse(data)  # header and geometry; the pixels stay a view of ``data``
+        except Exception as exc:  # noqa: BLE001 - bytes that are not the message they claim: bad input
+            with self._lock:
+                cam.stats.frames_in += 1
+            self._record_error(cam, f"bad input on {cam.topic}: {exc}")
+            return
         with self._lock:
             cam.stats.frames_in += 1
             cam.stats.stamps.add(stamp_ns(msg.header.stamp))
@@ -410,9 +450,16 @@ class SegmentationNode(GuardedLifecycleNode):
             cam.stats.errors += 1
             cam.stats.last_error = message
 
-    # -- worker: batch, infer, publish -------------------------------------------------------------
+    # -- stages: prepare (decode, resize), infer, publish; in their own threads with overlap ----------------
     def _work(self) -> None:
+        """The prepare stage: take every camera's latest frame, decode, batch; then infer and publish in turn
+        (``overlap: false``) or hand the batch on."""
+        assert self._segmenter is not None
+        assert self._config is not None
+        segmenter, overlap = self._segmenter, self._config.params["overlap"]
         while True:
+            if overlap:  # take frames only once the next stage can take the batch: none ages in between
+                self._to_infer.wait_free()
             with self._lock:
                 self._lock.wait_for(lambda: self._stopping or any(c.pending for c in self._cameras))
                 if self._stopping:
@@ -420,36 +467,66 @@ class SegmentationNode(GuardedLifecycleNode):
                 ready = [(c, c.pending) for c in self._cameras if c.pending is not None]
                 for c, _ in ready:
                     c.pending = None
-            # Frames of any sizes share a batch: preprocess resizes each to the model input, and the
-            # Segmenter splits them into backend batches of max_batch.
+            # Frames of any sizes share a batch: prepare resizes each to the model input.
             decoded = [(c, f) for c, f in ready if self._decode(c, f)]  # type: ignore[arg-type]
-            if decoded:
-                self._process(decoded)  # type: ignore[arg-type]
+            for start in range(0, len(decoded), segmenter.backend.max_batch):
+                items = decoded[start:start + segmenter.backend.max_batch]  # type: ignore[misc]
+                try:
+                    work = Work(items, segmenter.prepare([frame.rgb for _, frame in items]))
+                except Exception as exc:  # noqa: BLE001 - as in _infer: the worker outlives any one batch
+                    self._batch_failed(items, "preparing the batch", exc)
+                    continue
+                if overlap:
+                    self._to_infer.put(work)
+                elif self._infer(work):
+                    self._publish_batch(work)
 
-    def _process(self, batch: list[tuple[Camera, Frame]]) -> None:
+    def _infer_loop(self) -> None:
+        while (work := self._to_infer.get()) is not None:
+            if self._infer(work):
+                self._to_publish.put(work)
+
+    def _publish_loop(self) -> None:
+        while (work := self._to_publish.get()) is not None:
+            self._publish_batch(work)
+
+    def _infer(self, work: Work) -> bool:
         assert self._segmenter is not None
         try:
-            results = self._segmenter.run([frame.rgb for _, frame in batch])
-        except Exception as exc:  # a failed batch (backend error, OOM, ids outside the table) must not stop the node
-            for cam, _ in batch:
-                self._record_error(cam, f"inference failed on {cam.topic}: {type(exc).__name__}: {exc}")
+            work.prediction = self._segmenter.predict(work.inputs)
+        except Exception as exc:  # noqa: BLE001 - a failed batch (backend error, OOM, ids outside the table)
+            self._batch_failed(work.items, "inference", exc)
+            return False
+        return True
+
+    def _batch_failed(self, items: list[tuple[Camera, Frame]], step: str, exc: Exception) -> None:
+        for cam, _ in items:
+            self._record_error(cam, f"{step} failed on {cam.topic}: {type(exc).__name__}: {exc}")
+
+    def _publish_batch(self, work: Work) -> None:
+        assert self._segmenter is not None and work.prediction is not None
+        try:
+            results = self._segmenter.finish([frame.rgb for _, frame in work.items], work.prediction)
+        except Exception as exc:  # noqa: BLE001 - as in _infer
+            self._batch_failed(work.items, "inference", exc)
             return
-        for (cam, frame), seg in zip(batch, results):
+        for (cam, frame), seg in zip(work.items, results):
             try:
                 self._publish(cam, frame, seg)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame, or every camera stops
                 self._record_error(cam, f"publishing failed on {cam.topic}: {type(exc).__name__}: {exc}")
 
     def _publish(self, cam: Camera, frame: Frame, seg: Segmentation) -> None:
+        """Render what is subscribed (nothing else) and publish it as CDR written from the arrays."""
         assert self._segmenter is not None
         wanted = {k: pub for k, pub in cam.publishers.items() if pub is not None and pub.get_subscription_count()}
         images = self._segmenter.render(frame.rgb, seg, wanted, alpha=self._alpha,
                                         overlay_encoding=overlay_encoding(frame.encoding))
         for kind, (array, encoding) in images.items():
-            wanted[kind].publish(encode_image(array, encoding, frame.header))
+            wanted[kind].publish(image(array, encoding, frame.header))
         if cam.ground is not None:
             try:
-                cam.ground.publish(frame.header, seg.labels)
+                cam.ground.publish(frame.ros_header(), seg.labels)
             except (CameraInfoError, GroundError) as exc:  # labels went out; no points or grid for this frame
                 self._record_error(cam, f"ground on {cam.topic}: {exc}")
         with self._lock:

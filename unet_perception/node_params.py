@@ -64,6 +64,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("gpu_id", 0, "device cuda: CUDA device index.", int_range=(0, 63)),
     ParamSpec("threads", 0, "device cpu: ONNX Runtime / torch threads; 0 = the library's default.",
               int_range=(0, 256)),
+    ParamSpec("overlap", True, "Run decode/resize, inference and render/publish in three threads, so that they "
+              "overlap (more frames per second when the backend leaves cores free); false: one thread, in turn.",
+              ),
     ParamSpec("engine_cache_dir", "", "tensorrt: engine and timing cache folder (also the fp16 model); empty = "
               "~/.cache/unet_perception/engines."),
     ParamSpec("workspace_mb", 1024, "tensorrt: builder workspace in MiB.", int_range=(16, 1 << 20)),

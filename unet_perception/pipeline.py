@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from unet_perception.backends.base import Backend
+from unet_perception.backends.base import Backend, Prediction
 from unet_perception.class_table import ClassTable
 from unet_perception.model_contract import UNKNOWN_LABEL
 
@@ -115,24 +115,42 @@ class Segmenter:
         neither coloured nor named, so they are never published.
         """
         out: list[Segmentation] = []
+        for chunk in self.chunks(frames):
+            out += self.finish(chunk, self.predict(self.prepare(chunk)))
+        return out
+
+    # The three steps of ``run``, for callers that overlap them (the node runs each in its own thread).
+    def chunks(self, frames: Sequence[np.ndarray]) -> list[Sequence[np.ndarray]]:
+        """``frames`` in backend batches of at most ``max_batch``."""
         step = self.backend.max_batch
+        return [frames[start:start + step] for start in range(0, len(frames), step)]
+
+    def prepare(self, chunk: Sequence[np.ndarray]) -> np.ndarray:
+        """One chunk -> the model's input batch (the one copy of the pixels, resized on the way)."""
+        return preprocess(chunk, self.input_hw)
+
+    def predict(self, batch: np.ndarray) -> Prediction:
+        """The backend's labels (and confidence) at the model's size; ValueError for ids outside the table."""
+        pred = self.backend.infer(batch)
+        top = int(pred.labels.max())
         n = self.classes.num_classes
-        for start in range(0, len(frames), step):
-            chunk = frames[start:start + step]
-            pred = self.backend.infer(preprocess(chunk, self.input_hw))
-            top = int(pred.labels.max())
-            if top >= n:
-                raise ValueError(f"the model emitted class id {top} but has {n} classes (0..{n - 1}); "
-                                 "its output does not match its metadata")
-            for i, frame in enumerate(chunk):
-                labels = pred.labels[i]
-                confidence = None if pred.confidence is None else pred.confidence[i]
-                if confidence is not None and self.unknown_threshold > 0:
-                    labels = np.where(confidence < self.unknown_threshold, np.uint8(UNKNOWN_LABEL), labels)
-                labels = upscale_labels(labels, frame.shape[:2])
-                if confidence is not None:
-                    confidence = upscale_labels(confidence, frame.shape[:2])
-                out.append(Segmentation(labels, confidence))
+        if top >= n:
+            raise ValueError(f"the model emitted class id {top} but has {n} classes (0..{n - 1}); "
+                             "its output does not match its metadata")
+        return pred
+
+    def finish(self, chunk: Sequence[np.ndarray], pred: Prediction) -> list[Segmentation]:
+        """The unknown threshold, then labels and confidence at each frame's own size."""
+        out: list[Segmentation] = []
+        for i, frame in enumerate(chunk):
+            labels = pred.labels[i]
+            confidence = None if pred.confidence is None else pred.confidence[i]
+            if confidence is not None and self.unknown_threshold > 0:
+                labels = np.where(confidence < self.unknown_threshold, np.uint8(UNKNOWN_LABEL), labels)
+            labels = upscale_labels(labels, frame.shape[:2])
+            if confidence is not None:
+                confidence = upscale_labels(confidence, frame.shape[:2])
+            out.append(Segmentation(labels, confidence))
         return out
 
     def outputs(self, frame: np.ndarray, labels: np.ndarray, *, color: bool = True, overlay: bool = True,
