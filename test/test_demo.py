@@ -90,3 +90,22 @@ def test_score_counts_unknown_pixels_as_misses_not_as_the_last_class(tmp_path: P
     msg = SimpleNamespace(data=np.array([0, 255, 10, 10], np.uint8), height=1, width=4, step=4)
     miou, scored = score({7: msg}, {7: tmp_path / "val" / "f.png"}, tmp_path / "valannot", classes)
     assert scored == 1 and abs(miou - 0.75) < 1e-9
+
+
+@pytest.mark.skipif(not CAMVID_VAL.is_dir(), reason=f"CamVid val frames not found at {CAMVID_VAL}")
+def test_demo_ground_records_points_and_grid(tmp_path: Path, tiny_model: Path) -> None:
+    """--ground: the assumed CamVid camera's CameraInfo goes out, points and ground_grid come back into the bag."""
+    out = tmp_path / "demo"
+    run = _demo(["--images", str(CAMVID_VAL), "--model", str(tiny_model), "--frames", "4", "--rate", "4",
+                 "--pngs", "1", "--out", str(out), "--ground"])
+    assert run.returncode == 0, run.stdout + run.stderr + (out / "node.log").read_text()
+    assert "CamVid has no calibration: assumed pinhole" in run.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ground_clouds"] >= 1 and summary["ground_grids"] >= 1
+    assert summary["ground_cells"]["free"] + summary["ground_cells"]["obstacle"] > 0
+    with Reader(out / "output_bag") as reader:
+        conns = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
+    assert conns["/camera/segmentation/points"] == ("sensor_msgs/msg/PointCloud2", summary["ground_clouds"])
+    assert conns["/camera/segmentation/ground_grid"] == ("nav_msgs/msg/OccupancyGrid", summary["ground_grids"])
+    grid_png = cv2.imread(str(out / "ground_grid.png"))
+    assert grid_png is not None and grid_png.shape == (600, 600, 3)  # 200 x 200 cells, x3

@@ -7,11 +7,15 @@
    ``launch_support``;
 3. replays the bag with ``unet-bag play`` and records the node's outputs and ``/diagnostics`` into a bag;
 4. writes a few overlay PNGs and prints frames in/out, fps, latency, drops and mIoU where ground truth exists.
+
+``--ground`` also turns on the ground projection with an assumed camera (``demo_ground``: CamVid has no
+calibration), records ``points`` and ``ground_grid`` and draws the last grid as ``ground_grid.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -30,6 +34,7 @@ import numpy as np
 
 from unet_perception import launch_support
 from unet_perception.backends.factory import KINDS
+from unet_perception.tools import demo_ground
 from unet_perception.tools.bag import (
     BagError,
     bag_from_images,
@@ -69,6 +74,9 @@ class Summary:
     backend: str = ""
     device: str = ""
     pngs: list[str] = field(default_factory=list)
+    ground_clouds: int = 0      # --ground: points messages received
+    ground_grids: int = 0       # --ground: ground_grid messages received
+    ground_cells: dict[str, int] = field(default_factory=dict)  # of the last grid: free, obstacle, unknown
 
     def table(self) -> str:
         def ms(v: float) -> str:
@@ -87,6 +95,10 @@ class Summary:
              else f"{100 * self.miou:.1f}% over {self.miou_frames} frames"),
             ("backend", f"{self.backend} on {self.device}"),
         ]
+        if self.ground_grids or self.ground_clouds:
+            rows.append(("ground points / grids received", f"{self.ground_clouds} / {self.ground_grids}"))
+            rows.append(("last grid cells free/obstacle/unknown", "/".join(
+                str(self.ground_cells.get(k, 0)) for k in ("free", "obstacle", "unknown"))))
         width = max(len(k) for k, _ in rows)
         line = "-" * (width + 30)
         return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
@@ -117,7 +129,9 @@ class Recorder:
     only write and keep messages, so receive times stay accurate; scoring happens after the run.
     """
 
-    def __init__(self, node: Any, writer: Any, topics: dict[str, str]) -> None:
+    def __init__(self, node: Any, writer: Any, topics: dict[str, str], raw_topics: dict[str, str] | None = None) \
+            -> None:
+        """``raw_topics``: more topics (name -> message type) written as they come, counted, the last one kept."""
         from diagnostic_msgs.msg import DiagnosticArray  # type: ignore[import-untyped]
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image  # type: ignore[import-untyped]
@@ -137,6 +151,19 @@ class Recorder:
         self._conns["/diagnostics"] = writer.add_connection("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray",
                                                             typestore=self.store)
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10, raw=True)
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, bytes] = {}
+        for topic, msgtype in (raw_topics or {}).items():
+            package, _, name = msgtype.split("/")  # "nav_msgs/msg/OccupancyGrid"
+            msg_class = getattr(importlib.import_module(f"{package}.msg"), name)
+            self._conns[topic] = writer.add_connection(topic, msgtype, typestore=self.store)
+            node.create_subscription(msg_class, topic, lambda raw, t=topic: self._on_raw(t, raw), qos,
+                                     raw=True)
+
+    def _on_raw(self, topic: str, raw: bytes) -> None:
+        self._write(topic, raw)
+        self.counts[topic] = self.counts.get(topic, 0) + 1
+        self.last[topic] = raw
 
     def _write(self, topic: str, raw: bytes) -> None:
         self._writer.write(self._conns[topic], time.time_ns(), raw)
@@ -183,9 +210,11 @@ def score(labels: dict[int, Any], frames: dict[int, Path], truth_dir: Path | Non
     return mean_iou(cm), scored
 
 
-def _start_node(model: Path, backend: str, log_path: Path) -> subprocess.Popen[bytes]:
+def _start_node(model: Path, backend: str, log_path: Path, extra: dict[str, Any] | None = None) \
+        -> subprocess.Popen[bytes]:
     """The node as ``seg.launch.py`` starts it: ``config/seg.yaml`` then the overrides, Fast DDS env."""
     overrides = launch_support.parameter_overrides(model=str(model), backend=backend, image_topics=TOPIC)
+    overrides.update(extra or {})
     cmd = launch_support.node_command(launch_support.default_params_file(), overrides)
     env = os.environ | launch_support.node_env()
     with log_path.open("wb") as log:
@@ -244,7 +273,7 @@ def _float(diag: dict[str, str], key: str) -> float:
 
 
 def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", frames: int = 50, rate: float = 5.0,
-             pngs: int = 4, drain_s: float = 5.0) -> Summary:
+             pngs: int = 4, drain_s: float = 5.0, ground: bool = False) -> Summary:
     """The whole demo; returns its summary (also printed by ``main`` and written to ``out/summary.json``)."""
     from unet_perception.model_contract import read_model_info
 
@@ -259,7 +288,7 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
         images = synthetic_frames(out / "synthetic_frames", frames)
     files = list_images(images, frames)
     truth_dir = ground_truth_dir(images)
-    for old in [*out.glob("overlay_*.png"), out / "input_bag", out / "output_bag"]:
+    for old in [*out.glob("overlay_*.png"), out / "ground_grid.png", out / "input_bag", out / "output_bag"]:
         if old.is_dir():
             shutil.rmtree(old)
         elif old.exists():
@@ -274,9 +303,15 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
     topics = output_topics(TOPIC)
     log_path = out / "node.log"
     print(f"[2/4] starting the node ({launch_support.default_params_file()}, model {model}); log: {log_path}")
-    proc = _start_node(model, backend, log_path)
+    if ground:
+        print(f"      --ground: {demo_ground.ASSUMPTIONS}")
+    proc = _start_node(model, backend, log_path, demo_ground.node_overrides() if ground else None)
     rclpy.init()
     ros = rclpy.create_node("unet_demo")
+    if ground:  # as a camera driver would: the CameraInfo beside the image, repeated
+        info_msg = demo_ground.camera_info(*demo_ground.frame_size(files[0]), frame_id="camera")
+        info_pub = ros.create_publisher(type(info_msg), demo_ground.INFO_TOPIC, 10)
+        ros.create_timer(0.5, lambda: info_pub.publish(info_msg))
     executor = rclpy.executors.SingleThreadedExecutor()
     executor.add_node(ros)
     published: dict[int, float] = {}
@@ -296,7 +331,7 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
 
     try:
         with staged_writer(out / "output_bag", "sqlite3") as writer:
-            rec = Recorder(ros, writer, topics)
+            rec = Recorder(ros, writer, topics, demo_ground.TOPICS if ground else None)
             _wait_for_node(ros, proc, topics, log_path)
             print(f"[3/4] replaying through the node, recording {', '.join(topics.values())} and /diagnostics")
             thread = threading.Thread(target=player, name="player", daemon=True)
@@ -338,6 +373,16 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
         summary.miou, summary.miou_frames = miou, scored
     print(f"[4/4] wrote {out / 'output_bag'} and overlay PNGs")
     summary.pngs = _write_pngs(rec.overlays, out, pngs)
+    if ground:
+        summary.ground_clouds = rec.counts.get(next(iter(demo_ground.TOPICS)), 0)
+        summary.ground_grids = rec.counts.get(demo_ground.GRID_TOPIC, 0)
+        if demo_ground.GRID_TOPIC in rec.last:
+            grid = rec.store.deserialize_cdr(rec.last[demo_ground.GRID_TOPIC],
+                                             demo_ground.TOPICS[demo_ground.GRID_TOPIC])
+            summary.pngs.append(demo_ground.grid_png(grid, out / "ground_grid.png"))
+            cells = np.asarray(grid.data, np.int8)
+            summary.ground_cells = {"free": int((cells == 0).sum()), "obstacle": int((cells == 100).sum()),
+                                    "unknown": int((cells == -1).sum())}
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str) + "\n")
     return summary
 
@@ -356,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=5.0, help="camera rate in Hz (default: %(default)s)")
     parser.add_argument("--pngs", type=int, default=4, help="overlay PNGs to write (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: %(default)s)")
+    parser.add_argument("--ground", action="store_true",
+                        help="also project the labels onto flat ground (points, ground_grid, ground_grid.png) with "
+                             "an assumed camera: CamVid has no calibration (see unet_perception/tools/demo_ground.py)")
     return parser
 
 
@@ -364,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = args.model or launch_support.default_model_path()
     try:
         summary = run_demo(args.images, args.out, model, backend=args.backend, frames=args.frames,
-                           rate=args.rate, pngs=args.pngs)
+                           rate=args.rate, pngs=args.pngs, ground=args.ground)
     except (DemoError, BagError) as exc:
         print(f"unet-demo: error: {exc}", file=sys.stderr)
         return 1
