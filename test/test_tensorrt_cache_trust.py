@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -34,7 +35,9 @@ from unet_perception.backends.base import BackendError
 from unet_perception.backends.cache_trust import UntrustedCache, cache_folder
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.backends.tensorrt import TensorRTBackend
+from unet_perception.launch_support import node_command, node_env
 from unet_perception.model_contract import read_model_info
+from unet_perception.tools import build_engine
 
 VERSION = "10.13.0.35"
 FRAMES = np.random.default_rng(0).integers(0, 256, (4, 32, 48, 3), dtype=np.uint8)
@@ -266,3 +269,40 @@ def test_a_cache_built_by_root_is_used_by_another_user(tiny_model: Path, shared:
                                                   FakeBuilder(fail=True)))
     assert refused.get("error", "").startswith("BackendError: a fp32 engine for 'm.onnx'"), refused
     assert "is not writable by uid" in refused["error"] and "failed to build" not in refused["error"]
+
+
+# --- end to end: unet-build-engine and the node ----------------------------------------------------------------
+
+def test_unet_build_engine_finishes_with_a_fifo_in_the_cache_and_refuses_a_shared_one(
+        tiny_model: Path, tmp_path: Path, fake_trt: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    cuda = fake_trt.host_cuda
+    monkeypatch.setattr("unet_perception.backends.tensorrt_builder.load_cuda", lambda: cuda)
+    monkeypatch.setattr("unet_perception.backends.tensorrt.load_cuda", lambda: cuda)
+    monkeypatch.setattr("unet_perception.backends.tensorrt_builder.build_serialized_engine", FakeBuilder())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.mkfifo(cache / "zzz.json")
+    args = [str(tiny_model), "--max-batch", "4", "--cache-dir", str(cache)]
+    done = run_as(None, lambda: build_engine.main(args), timeout=60)
+    assert done == {"ok": 0}, done  # it used to hang here forever
+    os.chmod(cache, 0o777)
+    assert build_engine.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: engine cache folder '{cache}' is writable by everyone")
+
+
+def test_the_node_refuses_a_shared_cache_with_one_fatal_line(tiny_model: Path, tmp_path: Path) -> None:
+    """precision fp16 on the CPU: the fp16 file would come from the shared folder."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("/**:\n  ros__parameters:\n    image_topics: [cli/image_raw]\n")
+    params = {"model_path": str(tiny_model), "precision": "fp16", "engine_cache_dir": str(cache)}
+    result = subprocess.run(node_command(params_file, params), env=os.environ | node_env(), capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    fatal = [line for line in result.stderr.splitlines() if "[FATAL]" in line]
+    assert result.returncode == 1 and len(fatal) == 1, result.stderr
+    assert f"engine cache folder '{cache}' is writable by everyone (mode 0777)" in fatal[0]
+    assert "Traceback" not in result.stderr and not (cache / "onnx").exists()
