@@ -68,7 +68,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "overlap (more frames per second when the backend leaves cores free); false: one thread, in turn.",
               ),
     ParamSpec("engine_cache_dir", "", "tensorrt: engine and timing cache folder (also the fp16 model); empty = "
-              "~/.cache/unet_perception/engines."),
+              "~/.cache/unet_perception/engines. Refused when anyone but its owner (you or root) can write it "
+              "(docs/tensorrt.md)."),
     ParamSpec("workspace_mb", 1024, "tensorrt: builder workspace in MiB.", int_range=(16, 1 << 20)),
     ParamSpec("checkpoint", "", "torch: training checkpoint (.pt) the model was exported from; empty = the .pt "
               "beside the model."),
