@@ -151,10 +151,13 @@ def load_launch_file():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.launch_ros
-def test_launch_file_declares_arguments_and_builds_the_node() -> None:
+def test_launch_file_declares_arguments_and_builds_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("launch_ros", reason="launch_ros is not installed (no ROS 2 install; PyPI has no wheel)")
     from launch import LaunchContext
     from launch.actions import DeclareLaunchArgument, OpaqueFunction
+    from launch.utilities import perform_substitutions
+
+    monkeypatch.delenv(ls.PROFILE_ENV, raising=False)  # no profile of the user's: the shipped one must be given
 
     description = load_launch_file().generate_launch_description()
     declared = {e.name: e.default_value for e in description.entities if isinstance(e, DeclareLaunchArgument)}
@@ -168,7 +171,10 @@ def test_launch_file_declares_arguments_and_builds_the_node() -> None:
     opaque = next(e for e in description.entities if isinstance(e, OpaqueFunction))
     (node,) = opaque.execute(context)
     assert node.node_executable == "segmentation_node"
-    assert node.additional_env is not None
+    # ExecuteProcess keeps additional_env as (key, value) substitution lists; the process must get the large-frames
+    # Fast DDS profile (without it 640x480 frames mostly never arrive between processes)
+    env = {perform_substitutions(context, k): perform_substitutions(context, v) for k, v in node.additional_env}
+    assert env == {ls.PROFILE_ENV: str(ls.fastdds_profile_path())} and ls.fastdds_profile_path().is_file()
 
 
 def test_docs_name_every_launch_argument() -> None:
