@@ -212,3 +212,34 @@ def test_ground_parameters_are_checked(tiny_model) -> None:  # type: ignore[no-u
             with pytest.raises(StartupError, match="ground.source is 'tf' but tf2_ros does not import"):
                 tf: dict[str, Any] = {"ground.enabled": True, "ground.source": "tf"}
                 graph.segmentation_node(model_path=str(tiny_model), **tf)
+
+
+def test_unsubscribed_outputs_and_repeated_camera_info_cost_nothing(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Nothing is computed while nobody subscribes to points or grid; then rays and projection once for a
+    CameraInfo a driver repeats every frame, and again only when the calibration changes."""
+    topic = "/cost/image_raw"
+    with RosGraph() as graph:
+        node = ground_node(graph, str(tiny_model), [topic])
+        image = graph.publisher(Image, topic)
+        info = graph.publisher(CameraInfo, "/cost/camera_info", RELIABLE)
+        labels = graph.collect(Image, "/cost/segmentation/labels", RELIABLE)
+        wait_matched(image, [labels])
+        wait_until(lambda: info.get_subscription_count() > 0, what="camera_info subscription")
+        ground = node._cameras[0].ground
+
+        def send(count: int, collector, fx: float = F) -> None:  # type: ignore[no-untyped-def]
+            for _ in range(count):
+                before = len(collector)
+                info.publish(info_message(fx=fx))
+                wait_until(lambda: ground._model is not None and ground._model.k[0] == fx, what="info taken")
+                image.publish(image_message(synthetic_frame(W, H, 0), "rgb8", frame_id="cam_optical"))
+                collector.wait_for(before + 1)
+
+        send(3, labels)
+        assert (ground.ray_builds, ground.projection_builds) == (0, 0)
+        points = graph.collect(PointCloud2, "/cost/segmentation/points", RELIABLE)
+        wait_until(lambda: ground.points_pub.get_subscription_count() > 0, what="points subscriber")
+        send(3, points)
+        assert (ground.ray_builds, ground.projection_builds) == (1, 1)
+        send(1, points, fx=F * 1.1)
+        assert (ground.ray_builds, ground.projection_builds) == (2, 2)

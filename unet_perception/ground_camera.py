@@ -6,7 +6,6 @@ messages ``ground_msgs``'; the node calls :meth:`GroundCamera.publish` after the
 from __future__ import annotations
 
 import importlib.util
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,17 +88,25 @@ class TfSource:
 
 
 class GroundCamera:
-    """One camera's ground projection outputs. ``record_error(message)`` counts a problem on the camera."""
+    """One camera's ground projection outputs. ``record_error(message)`` counts a problem on the camera.
+
+    The camera_info callback only checks and stores the CameraInfo; rays and projection are computed in the
+    worker, when a frame comes and someone subscribes, so unsubscribed outputs and a driver's repeated
+    CameraInfo cost nothing, and an expensive undistortion never holds up the executor's other callbacks.
+    """
 
     def __init__(self, node: Any, image_topic: str, prefix: str, settings: GroundSettings, qos_in: Any,
                  qos_out: Any, tf: TfGround | None, record_error: Callable[[str], None]) -> None:
         self._node, self._settings, self._tf, self._record_error = node, settings, tf, record_error
-        self._lock = threading.Lock()
-        self._model: CameraModel | None = None
+        self._model: CameraModel | None = None  # the latest good CameraInfo (set by the callback)
+        # the worker's cache: rays per CameraInfo, projection and cloud bytes per (CameraInfo, pose)
+        self._rays_for: CameraModel | None = None
         self._rays: np.ndarray | None = None
         self._projection: GroundProjection | None = None
         self._pose_key = b""
         self._cloud: Any = None
+        self.ray_builds = 0         # how often rays were computed (once per CameraInfo in use)
+        self.projection_builds = 0  # how often the projection was computed (once per CameraInfo and pose)
         self.points_pub = node.create_publisher(PointCloud2, f"{prefix}/{POINTS}", qos_out)
         self.grid_pub = node.create_publisher(OccupancyGrid, f"{prefix}/{GROUND_GRID}", qos_out)
         self.info_sub = node.create_subscription(CameraInfo, camera_info_topic(image_topic), self._on_camera_info,
@@ -112,38 +119,35 @@ class GroundCamera:
         return self._model is None
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
-        """Check it; the rays are recomputed only when the calibration changes (drivers repeat it every frame)."""
+        """Check and keep it (a bad one is counted and the previous good one stays in use)."""
         try:
             model = CameraModel.from_camera_info(msg, self._settings.max_pixels)
         except (CameraInfoError, ValueError, TypeError) as exc:
             self._record_error(f"bad camera_info on {self.info_topic}: {exc}")
             return
-        if model == self._model:
-            return
-        rays = camera_rays(model, self._settings.stride)
-        with self._lock:
-            self._model, self._rays, self._projection, self._pose_key = model, rays, None, b""
+        if model != self._model:
+            self._model = model  # one reference swap: the worker reads whichever is current
 
     def publish(self, header: Header, labels: np.ndarray) -> None:
-        """Points and grid of one frame, each only when subscribed; CameraInfoError/GroundError for a frame that
-        does not match its CameraInfo or a ground that cannot be placed (nothing published then)."""
+        """Points and grid of one frame, each only when subscribed (worker thread); CameraInfoError/GroundError
+        for a frame that does not match its CameraInfo or a ground that cannot be placed (nothing published)."""
         want_points = self.points_pub.get_subscription_count() > 0
         want_grid = self.grid_pub.get_subscription_count() > 0
-        if not (want_points or want_grid) or self._model is None:
+        model = self._model
+        if not (want_points or want_grid) or model is None:
             return
-        with self._lock:
-            model, rays, projection, key, cloud = (self._model, self._rays, self._projection, self._pose_key,
-                                                   self._cloud)
         check_size(model, (labels.shape[1], labels.shape[0]))
         s = self._settings
         pose = s.pose if self._tf is None else self._tf.pose(header.frame_id)
         assert pose is not None
-        if projection is None or pose.key() != key:
-            projection = GroundProjection(model, s.stride, pose, s.max_range, s.grid, rays)
-            cloud = cloud_data(projection.points)
-            with self._lock:
-                if self._model is model:  # a new CameraInfo meanwhile: its rays win, this one is dropped
-                    self._projection, self._pose_key, self._cloud = projection, pose.key(), cloud
+        if model != self._rays_for:
+            self._rays, self._rays_for, self._projection = camera_rays(model, s.stride), model, None
+            self.ray_builds += 1
+        if self._projection is None or pose.key() != self._pose_key:
+            self._projection = GroundProjection(model, s.stride, pose, s.max_range, s.grid, self._rays)
+            self._pose_key, self._cloud = pose.key(), cloud_data(self._projection.points)
+            self.projection_builds += 1
+        projection, cloud = self._projection, self._cloud
         if want_points:
             rows, cols = projection.points.shape[:2]
             self.points_pub.publish(point_cloud(cloud, rows, cols, header))
