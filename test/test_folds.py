@@ -88,15 +88,23 @@ def _confusion_at(run: Path, names: list[str], hw: tuple[int, int]) -> np.ndarra
     return cm
 
 
-def test_folds_driver_runs_both_folds_and_tabulates_their_mean(tmp_path: Path,
+def _fold_argv(root: Path) -> list[str]:
+    return ["--recipe", "today", "--data", str(CAMVID), "--out", str(root), "--eval-size", "32x48", *TINY]
+
+
+@pytest.fixture(scope="module")
+def fold_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("folds")
+    assert folds.main(_fold_argv(root)) == 0
+    return root
+
+
+def test_folds_driver_runs_both_folds_and_tabulates_their_mean(fold_root: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    root = tmp_path / "folds"
-    argv = ["--recipe", "today", "--data", str(CAMVID), "--out", str(root), "--eval-size", "32x48", *TINY]
-    assert folds.main(argv) == 0
-    table = json.loads((root / "today" / "folds.json").read_text())
+    table = json.loads((fold_root / "today" / "folds.json").read_text())
     fold_mious = []
     for sequence in folds.FOLDS:
-        run = root / "today" / sequence
+        run = fold_root / "today" / sequence
         frames = json.loads((run / "frames.json").read_text())
         assert frames["eval"] and all(n.startswith(sequence + "_") for n in frames["eval"])
         assert frames["train"] and not [n for n in frames["train"] if n.startswith(sequence + "_")]
@@ -110,15 +118,45 @@ def test_folds_driver_runs_both_folds_and_tabulates_their_mean(tmp_path: Path,
         last = torch.load(run / "last.pt", weights_only=False)
         assert last["epoch"] == 1 and last["history"][-1]["val_miou"] == pytest.approx(fold_mious[-1])
     assert table["mean_iou"] == pytest.approx(sum(fold_mious) / 2)
-    text = (root / "today" / "folds.md").read_text()
+    text = (fold_root / "today" / "folds.md").read_text()
     assert f"**{table['mean_iou']:.3f}**" in text and "held-out 0006R0 (4 frames)" in text
     # Asked again with the same options, the finished folds are reused, not trained again.
-    log = (root / "today" / "0006R0" / "train.log").read_text()
-    assert folds.main(argv) == 0
-    assert (root / "today" / "0006R0" / "train.log").read_text() == log
+    log = (fold_root / "today" / "0006R0" / "train.log").read_text()
+    capsys.readouterr()
+    assert folds.main(_fold_argv(fold_root)) == 0
+    assert (fold_root / "today" / "0006R0" / "train.log").read_text() == log
     assert "reusing" in capsys.readouterr().out
-    assert folds.main(["--compare", str(root)]) == 0
-    assert f"| today | 0006R0, 0001TP | {table['mean_iou']:.3f} | +0.0 |" in (root / "compare.md").read_text()
+    assert folds.main(["--compare", str(fold_root)]) == 0
+    assert f"| today | 0006R0, 0001TP | {table['mean_iou']:.3f} | +0.0 |" in (fold_root / "compare.md").read_text()
+
+
+def test_folds_onnx_scores_fp32_and_int8_calibrated_on_the_folds_own_training_frames(
+        fold_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unet_perception.training import fold_onnx
+
+    calibrations: list[list[np.ndarray]] = []
+    real_quantize = fold_onnx.quantize
+
+    def recording_quantize(fp32: Path, out: Path, calibration: list[np.ndarray]) -> Path:
+        calibrations.append(calibration)
+        return real_quantize(fp32, out, calibration)
+
+    monkeypatch.setattr(fold_onnx, "quantize", recording_quantize)
+    assert folds.main([*_fold_argv(fold_root), "--onnx", "32x48"]) == 0
+    tables = json.loads((fold_root / "today" / "folds_onnx_32x48.json").read_text())
+    assert tables["int8_minus_fp32_points"] == pytest.approx(
+        (tables["int8"]["mean_iou"] - tables["fp32"]["mean_iou"]) * 100)
+    for sequence, calibration in zip(folds.FOLDS, calibrations, strict=True):
+        run = fold_root / "today" / sequence
+        frames = json.loads((run / "frames.json").read_text())
+        # fp32 ONNX labels as the torch weights' (computed with cv2 here): at most a few boundary pixels differ
+        onnx_cm = np.array(json.loads((run / "onnx_32x48.json").read_text())["fp32"]["confusion_matrix"])
+        reference = _confusion_at(run, frames["eval"], (32, 48))
+        assert np.abs(onnx_cm - reference).sum() / reference.sum() < 0.01
+        trained = [cv2.resize(cv2.cvtColor(cv2.imread(str(CAMVID / "train" / n)), cv2.COLOR_BGR2RGB), (48, 32),
+                              interpolation=cv2.INTER_LINEAR) for n in frames["train"]]
+        assert len(calibration) == len(trained)
+        assert all(any(np.array_equal(c, t) for t in trained) for c in calibration)  # never a held-out frame
 
 
 def test_final_fit_on_train_and_val_selects_nothing(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Cross-validation by video sequence: the estimate of accuracy on roads a model has never seen.
 
     unet-folds --recipe today --data ../shared/data/camvid --out runs/folds --eval-size 256x352
+    unet-folds --recipe today --data ../shared/data/camvid --onnx 256x352 --onnx 288x384   # + fp32/int8 ONNX
     unet-folds --compare runs/folds          # every recipe's fold mean side by side
     make folds RECIPE=lovasz                 # the same through the Makefile
 
@@ -8,8 +9,10 @@ Each fold is one ``unet-train --recipe R --holdout-sequence S`` run: train+val m
 a fixed schedule (no checkpoint is selected on S), and the last weights scored on S at ``--eval-size`` (give the
 export size, so the score is that of the file that ships). Options the driver does not know go to unet-train
 (``--workers 1 --epochs 20``). Writes ``OUT/RECIPE/S/`` (the fold's run), ``OUT/RECIPE/folds.json`` and
-``OUT/RECIPE/folds.md`` (per-class IoU of each fold and their mean). A fold whose ``final_eval.json`` is there
-from the same options is not trained again; one with only ``last.pt`` resumes. Compare recipes by the mean row,
+``OUT/RECIPE/folds.md`` (per-class IoU of each fold and their mean); ``--onnx HxW`` also exports each fold at
+HxW, quantizes it (calibrated on the fold's training frames) and writes ``folds_onnx_HxW.md`` for fp32 and
+int8. A fold whose ``final_eval.json`` is there from the same options is not trained again; one with only
+``last.pt`` resumes. Compare recipes by the mean row,
 never by val alone: val (0016E5) shares its street with 204 of the 367 train frames.
 """
 
@@ -22,15 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from unet_perception.training import train
-from unet_perception.training.options import RECIPES
+from unet_perception.training.options import RECIPES, parse_size
 
 FOLDS = ("0006R0", "0001TP")  # CamVid train+val's sequences apart from 0016E5, the street val was taken on
 
 
 def run_fold(recipe: str, sequence: str, data: str, out: Path, extra: list[str]) -> dict[str, Any]:
     """Train and score one fold (or reuse a finished one trained with the same options); its final_eval.json."""
+    # Scoring the held-out frames is a forward pass over all of them: every 10 epochs gives the curve (extra wins).
     argv = ["--recipe", recipe, "--dataset", "camvid", "--data", data, "--holdout-sequence", sequence,
-            "--out", str(out), *extra]
+            "--val-every", "10", "--out", str(out), *extra]
     report_path, options_path = out / "final_eval.json", out / "fold_options.json"
     if report_path.is_file() and options_path.is_file() and json.loads(options_path.read_text()) == argv:
         print(f"unet-folds: {recipe} / {sequence}: done before, reusing {report_path}", flush=True)
@@ -106,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="CamVid root (../shared/data/camvid)")
     p.add_argument("--out", default="runs/folds", help="folder of every recipe's folds (default runs/folds)")
     p.add_argument("--folds", default=",".join(FOLDS), help=f"sequences to hold out (default {','.join(FOLDS)})")
+    p.add_argument("--onnx", type=parse_size, action="append", default=[], metavar="HxW",
+                   help="also export each fold at HxW to fp32 and int8 ONNX and score both (repeatable)")
     p.add_argument("--compare", default=None, metavar="ROOT",
                    help="print the fold means of every recipe under ROOT instead of training")
     return p
@@ -128,7 +134,28 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(table)
     (out / "folds.md").write_text(text)
     print(text, end="")
+    for hw in args.onnx:
+        print(onnx_tables(args.recipe, args.data, out, reports, hw), end="")
     return 0
+
+
+def onnx_tables(recipe: str, data: str, out: Path, reports: dict[str, dict[str, Any]], hw: tuple[int, int]) -> str:
+    """Fold tables of the exported fp32 and int8 files at ``hw``, and int8's distance from fp32."""
+    from unet_perception.training.fold_onnx import score_fold_onnx, size_tag
+
+    scored = {s: score_fold_onnx(out / s, data, hw) for s in reports}
+    tables = {}
+    for kind in ("fp32", "int8"):
+        # the time row stays the fold's training time
+        table = fold_table(recipe, {s: {**scored[s][kind], "minutes": reports[s]["minutes"]} for s in reports})
+        table["description"] += f"; ONNX {kind} exported at {size_tag(hw)}"
+        tables[kind] = table
+    gap = (tables["int8"]["mean_iou"] - tables["fp32"]["mean_iou"]) * 100
+    (out / f"folds_onnx_{size_tag(hw)}.json").write_text(json.dumps({**tables, "int8_minus_fp32_points": gap},
+                                                                    indent=1))
+    text = "\n".join(markdown(t) for t in tables.values()) + f"\nint8 - fp32 on the fold mean: {gap:+.2f} points\n"
+    (out / f"folds_onnx_{size_tag(hw)}.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
