@@ -98,3 +98,64 @@ def test_qdq_zero_points_must_be_int8_zero() -> None:
     problems = check_tensorrt_rules(no_zero)
     assert any("quantizes to UINT8" in p for p in problems), problems
     assert any("dequantizes UINT8 data" in p for p in problems), problems
+
+
+def test_labels_cast_from_int64_straight_to_uint8_is_refused() -> None:
+    """Every shipped file until the contract update: ArgMax -> Cast(UINT8); TensorRT wants float in between."""
+    def argmax_graph(*casts: int) -> onnx.ModelProto:
+        nodes = [helper.make_node("Cast", ["image"], ["f"], name="in", to=TensorProto.FLOAT),
+                 helper.make_node("ArgMax", ["f"], ["a"], name="argmax", axis=3, keepdims=0)]
+        names = ["a", *[f"c{i}" for i in range(len(casts) - 1)], "labels"]
+        nodes += [helper.make_node("Cast", [names[i]], [names[i + 1]], name=f"cast{i}", to=to)
+                  for i, to in enumerate(casts)]
+        return graph(nodes, [helper.make_tensor_value_info("labels", TensorProto.UINT8, [1, 4, 4])])
+
+    problems = check_tensorrt_rules(argmax_graph(TensorProto.UINT8))
+    assert len(problems) == 1 and "casts INT64 'a' to uint8" in problems[0], problems
+    assert check_tensorrt_rules(argmax_graph(TensorProto.FLOAT, TensorProto.UINT8)) == []
+    assert check_tensorrt_rules(argmax_graph(TensorProto.FLOAT16, TensorProto.UINT8)) == []
+
+
+def test_resize_with_sizes_from_shape_is_refused_and_frozen() -> None:
+    """A Shape -> Gather -> Concat sizes chain: refused (the engine would say -1); the surgery makes it static."""
+    import numpy as np
+
+    from unet_perception.contract_graph import make_tensorrt_ready
+
+    nodes = [helper.make_node("Cast", ["image"], ["f"], name="in", to=TensorProto.FLOAT),
+             helper.make_node("Transpose", ["f"], ["t"], name="t", perm=[0, 3, 1, 2]),
+             helper.make_node("Shape", ["t"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "hw_idx"], ["hw"], name="gather", axis=0),
+             helper.make_node("Mul", ["hw", "two"], ["hw2"], name="mul"),
+             helper.make_node("Gather", ["s", "nc_idx"], ["nc"], name="gather_nc", axis=0),
+             helper.make_node("Concat", ["nc", "hw2"], ["sizes"], name="concat", axis=0),
+             helper.make_node("Resize", ["t", "", "", "sizes"], ["r"], name="resize", mode="linear"),
+             helper.make_node("ArgMax", ["r"], ["a"], name="argmax", axis=1, keepdims=0),
+             helper.make_node("Cast", ["a"], ["af"], name="to_float", to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["af"], ["labels"], name="to_u8", to=TensorProto.UINT8)]
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), n)
+             for n, v in (("hw_idx", [2, 3]), ("nc_idx", [0, 1]), ("two", [2, 2]))]
+    model = graph(nodes, [helper.make_tensor_value_info("labels", TensorProto.UINT8, ["n", "h", "w"])], inits)
+    problems = check_tensorrt_rules(model)
+    assert any("Resize node 'resize' takes its scales or sizes from a tensor computed at run time" in p
+               for p in problems), problems
+    assert any("output 'labels' has shape" in p for p in problems), problems
+    fixed = make_tensorrt_ready(model)
+    assert check_tensorrt_rules(fixed) == []
+    assert [d.dim_value for d in fixed.graph.output[0].type.tensor_type.shape.dim[1:]] == [8, 8]
+    assert not any(n.op_type in ("Shape", "Gather", "Concat") for n in fixed.graph.node)
+
+
+def test_exact_scale_lands_on_the_size() -> None:
+    """500 / 63 in float32 times 63 floors to 499: the scale is nudged until it gives 500."""
+    import math
+
+    import numpy as np
+
+    from unet_perception.contract_graph import exact_scale
+
+    assert math.floor(float(np.float32(500 / 63)) * 63) == 499
+    for size_in, size_out in ((63, 500), (64, 512), (17, 135), (128, 256), (45, 360)):
+        scale = exact_scale(size_in, size_out)
+        assert math.floor(scale * size_in) == size_out
+        assert math.floor(float(np.float32(scale) * np.float32(size_in))) == size_out

@@ -1,9 +1,13 @@
 """The ONNX model contract shared by export and every runtime backend (see DESIGN.md).
 
 - input ``image``: uint8 [N, H, W, 3] RGB at the model's input size; normalisation is in the graph.
-- output ``labels``: uint8 [N, H, W] class ids (argmax in the graph).
+- output ``labels``: uint8 [N, H, W] class ids (argmax in the graph, then Cast to float, then to uint8: TensorRT
+  converts to uint8 only from float or half).
 - optional output ``confidence``: uint8 [N, H, W], the winning class's softmax probability x 255
-  (rounded). Models exported before it existed lack it; the runtime then publishes no confidence.
+  (rounded). Models exported before it existed, and imported models that give labels only, lack it; the runtime
+  then publishes no confidence.
+- H and W of every output are static in the graph (every Resize takes constant scales: contract_graph.py), so a
+  TensorRT engine reports fixed output dims.
 - metadata props (all strings): ``format`` (= METADATA_FORMAT), ``classes`` (JSON list of
   {id, name, color}), ``ignore_index``, ``input_height``, ``input_width``, ``dataset``,
   ``metrics`` (JSON), ``training`` (JSON), ``version``.
@@ -148,9 +152,9 @@ def info_from_metadata(path: Path, meta: dict[str, str], inputs: list[str], outp
             check_text(meta["version"], "version", allow_empty=True)
     except TableError as exc:
         raise ModelError(f"model '{path}': metadata field {exc}; re-export it with unet-export") from None
-    if table.num_classes >= UNKNOWN_LABEL:
+    if table.num_classes > UNKNOWN_LABEL:
         raise ModelError(f"model '{path}' has {table.num_classes} classes; mono8 labels hold at most "
-                         f"{UNKNOWN_LABEL - 1} (id {UNKNOWN_LABEL} means unknown)")
+                         f"{UNKNOWN_LABEL} (ids 0..{UNKNOWN_LABEL - 1}; {UNKNOWN_LABEL} means unknown)")
     return ModelInfo(path, table, hw, meta, has_confidence=CONFIDENCE_NAME in outputs)  # type: ignore[arg-type]
 
 

@@ -2,6 +2,10 @@
 
 - uint8 tensors only at the graph's edges ("TensorRT does not support UINT8 types for intermediate tensors");
 - a uint8 input is read only by Cast (to float or float16), and a uint8 output is written only by Cast;
+- a Cast to uint8 reads float or float16 only (TensorRT's DataType documentation allows uint8 conversions only from
+  and to those), so labels leave as ArgMax -> Cast(float) -> Cast(uint8), never INT64 -> UINT8;
+- every Resize takes constant scales or sizes, and every output's dims after the batch are static under ONNX shape
+  inference: a sizes tensor computed at run time (Shape -> Gather -> Concat) gives the engine -1 output dims;
 - Q/DQ only as symmetric int8: QuantizeLinear with an int8 zero point of 0 (without one it makes uint8), and
   DequantizeLinear of int8 only: no uint8 Q/DQ, no int32 bias DequantizeLinear ("only activation types allowed
   as input to this layer").
@@ -15,6 +19,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from unet_perception.contract_graph import cast_to as _cast_to
+from unet_perception.contract_graph import infer_types_and_shapes, runtime_resizes
 
 UINT8, INT8, INT32, FLOAT, FLOAT16 = 2, 3, 6, 1, 10  # onnx.TensorProto element types
 CAST_TARGETS = (FLOAT, FLOAT16)
@@ -41,24 +48,6 @@ def _constants(graph: Any) -> dict[str, Any]:
     return values
 
 
-def _types(model: Any) -> dict[str, int]:
-    """Name -> element type of every tensor whose type ONNX shape inference can tell."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]}
-    types.update({init.name: init.data_type for init in graph.initializer})
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    types[node.output[0]] = attr.t.data_type
-    return types
-
-
-def _cast_to(node: Any) -> int | None:
-    return next((attr.i for attr in node.attribute if attr.name == "to"), None)
 
 
 def check_tensorrt_rules(path_or_model: str | Path | Any) -> list[str]:
@@ -67,7 +56,7 @@ def check_tensorrt_rules(path_or_model: str | Path | Any) -> list[str]:
 
     model = _load(path_or_model)
     graph = model.graph
-    types = _types(model)
+    types, shapes = infer_types_and_shapes(model)
     constants = _constants(graph)
     inputs = {i.name for i in graph.input} - {init.name for init in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -107,6 +96,19 @@ def check_tensorrt_rules(path_or_model: str | Path | Any) -> list[str]:
                 elif value is None or value.any():
                     problems.append(f"{label} has zero point '{zero}' other than a constant 0; TensorRT needs "
                                     "symmetric quantization")
+
+        if node.op_type == "Cast" and _cast_to(node) == UINT8 and types.get(node.input[0]) not in CAST_TARGETS:
+            made = types.get(node.input[0])
+            problems.append(f"{label} casts {name_of(made) if made else 'an unknown type'} '{node.input[0]}' to "
+                            "uint8; TensorRT converts to uint8 only from float or float16 (Cast to float first)")
+    for node in runtime_resizes(graph):
+        problems.append(f"Resize node '{node.name}' takes its scales or sizes from a tensor computed at run time; "
+                        "TensorRT then reports -1 output dims (give it constant scales: contract_graph.py)")
+    for out in graph.output:
+        dims = shapes.get(out.name)
+        if dims is None or any(not isinstance(d, int) or d < 1 for d in dims[1:]):
+            problems.append(f"output '{out.name}' has shape {dims} in the graph; every dim after the batch must be "
+                            "static, or the engine reports -1 (re-export it; unet-import writes static outputs)")
 
     for name in sorted(inputs):
         if types.get(name) != UINT8:

@@ -35,7 +35,8 @@ class ContractWrapper(nn.Module):
         # max softmax = 1 / sum(exp(logits - max)): one exp pass, no division per class
         top = logits.max(1, keepdim=True).values
         confidence = 255.0 / torch.exp(logits - top).sum(1)
-        return labels.to(torch.uint8), torch.round(confidence).to(torch.uint8)
+        # int64 -> float -> uint8: TensorRT converts to uint8 only from float or half
+        return labels.float().to(torch.uint8), torch.round(confidence).to(torch.uint8)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

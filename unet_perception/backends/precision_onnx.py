@@ -14,6 +14,7 @@ TensorRT 11 has no FP16/INT8 builder flags and no calibrator; with this, 10.x an
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -79,9 +80,11 @@ def convert_to_fp16(model: Any) -> Any:
     # decoder those pairs crash the converter's own clean-up (1.16: AttributeError in remove_unnecessary_cast_node).
     # ONNX Runtime (1.32, CPU and CUDA) and TensorRT run float16 Resize, so it is converted like the rest.
     block = [op for op in float16.DEFAULT_OP_BLOCK_LIST if op != "Resize"]
+    scales = {name: copy.deepcopy(init) for name, init in _resize_scales(model).items()}
     with warnings.catch_warnings():  # one "truncated to 1e-07" line per tiny weight: nothing to act on
         warnings.simplefilter("ignore", UserWarning)
         converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    _restore_initializers(converted, scales)
     for node in converted.graph.node:
         if node.op_type == "Cast" and node.name in own_casts:
             for attr in node.attribute:
@@ -94,6 +97,19 @@ def convert_to_fp16(model: Any) -> Any:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise BackendError(f"fp16 conversion produced an inconsistent graph ({exc}); use precision fp32") from exc
     return converted
+
+
+def _resize_scales(model: Any) -> dict[str, Any]:
+    """Name -> initializer of every Resize's constant scales (ONNX types them float32 in every precision)."""
+    names = {node.input[2] for node in model.graph.node if node.op_type == "Resize" and len(node.input) > 2}
+    return {init.name: init for init in model.graph.initializer if init.name in names}
+
+
+def _restore_initializers(model: Any, originals: dict[str, Any]) -> None:
+    """Put back the float32 originals of initializers the converter made float16 (a nudged scale must stay exact)."""
+    for init in model.graph.initializer:
+        if init.name in originals and init.data_type == FLOAT16:
+            init.CopyFrom(originals[init.name])
 
 
 def converter_version() -> str:

@@ -19,6 +19,7 @@ from torch import nn
 
 from unet_perception import __version__
 from unet_perception.class_table import ClassTable
+from unet_perception.contract_graph import make_tensorrt_ready
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, make_metadata
 from unet_perception.onnx_rules import check_tensorrt_rules
 from unet_perception.torch_contract import ContractWrapper, checkpoint_table, load_checkpoint
@@ -44,7 +45,7 @@ def export_onnx(model: nn.Module, path: str | Path, table: ClassTable, input_hw:
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
                                         CONFIDENCE_NAME: {0: "batch"}},
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    proto = onnx.load(str(tmp))
+    proto = make_tensorrt_ready(onnx.load(str(tmp)))  # constant Resize scales, static output H and W
     del proto.metadata_props[:]
     for key, value in make_metadata(table, input_hw, metrics=metrics, training=training,
                                     version=__version__).items():
