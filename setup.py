@@ -31,6 +31,7 @@ setup(
             "unet-folds = unet_perception.training.folds:main",
             "unet-evaluate = unet_perception.training.evaluate:main",
             "unet-export = unet_perception.training.export:main",
+            "unet-import = unet_perception.tools.import_model:main",
             "unet-quantize = unet_perception.training.quantize:main",
             "unet-build-engine = unet_perception.tools.build_engine:main",
             "unet-bag = unet_perception.tools.bag_cli:main",
