@@ -22,6 +22,7 @@ from ros_graph import RosGraph, wait_matched
 from unet_perception.class_table import load_class_table
 from unet_perception.model_contract import read_model_info
 from unet_perception.tools import bag
+from unet_perception.tools.bag_cli import main as bag_main
 from unet_perception.tools.camera_sim import image_message, synthetic_frame
 from unet_perception.tools.import_model import main
 
@@ -96,8 +97,8 @@ def test_unet_bag_labels_with_an_imported_model(imported: tuple[Path, Path], tmp
     for i, frame in enumerate(frames):
         cv2.imwrite(str(folder / f"{i:03d}.png"), frame[..., ::-1])
     src, out = tmp_path / "in_bag", tmp_path / "out_bag"
-    assert bag.main(["from-images", str(folder), str(src), "--topic", "/cam/image_raw"]) == 0
-    assert bag.main(["label", str(src), str(out), "--model", str(model), "--backend", "onnxruntime"]) == 0
+    assert bag_main(["from-images", str(folder), str(src), "--topic", "/cam/image_raw"]) == 0
+    assert bag_main(["label", str(src), str(out), "--model", str(model), "--backend", "onnxruntime"]) == 0
     store = bag.typestore()
     with Reader(out) as reader:
         got = [store.deserialize_cdr(raw, c.msgtype) for c, _, raw in reader.messages()
