@@ -53,8 +53,11 @@ def test_truncated_bag(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureF
     data = src / f"in.{suffix}"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     err = _label(tmp_path, src, tiny_model, capsys)
-    assert "unet-bag label: error:" in err and "in" in err
     assert "Traceback" not in err
+    reason = {"db3": f"Cannot open database {data}: database disk image is malformed",
+              "mcap": "File end magic is invalid"}[suffix]
+    assert err == f"unet-bag label: error: cannot open the bag {src}: ReaderError: {reason}; is it a complete " \
+                  "rosbag2 folder (metadata.yaml plus its .db3 or .mcap files)?\n"
 
 
 def test_corrupt_bag_file(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,14 +126,13 @@ def test_unknown_type_with_definition_is_copied_but_not_played(tmp_path: Path, t
     assert "unknown message type 'acme_msgs/msg/Widget' on topic /odd" in err and "--topics" in err
 
 
-def test_no_camera_topic_and_wrong_topics(tmp_path: Path, tiny_model: Path,
+def test_wrong_topics(tmp_path: Path, tiny_model: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     store = typestore()
     src = tmp_path / "in"
     with Writer(src, version=8) as w:
         conn = w.add_connection("/note", "std_msgs/msg/String", typestore=store)
         w.write(conn, START, store.serialize_cdr(store.types["std_msgs/msg/String"](data="x"), "std_msgs/msg/String"))
-    assert "no sensor_msgs/msg/Image or CompressedImage topic" in _label(tmp_path, src, tiny_model, capsys)
     out = tmp_path / "out"
     assert main(["label", str(src), str(out), "--model", str(tiny_model), "--topics", "/note"]) == 1
     assert "not sensor_msgs/msg/Image" in capsys.readouterr().err

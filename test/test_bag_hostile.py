@@ -240,7 +240,7 @@ def test_disk_filling_up_during_the_work(tmp_path: Path, tiny_model: Path, tmpfs
     """When the estimate is wrong (here: forced to 0) the full disk is still one line, and nothing is left."""
     src = _write(tmp_path / "in", {"/camera/image_raw": IMAGE}, 40, size=(120, 160))
     monkeypatch.setattr(bag, "_bag_bytes", lambda path: 0)
-    monkeypatch.setattr(bag, "_frame_bytes", lambda *args: 0)
+    monkeypatch.setattr(bag, "_frame_pixels", lambda *args: 0)
     assert _label(src, tmpfs / "out", tiny_model) == 1
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if "error:" in line]  # besides the progress bar

@@ -97,6 +97,8 @@ def _check_raw(msg: Any, max_pixels: int) -> np.ndarray:
     channels, dtype, _ = _ENCODINGS[encoding]
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     _check_size(height, width, max_pixels, f"'{encoding}' image")
+    if encoding.startswith("bayer_") and min(height, width) < 3:  # OpenCV demosaics smaller frames to black
+        raise CodecError(f"'{encoding}' image is {width}x{height}; demosaicing needs at least 3x3 pixels")
     if encoding in _PACKED_422 and width % 2:
         raise CodecError(f"'{encoding}' image has odd width {width}; packed 4:2:2 needs an even width "
                          "(configure the camera for an even width)")

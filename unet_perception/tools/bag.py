@@ -8,9 +8,10 @@
 
 Bags are read and written with ``rosbags`` (sqlite3 and mcap, rosbag2 format version 8 as ROS 2 Jazzy writes
 it) and the ROS 2 Jazzy message definitions, so ``ros2 bag info``/``play`` and rviz read what we write.
-Outputs are written into a hidden staging folder and renamed into place only when complete. What can be checked
-is checked before the work (``bag_preflight``): the output path and its free space, the input's message counts
-(metadata.yaml against the storage, then against what was read), short type names, crashed-recorder WAL files.
+Outputs are written into a hidden staging folder and renamed into place only when complete. Bags are read as their
+storage files hold them (``bag_read``: any type spelling, counts from the storage). What can be checked is checked
+before the work (``bag_preflight``): the output path and its free space, the input's message counts (metadata.yaml
+against the storage, then the storage against what was read), crashed-recorder WAL files.
 This module knows one bag at a time: the fleet (``unet_perception/fleet``) uses it, never the other way round,
 and the ``unet-bag`` command line lives in ``tools/bag_cli.py``.
 """
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import shlex
 import shutil
+import socket
 import sqlite3
 import tempfile
 import time
@@ -32,16 +36,16 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-from rosbags.interfaces import Connection
+from rosbags.interfaces import Connection, MessageDefinitionFormat
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer, WriterError
-from rosbags.rosbag2.reader import DirectoryReader
-from rosbags.typesys import Stores, get_typestore
+from rosbags.typesys import Stores, get_types_from_idl, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files
 from unet_perception.tools.bag_preflight import (BagError, ReadableBag, check_output, check_read, compare_counts,
-                                                 full_type, readable_bag, storage_counts)
+                                                 full_type, readable_bag)
+from unet_perception.tools.bag_read import StoredBag
 from unet_perception.topics import camera_outputs, is_compressed_topic, output_kinds, output_topics
 
 IMAGE = "sensor_msgs/msg/Image"
@@ -69,44 +73,52 @@ def stamp_msg(store: Typestore, ns: int) -> Any:
 
 @contextmanager
 def open_checked(path: Path, scratch: Path | None = None,
-                 info: Callable[[str], None] = tqdm.write) -> Iterator[tuple[Reader, ReadableBag]]:
-    """An open rosbags Reader of all of ``path`` (short type names and -wal files repaired in a scratch folder
-    inside ``scratch``, see ``bag_preflight``), or a ``BagError`` that names the bag and the problem."""
+                 info: Callable[[str], None] = tqdm.write) -> Iterator[tuple[StoredBag, ReadableBag]]:
+    """All of ``path`` as its storage holds it (-wal files repaired in a scratch folder inside ``scratch``, see
+    ``bag_preflight``), its counts checked against metadata.yaml, or a ``BagError`` that names the bag and the
+    problem. A full read must yield ``stored()`` of the ``StoredBag``."""
     if not path.exists():
         raise BagError(f"no bag at {path}; give a bag folder (with metadata.yaml) or its .db3/.mcap file")
     with readable_bag(path, scratch, info) as readable:
         try:
             reader = Reader(readable.path)
             reader.open()
+        except FileNotFoundError as exc:  # a folder without metadata.yaml (a recorder that was killed)
+            raise BagError(f"cannot open the bag {path}: it has no metadata.yaml; give one of its .db3/.mcap "
+                           "files, or rebuild metadata.yaml with `ros2 bag reindex`") from exc
         except Exception as exc:  # rosbags raises ReaderError, sqlite3 and YAML errors for broken bags
-            raise BagError(f"cannot open the bag {path}: {type(exc).__name__}: {exc}; is it a complete rosbag2 "
-                           "folder (metadata.yaml plus its .db3 or .mcap file)?") from exc
+            raise BagError(f"cannot open the bag {path}: {type(exc).__name__}: {exc}".rstrip(".") + "; is it a "
+                           "complete rosbag2 folder (metadata.yaml plus its .db3 or .mcap files)?") from exc
         try:
-            if reader.message_count == 0 and not readable.recovered:
+            stored = StoredBag(reader, path)
+            compare_counts(path, stored.listed, stored.stored(), info)
+            if stored.message_count == 0:
                 raise BagError(f"the bag {path} has no messages; record or make one with data "
                                "(unet-bag from-images DIR OUT)")
-            yield reader, readable
+            yield stored, readable
         finally:
             reader.close()
 
 
 @contextmanager
-def open_bag(path: Path, scratch: Path | None = None, info: Callable[[str], None] = tqdm.write) -> Iterator[Reader]:
-    """``open_checked`` without the repair details: an open Reader of all of ``path``, or a ``BagError``."""
+def open_bag(path: Path, scratch: Path | None = None,
+             info: Callable[[str], None] = tqdm.write) -> Iterator[StoredBag]:
+    """``open_checked`` without the repair details: all of ``path`` as its storage holds it, or a ``BagError``."""
     with open_checked(path, scratch, info) as (reader, _):
         yield reader
 
 
-def read_messages(reader: Reader, connections: Sequence[Connection] = ()) -> Iterator[tuple[Connection, int, bytes]]:
+def read_messages(reader: StoredBag,
+                  connections: Sequence[Connection] = ()) -> Iterator[tuple[Connection, int, bytes]]:
     """``reader.messages()`` with storage-level failures (a truncated or corrupt file) turned into ``BagError``."""
     try:
-        yield from reader.messages(connections=connections)
-    except Exception as exc:  # ReaderError, sqlite3.DatabaseError, struct/zstd errors of a damaged file
+        yield from reader.messages(connections)
+    except Exception as exc:  # ReaderError, apsw errors, struct/zstd errors of a damaged file
         raise BagError(f"the bag {reader.path} is damaged and cannot be read to the end: "
                        f"{type(exc).__name__}: {exc}") from exc
 
 
-def select_connections(reader: Reader, topics: Sequence[str] | None) -> list[Connection]:
+def select_connections(reader: StoredBag, topics: Sequence[str] | None) -> list[Connection]:
     """The connections of ``topics`` (all when None), refusing names the bag does not have."""
     if not topics:
         return list(reader.connections)
@@ -120,17 +132,54 @@ def select_connections(reader: Reader, topics: Sequence[str] | None) -> list[Con
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _partial_prefix(out: Path) -> str:
+    """The staging-folder prefix of ``out`` for this host: ``.OUT.partial-HOST-`` (then ``PID-XXXXXXXX``)."""
+    return f".{out.name}.partial-{socket.gethostname()}-"
+
+
+def remove_dead_partials(out: Path, log: Callable[[str], None] = tqdm.write) -> None:
+    """Remove the staging folders that killed runs (SIGKILL, power loss) left for exactly ``out`` on this host.
+
+    A folder is removed only when its name is ``_partial_prefix(out)`` plus ``PID-`` and mkdtemp's 8 characters,
+    and no process ``PID`` runs here: another output's folders (``run1`` against ``run[1]``: names are compared,
+    never globbed), other hosts' (a shared file system) and live runs' stay.
+    """
+    prefix = _partial_prefix(out)
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return  # check_output says what is wrong with the folder
+    for name in names:
+        match = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", name[len(prefix):]) if name.startswith(prefix) else None
+        if match is None or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(out.parent / name, ignore_errors=True)
+        log(f"removed {out.parent / name}, left by a run (process {match.group(1)}) that was killed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 @contextmanager
 def staged_writer(out: Path, storage: str, need_bytes: int = 0) -> Iterator[Writer]:
     """A Writer that writes into a hidden staging folder beside ``out`` and moves it to ``out`` only on success.
 
-    A run that fails or is interrupted leaves nothing at ``out``, so a half-written bag never looks complete.
-    ``out`` is checked first (``check_output``: a new path, a writable folder, ``need_bytes`` free).
+    A run that fails or is interrupted leaves nothing at ``out``, so a half-written bag never looks complete; what
+    a killed run left for ``out`` is removed first (``remove_dead_partials``). ``out`` is checked first
+    (``check_output``: a new path, a writable folder, ``need_bytes`` free).
     """
     if storage not in STORAGES:
         raise BagError(f"storage must be one of {sorted(STORAGES)}, got '{storage}'")
+    remove_dead_partials(out)  # first: it may free the space the check below needs
     check_output(out, need_bytes)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
     writer = Writer(staging / out.name, version=BAG_VERSION, storage_plugin=STORAGES[storage])
     try:
         writer.open()
@@ -149,31 +198,43 @@ def staged_writer(out: Path, storage: str, need_bytes: int = 0) -> Iterator[Writ
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def storage_of(reader: Reader) -> str:
-    """``sqlite3`` or ``mcap``: the storage plugin of an open bag."""
-    names = {plugin: name for name, plugin in DirectoryReader.STORAGE_PLUGINS.items()}
-    files = getattr(reader.storage, "storages", [reader.storage])  # a bag folder, or one .db3/.mcap file
-    return names[type(files[0])]
-
-
 def copy_connection(writer: Writer, conn: Connection, store: Typestore) -> Connection:
     """The same topic, type, definition and offered QoS in ``writer``.
 
-    Bags from older ROS distributions carry no definitions; Jazzy's are filled in for the types it knows.
+    A definition without a type hash (metadata version 5 and older) gets the hash of that definition. Bags from
+    older ROS distributions carry no definitions (or ones rosbags cannot parse, such as a type without its
+    dependencies): Jazzy's are filled in for the types it knows.
     """
-    msgdef, digest, msgtype = conn.msgdef.data, conn.digest, full_type(conn.msgtype)
-    if not msgdef or not digest:
+    msgdef, digest, msgtype = conn.msgdef.data, conn.digest, conn.msgtype
+    known = conn.msgdef.format != MessageDefinitionFormat.NONE
+    if known and not msgdef.strip() and digest and _definition_hash(conn) != digest:
+        known = False  # an empty text with another type's hash: the recorder had no definition to store
+    if known and not digest:
+        digest = _definition_hash(conn)
+    if not known or not digest:
         if msgtype not in store.types:
             raise BagError(f"unknown message type '{msgtype}' on topic {conn.topic}: the bag carries no "
-                           "definition for it and ROS 2 Jazzy does not define it; leave the topic out with "
-                           f"--exclude-topics {conn.topic}, or re-record the bag with a ROS 2 that stores "
+                           "definition of it that can be read and ROS 2 Jazzy does not define it; leave the topic "
+                           f"out with --exclude-topics {conn.topic}, or re-record the bag with a ROS 2 that stores "
                            "definitions (Iron or later)")
-        msgdef = msgdef or store.generate_msgdef(msgtype, ros_version=2)[0]
-        digest = digest or store.hash_rihs01(msgtype)
+        msgdef = store.generate_msgdef(msgtype, ros_version=2)[0]
+        digest = store.hash_rihs01(msgtype)
     ext = conn.ext
     return writer.add_connection(conn.topic, msgtype, msgdef=msgdef, rihs01=digest,
                                  serialization_format=ext.serialization_format,  # type: ignore[union-attr]
                                  offered_qos_profiles=ext.offered_qos_profiles)  # type: ignore[union-attr]
+
+
+def _definition_hash(conn: Connection) -> str:
+    """RIHS01 of the definition the bag carries for ``conn``, or "" when rosbags cannot read it alone."""
+    try:
+        types = (get_types_from_idl(conn.msgdef.data) if conn.msgdef.format == MessageDefinitionFormat.IDL
+                 else get_types_from_msg(conn.msgdef.data, conn.msgtype))
+        scratch = get_typestore(Stores.EMPTY)
+        scratch.register(types)
+        return scratch.hash_rihs01(conn.msgtype)
+    except Exception:  # noqa: BLE001 - unparsable, or a dependency the definition leaves out
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------- from-images
@@ -244,8 +305,8 @@ class LabelSummary:
     errors: list[str] = field(default_factory=list)           # one line per skipped message
     copied: int = 0                                           # original messages written
     seconds: float = 0.0
-    metadata_count: int = 0                                   # messages metadata.yaml lists
-    storage_count: int | None = None                          # messages the sqlite3 storage holds (None: mcap)
+    metadata_count: int | None = None                         # messages metadata.yaml lists (None: no such file)
+    storage_count: int = 0                                    # messages the storage holds
     recovered: int = 0                                        # of them, only in a crashed recorder's -wal file
 
     @property
@@ -254,8 +315,8 @@ class LabelSummary:
 
     def table(self) -> str:
         rows = [f"{'topic':40s} {'frames':>7s}"] + [f"{t:40s} {n:7d}" for t, n in sorted(self.frames.items())]
-        stored = "not counted (mcap)" if self.storage_count is None else str(self.storage_count)
-        rows.append(f"messages: metadata.yaml lists {self.metadata_count}, the storage holds {stored}"
+        listed = "no metadata.yaml" if self.metadata_count is None else f"metadata.yaml lists {self.metadata_count}"
+        rows.append(f"messages: {listed}, the storage holds {self.storage_count}"
                     + (f" ({self.recovered} recovered from -wal)" if self.recovered else "")
                     + f", {self.copied} read and copied")
         rows.append(f"total: {sum(self.frames.values())} frames labelled in {self.seconds:.1f} s "
@@ -272,24 +333,33 @@ class _Pending:
     overlay_encoding: str
 
 
-def camera_connections(reader: Reader, topics: Sequence[str] | None) -> list[Connection]:
-    """The Image/CompressedImage connections to label: all of them, or exactly ``topics``."""
+def camera_connections(reader: StoredBag, topics: Sequence[str] | None) -> list[Connection]:
+    """The Image/CompressedImage connections to label: all of them (none for a bag without cameras), or exactly
+    ``topics``."""
     chosen = select_connections(reader, topics)
     if topics:
-        wrong = sorted({f"{c.topic} ({c.msgtype})" for c in chosen if full_type(c.msgtype) not in CAMERA_TYPES})
+        wrong = sorted({f"{c.topic} ({c.msgtype})" for c in chosen if c.msgtype not in CAMERA_TYPES})
         if wrong:
             raise BagError(f"topics {wrong} are not sensor_msgs/msg/Image or CompressedImage; label only "
                            "camera topics")
-    cameras = [c for c in chosen if full_type(c.msgtype) in CAMERA_TYPES]
-    if not cameras:
-        found = sorted({f"{c.topic} ({c.msgtype})" for c in reader.connections})
-        raise BagError(f"the bag {reader.path} has no sensor_msgs/msg/Image or CompressedImage topic; "
-                       f"it has {found}")
-    return cameras
+    return [c for c in chosen if c.msgtype in CAMERA_TYPES]
 
 
-def _output_plan(reader: Reader, cameras: Sequence[Connection], kinds: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Camera topic -> {kind: output topic}, by the node's rule; BagError for cameras sharing outputs."""
+def _output_plan(reader: StoredBag, cameras: Sequence[Connection],
+                 kinds: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Camera topic -> {kind: output topic}, by the node's rule; BagError for cameras sharing outputs and for
+    camera topics whose names are no valid ROS 2 names (their outputs would not be either)."""
+    from rclpy.exceptions import InvalidTopicNameException
+    from rclpy.validate_topic_name import validate_topic_name
+
+    for c in cameras:
+        try:
+            validate_topic_name(c.topic)
+        except InvalidTopicNameException as exc:
+            reason = str(exc).splitlines()[0].removeprefix("Invalid topic name: ").rstrip(":")
+            raise BagError(f"camera topic '{c.topic}' is not a valid ROS 2 topic name ({reason}), nor would its "
+                           f"outputs be; leave it out with --exclude-topics {shlex.quote(c.topic)}, or rename it in "
+                           "the bag") from exc
     try:
         camera_outputs(c.topic for c in cameras)
     except ValueError as exc:
@@ -302,21 +372,34 @@ def _output_plan(reader: Reader, cameras: Sequence[Connection], kinds: Sequence[
     return plan
 
 
-def _frame_bytes(reader: Reader, conn: Connection, store: Typestore, max_pixels: int) -> int:
-    """Pixels of a camera's first frame (from its header only), 0 when it cannot be read."""
-    from unet_perception.codec import check_compressed, is_compressed
+SAMPLE_FRAMES = 16       # frames per camera the output-size estimate looks at
+PIXELS_PER_BYTE = 1024   # compressed frames: an upper bound of the decoded pixels per byte of data (a black PNG)
 
-    for _, _, raw in read_messages(reader, [conn]):
+
+def _frame_pixels(reader: StoredBag, conn: Connection, store: Typestore, max_pixels: int) -> int:
+    """The largest frame (pixels) among a camera's first ``SAMPLE_FRAMES`` frames that pass ``codec.check``.
+
+    Sizes are bounded by each message's own data (a raw frame that passes holds ``height * step`` bytes; a
+    compressed one at most ``PIXELS_PER_BYTE`` pixels per byte), so a header that lies refuses no bag.
+    """
+    from unet_perception.codec import check, check_compressed, is_compressed
+
+    largest = 0
+    for i, (_, _, raw) in enumerate(read_messages(reader, [conn])):
+        if i == SAMPLE_FRAMES:
+            break
         try:
-            msg: Any = store.deserialize_cdr(raw, full_type(conn.msgtype))
+            msg: Any = store.deserialize_cdr(raw, conn.msgtype)
+            check(msg, max_pixels)
             if is_compressed(msg):
                 height, width = check_compressed(msg, max_pixels)[2]
+                pixels = min(height * width, len(msg.data) * PIXELS_PER_BYTE)
             else:
-                height, width = int(msg.height), int(msg.width)
-            return min(height * width, max_pixels)
-        except Exception:  # noqa: BLE001 - a bad first frame is skipped later; estimate nothing for it
-            return 0
-    return 0
+                pixels = int(msg.height) * int(msg.width)
+        except Exception:  # noqa: BLE001 - a bad frame is skipped later; it makes no output
+            continue
+        largest = max(largest, pixels)
+    return largest
 
 
 def _bag_bytes(path: Path) -> int:
@@ -365,38 +448,31 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
     summary = LabelSummary()
     started = time.perf_counter()
     with open_checked(src, out.parent, info) as (reader, readable):
-        metadata: Counter[str] = Counter()
-        for c in reader.connections:
-            metadata[c.topic] += c.msgcount
-        stored = storage_counts(readable.dbs) if readable.dbs else None
-        expected = compare_counts(src, metadata, stored, info)
-        summary.metadata_count, summary.recovered = sum(metadata.values()), readable.recovered
-        summary.storage_count = None if stored is None else sum(stored.values())
+        expected = reader.stored()
+        summary.storage_count, summary.recovered = sum(expected.values()), readable.recovered
+        summary.metadata_count = None if reader.listed is None else sum(reader.listed.values())
         excluded = set(exclude_topics)
-        if excluded - set(metadata):
-            raise BagError(f"--exclude-topics {sorted(excluded - set(metadata))} are not in the bag; "
-                           f"it has {sorted(metadata)}")
+        if excluded - set(expected):
+            raise BagError(f"--exclude-topics {sorted(excluded - set(expected))} are not in the bag; "
+                           f"it has {sorted(expected)}")
         kept = [c for c in reader.connections if c.topic not in excluded]
         if not kept:
             raise BagError("--exclude-topics leaves no topic to copy")
         if topics and excluded & set(topics):
             raise BagError(f"topics {sorted(excluded & set(topics))} are both labelled and excluded")
         cameras = [c for c in camera_connections(reader, topics) if c.topic not in excluded]
+        if not cameras:
+            found = ", ".join(sorted({f"{c.topic} ({c.msgtype})" for c in kept}))
+            info(f"{src} has no sensor_msgs/msg/Image or CompressedImage topic ({found}): nothing to label; "
+                 f"{out} is a copy of its {sum(c.msgcount for c in kept)} messages")
         has_confidence = bool(getattr(getattr(segmenter.backend, "info", None), "has_confidence", False))
         kinds = output_kinds(has_confidence)
         plan = _output_plan(reader, cameras, kinds)
-        per_frame = len(kinds) * 3 + 400  # bytes per pixel of the outputs (upper bound) + message overhead
-        need = _bag_bytes(readable.path) + sum(c.msgcount * (per_frame + 3 * _frame_bytes(reader, c, store,
-                                                                                          max_pixels))
-                                               for c in cameras)
-        with staged_writer(out, storage or storage_of(reader), need) as writer:
-            copies: dict[int, Connection] = {}
-            by_key: dict[tuple[str, str], Connection] = {}
-            for c in kept:  # one output connection per topic and type, however many the bag has
-                key = (c.topic, full_type(c.msgtype))
-                if key not in by_key:
-                    by_key[key] = copy_connection(writer, c, store)
-                copies[c.id] = by_key[key]
+        per_pixel = len(kinds) * 3  # bytes per pixel of the outputs (an upper bound: rgb8 at most)
+        need = _bag_bytes(readable.path) + sum(
+            c.msgcount * (400 + per_pixel * _frame_pixels(reader, c, store, max_pixels)) for c in cameras)
+        with staged_writer(out, storage or reader.storage_name, need) as writer:
+            copies = {c.id: copy_connection(writer, c, store) for c in kept}  # StoredBag: one per topic and type
             outputs = {t: {k: writer.add_connection(name, IMAGE, typestore=store) for k, name in names.items()}
                        for t, names in plan.items()}
             camera_ids = {c.id for c in cameras}
@@ -426,7 +502,7 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
                     if conn.id not in camera_ids:
                         continue
                     try:
-                        msg: Any = store.deserialize_cdr(raw, full_type(conn.msgtype))
+                        msg: Any = store.deserialize_cdr(raw, conn.msgtype)
                         rgb = decode(msg, max_pixels)
                     except Exception as exc:  # noqa: BLE001 - CodecError, or anything a corrupt CDR payload raises
                         line = f"skipped {conn.topic} at {timestamp}: {type(exc).__name__}: {exc}"
@@ -439,8 +515,19 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
                 if pending:
                     flush()
             check_read(src, Counter({t: n for t, n in expected.items() if t not in excluded}), read)
+            _check_labelled(cameras, read, summary)  # inside the writer: a failed bag leaves nothing at out
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _check_labelled(cameras: Sequence[Connection], read: Counter[str], summary: LabelSummary) -> None:
+    """BagError for a camera topic with messages of which not one was labelled, with the first reason."""
+    for topic in sorted({c.topic for c in cameras}):
+        if read[topic] and not summary.frames[topic]:
+            first = next((e for e in summary.errors if e.startswith(f"skipped {topic} at ")), "")
+            raise BagError(f"no frame of {topic} could be labelled: all {read[topic]} were refused (first: "
+                           f"{first.removeprefix('skipped ')}); nothing was written. Fix the camera's "
+                           f"encoding, or leave the topic out with --exclude-topics {topic}")
 
 
 def image_message(store: Typestore, array: np.ndarray, encoding: str, header: Any) -> Any:
@@ -494,10 +581,7 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
     stats = PlayStats()
     with open_bag(path) as reader:
         conns = select_connections(reader, topics)
-        publishers = {}
-        for c in conns:
-            if c.topic not in publishers:
-                publishers[c.topic] = node.create_publisher(message_class(c.msgtype, c.topic), c.topic, qos)
+        publishers = _publishers(node, conns, qos)
         clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
         deadline = time.monotonic() + wait_for_subscribers
         while (wait_for_subscribers > 0 and time.monotonic() < deadline and not should_stop()
@@ -508,6 +592,7 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
         while True:
             bar = tqdm(total=total, desc=path.name, unit="msg", disable=not progress)
             wall0, bag0 = time.monotonic(), None
+            sent: Counter[str] = Counter()
             for conn, timestamp, raw in read_messages(reader, conns):
                 if should_stop():
                     break
@@ -523,13 +608,39 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
                 if on_publish is not None:
                     on_publish(conn.topic, timestamp)
                 stats.published[conn.topic] += 1
+                sent[conn.topic] += 1
                 bar.update()
             bar.close()
+            if not should_stop():
+                check_read(path, Counter({c.topic: c.msgcount for c in conns}), sent)
             stats.loops += 1
             if not loop or should_stop():
                 break
     stats.seconds = time.monotonic() - started
     return stats
+
+
+def _publishers(node: Any, conns: Sequence[Connection], qos: Any) -> dict[str, Any]:
+    """Topic -> publisher of its type; a ``BagError`` for a topic recorded with two types (one node cannot offer
+    one topic name with two types, and a message must never go out under another type) or a name rclpy refuses."""
+    types: dict[str, list[str]] = {}
+    for c in conns:
+        types.setdefault(c.topic, []).append(c.msgtype)
+    mixed = {t: names for t, names in types.items() if len(names) > 1}
+    if mixed:
+        topic, names = next(iter(sorted(mixed.items())))
+        raise BagError(f"topic {topic} was recorded with {len(names)} types ({', '.join(names)}); play cannot "
+                       "publish one topic with two types; leave it out with --topics (the other topics)")
+    publishers = {}
+    for c in conns:
+        cls = message_class(c.msgtype, c.topic)
+        try:
+            publishers[c.topic] = node.create_publisher(cls, c.topic, qos)
+        except Exception as exc:  # noqa: BLE001 - InvalidTopicNameException, ValueError, RCLError: one line each
+            reason = str(exc).splitlines()[0].rstrip(":")
+            raise BagError(f"cannot publish topic '{c.topic}': {reason}; leave it out with --topics "
+                           "(the other topics)") from exc
+    return publishers
 
 
 def _ros_time(ns: int) -> Any:

@@ -1,13 +1,11 @@
 """What ``unet-bag`` checks and repairs before any work, so that no message is lost silently and nothing fails late.
 
-Input:
-* Type names in the short form some recorders and converters write (``sensor_msgs/Image``) are read as
-  ``sensor_msgs/msg/Image`` (rosbags matches metadata and storage by exact type name and would read nothing).
+Input (read through ``bag_read.StoredBag``, which takes connections, types and counts from the storage files):
 * An sqlite3 file whose last messages are still in its ``-wal`` file (a recorder that crashed, or one still
   running) is read from a checkpointed copy (rosbags opens sqlite files immutable and would skip them).
   The input itself is never modified.
-* Message counts of ``metadata.yaml`` and of the storage itself are compared before the work; the messages read
-  are compared with them after it.
+* Message counts of ``metadata.yaml`` and of the storage itself (sqlite3 tables, MCAP summary) are compared
+  before the work; the messages read are compared with the storage's after it.
 
 Output: ``OUT`` must be a new path (not an existing file or folder, not a symlink, dangling or not) in a folder we
 can write, with room for the estimated output.
@@ -24,9 +22,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 
 class BagError(RuntimeError):
@@ -51,14 +46,6 @@ def _has_wal(db: Path) -> bool:
     return wal.is_file() and wal.stat().st_size > 0
 
 
-def _db_types(db: Path) -> list[str]:
-    try:
-        with _immutable(db) as con:
-            return [row[0] for row in con.execute("SELECT type FROM topics")]
-    except sqlite3.Error:
-        return []  # not our problem here: rosbags reports a broken file when it opens it
-
-
 @contextmanager
 def _immutable(db: Path) -> Iterator[sqlite3.Connection]:
     con = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
@@ -68,37 +55,25 @@ def _immutable(db: Path) -> Iterator[sqlite3.Connection]:
         con.close()
 
 
-def storage_counts(dbs: list[Path]) -> Counter[str]:
-    """Messages per topic as the sqlite3 files themselves hold them."""
-    counts: Counter[str] = Counter()
-    for db in dbs:
-        with _immutable(db) as con:
-            for topic, n in con.execute("SELECT topics.name, COUNT(messages.id) FROM topics "
-                                        "LEFT JOIN messages ON messages.topic_id = topics.id GROUP BY topics.id"):
-                counts[topic] += n
-    return counts
+def _stored(db: Path) -> int:
+    with _immutable(db) as con:
+        return int(con.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
 
 
 def _repair_db(src: Path, dst: Path) -> int:
-    """Copy ``src`` (with its ``-wal``) to ``dst``, checkpoint the copy and make its type names full.
-
-    Returns how many messages only the WAL held.
-    """
-    before = sum(storage_counts([src]).values())
+    """Copy ``src`` (with its ``-wal``) to ``dst`` and checkpoint the copy; returns how many messages only the
+    WAL held."""
+    before = _stored(src)
     shutil.copyfile(src, dst)
     if _has_wal(src):
         shutil.copyfile(src.with_name(src.name + "-wal"), dst.with_name(dst.name + "-wal"))
     con = sqlite3.connect(dst)
     try:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        for (name,) in con.execute("SELECT type FROM topics").fetchall():
-            if full_type(name) != name:
-                con.execute("UPDATE topics SET type = ? WHERE type = ?", (full_type(name), name))
-        con.commit()
         con.execute("PRAGMA journal_mode=DELETE")  # folds and removes the copy's -wal/-shm
     finally:
         con.close()
-    return sum(storage_counts([dst]).values()) - before
+    return _stored(dst) - before
 
 
 @dataclass
@@ -106,12 +81,7 @@ class ReadableBag:
     """The path rosbags should open (the input, or a repaired view of it) and what the repair found."""
 
     path: Path
-    dbs: list[Path]        # the sqlite3 files to count (empty for mcap)
     recovered: int = 0     # messages that were only in -wal files
-
-
-def _needs_repair(db: Path) -> bool:
-    return _has_wal(db) or any(full_type(t) != t for t in _db_types(db))
 
 
 @contextmanager
@@ -120,47 +90,34 @@ def readable_bag(path: Path, scratch_parent: Path | None = None,
     """``path`` as rosbags can read all of it: the input itself, or a repaired view in a scratch folder.
 
     The view (inside ``scratch_parent``, default the system's temporary folder; removed afterwards) holds
-    ``metadata.yaml`` with full type names, checkpointed copies of the sqlite3 files that need it, and links to
-    every other file.
+    checkpointed copies of the sqlite3 files with a ``-wal`` and links to every other file.
     """
     if path.is_file():  # one .db3/.mcap file, no metadata.yaml
-        if path.suffix != ".db3" or not _needs_repair(path):
-            yield ReadableBag(path, [path] if path.suffix == ".db3" else [])
+        if path.suffix != ".db3" or not _has_wal(path):
+            yield ReadableBag(path)
             return
         with _scratch(path, scratch_parent) as view:
             recovered = _repair_db(path, view / path.name)
             _say_recovered(log, path, recovered)
-            yield ReadableBag(view / path.name, [view / path.name], recovered)
+            yield ReadableBag(view / path.name, recovered)
         return
-    meta_file = path / "metadata.yaml"
-    try:
-        meta: Any = yaml.safe_load(meta_file.read_text())
-        topics = meta["rosbag2_bagfile_information"]["topics_with_message_count"]
-        short = any(full_type(t["topic_metadata"]["type"]) != t["topic_metadata"]["type"] for t in topics)
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        yield ReadableBag(path, [])  # rosbags reports what is wrong with the folder when it opens it
+    broken = [db for db in sorted(path.glob("*.db3")) if _has_wal(db)] if path.is_dir() else []
+    if not broken:
+        yield ReadableBag(path)  # rosbags reports what is wrong with the folder when it opens it
         return
-    dbs = sorted(path.glob("*.db3"))
-    broken = [db for db in dbs if _needs_repair(db)]
-    if not short and not broken:
-        yield ReadableBag(path, dbs)
-        return
-    for t in topics:
-        t["topic_metadata"]["type"] = full_type(t["topic_metadata"]["type"])
     with _scratch(path, scratch_parent) as scratch:
         view = scratch / path.name
         view.mkdir()
-        (view / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
         recovered = 0
         for f in path.iterdir():
-            if f.name == "metadata.yaml" or f.name.endswith(("-wal", "-shm", "-journal")):
+            if f.name.endswith(("-wal", "-shm", "-journal")):
                 continue
             if f in broken:
                 recovered += _repair_db(f, view / f.name)
             else:
                 (view / f.name).symlink_to(f.resolve())
         _say_recovered(log, path, recovered)
-        yield ReadableBag(view, [view / db.name for db in dbs], recovered)
+        yield ReadableBag(view, recovered)
 
 
 def _say_recovered(log: Callable[[str], None], path: Path, recovered: int) -> None:
@@ -184,24 +141,26 @@ def _scratch(path: Path, parent: Path | None) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def compare_counts(bag: Path, metadata: Counter[str], storage: Counter[str] | None,
+def compare_counts(bag: Path, listed: Counter[str] | None, stored: Counter[str],
                    log: Callable[[str], None] = print) -> Counter[str]:
-    """The counts to expect when reading: the storage's where known (sqlite3), else metadata.yaml's.
+    """The counts to expect when reading: the storage's (sqlite3 tables, MCAP summary section).
 
-    Refuses (BagError) when the storage holds fewer messages than metadata.yaml lists: they are lost.
+    Refuses (BagError) when the storage holds fewer messages than metadata.yaml lists: they are lost. More
+    stored than listed (a stale metadata.yaml, as a crashed or still running recorder leaves it) is a notice.
+    ``listed`` is None for a lone .db3/.mcap file: there is nothing to compare.
     """
-    if storage is None:
-        return metadata
-    missing = {t: (metadata[t], storage[t]) for t in metadata if storage[t] < metadata[t]}
+    if listed is None:
+        return stored
+    missing = {t: (listed[t], stored[t]) for t in listed if stored[t] < listed[t]}
     if missing:
         detail = ", ".join(f"{t}: {m} listed, {s} stored" for t, (m, s) in sorted(missing.items()))
-        raise BagError(f"the bag {bag} has lost messages: metadata.yaml lists {sum(metadata.values())}, its "
-                       f"storage holds {sum(storage.values())} ({detail}); the .db3 file is truncated or was "
+        raise BagError(f"the bag {bag} has lost messages: metadata.yaml lists {sum(listed.values())}, its "
+                       f"storage holds {sum(stored.values())} ({detail}); a storage file is truncated or was "
                        "replaced. Nothing was written; use the original recording")
-    if storage != metadata:
-        log(f"{bag}: metadata.yaml lists {sum(metadata.values())} messages, the storage holds "
-            f"{sum(storage.values())} (a stale metadata.yaml, as a crashed recorder leaves it); reading all of them")
-    return storage
+    if +stored != +listed:
+        log(f"{bag}: metadata.yaml lists {sum(listed.values())} messages, the storage holds "
+            f"{sum(stored.values())} (a stale metadata.yaml, as a crashed recorder leaves it); reading all of them")
+    return stored
 
 
 def check_read(bag: Path, expected: Counter[str], read: Counter[str]) -> None:
