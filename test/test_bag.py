@@ -101,8 +101,8 @@ def _mixed_bag(path: Path, storage: StoragePlugin, frames: list[np.ndarray]) -> 
         comp = w.add_connection("/rear/image_raw/compressed", bag.COMPRESSED, typestore=store)
         note = w.add_connection("/note", "std_msgs/msg/String", typestore=store)
         for i, rgb in enumerate(frames):
-            ts = START + i * 100_000_000
-            header = T["std_msgs/msg/Header"](stamp=bag.stamp_msg(store, ts), frame_id=f"f{i}")
+            ts = START + i * 100_000_000  # the camera's stamp (capture) precedes the bag timestamp (record)
+            header = T["std_msgs/msg/Header"](stamp=bag.stamp_msg(store, ts - 7_654_321 - i), frame_id=f"f{i}")
             bgr = np.ascontiguousarray(rgb[:, :, ::-1])
             w.write(raw, ts, store.serialize_cdr(bag.image_message(store, bgr, "bgr8", header), IMAGE))
             png = cv2.imencode(".png", bgr)[1].reshape(-1)
@@ -139,6 +139,10 @@ def test_label_adds_outputs_and_keeps_originals(tmp_path: Path, segmenter: Segme
         labels = got[f"{ns}/segmentation/labels"]
         assert [ts for ts, _ in labels] == [ts for ts, _ in original[cam]]
         assert [START + i * 100_000_000 + offset for i in range(5)] == [ts for ts, _ in labels]
+        stamps_in = [(m.header.stamp.sec, m.header.stamp.nanosec) for _, m in original[cam]]
+        for kind in ("labels", "color", "overlay"):  # each output carries its camera message's stamp
+            assert [(m.header.stamp.sec, m.header.stamp.nanosec) for _, m in got[f"{ns}/segmentation/{kind}"]] \
+                == stamps_in
         for i, (_, msg) in enumerate(labels):
             assert msg.encoding == "mono8" and msg.header.frame_id == f"f{i}"
             np.testing.assert_array_equal(_pixels(msg), expected[i])
