@@ -17,7 +17,7 @@ from std_msgs.msg import Header
 
 from unet_perception.camera_model import CameraInfoError, CameraModel, camera_rays, check_size
 from unet_perception.ground import GridSpec, GroundError, GroundPose, GroundProjection, TfGround, class_kinds
-from unet_perception.ground_msgs import cloud_data, occupancy_grid, point_cloud
+from unet_perception.ground_msgs import SerializedCloud, cloud_data, occupancy_grid
 from unet_perception.node_params import StartupError
 from unet_perception.topics import GROUND_GRID, POINTS, camera_info_topic
 
@@ -104,7 +104,7 @@ class GroundCamera:
         self._rays: np.ndarray | None = None
         self._projection: GroundProjection | None = None
         self._pose_key = b""
-        self._cloud: Any = None
+        self._cloud: SerializedCloud | None = None
         self.ray_builds = 0         # how often rays were computed (once per CameraInfo in use)
         self.projection_builds = 0  # how often the projection was computed (once per CameraInfo and pose)
         self.points_pub = node.create_publisher(PointCloud2, f"{prefix}/{POINTS}", qos_out)
@@ -145,12 +145,14 @@ class GroundCamera:
             self.ray_builds += 1
         if self._projection is None or pose.key() != self._pose_key:
             self._projection = GroundProjection(model, s.stride, pose, s.max_range, s.grid, self._rays)
-            self._pose_key, self._cloud = pose.key(), cloud_data(self._projection.points)
+            self._pose_key, self._cloud = pose.key(), None
             self.projection_builds += 1
-        projection, cloud = self._projection, self._cloud
+        projection = self._projection
         if want_points:
-            rows, cols = projection.points.shape[:2]
-            self.points_pub.publish(point_cloud(cloud, rows, cols, header))
+            if self._cloud is None or self._cloud.frame_id != header.frame_id:
+                rows, cols = projection.points.shape[:2]
+                self._cloud = SerializedCloud(cloud_data(projection.points), rows, cols, header.frame_id)
+            self.points_pub.publish(self._cloud.stamped(header.stamp.sec, header.stamp.nanosec))
         if want_grid:
             grid_header = Header(stamp=header.stamp, frame_id=s.base_frame)
             self.grid_pub.publish(occupancy_grid(projection.grid(labels, s.kinds), s.grid, grid_header))
