@@ -47,6 +47,7 @@ DIAG_PERIOD_S = 0.25
 # it near 0; the flood itself costs CPU on a 2-core machine (publishing it, refusing it), so a loaded machine
 # measured 0.57-0.75 of the share alone now and then: 0.5 keeps the test about starvation, not about load.
 MIN_SHARE = 0.5
+WINDOW_S, ROUNDS = 1.0, 4    # the starvation test alternates 1 s alone and 1 s beside the junk, 4 times each
 
 
 class Stream:
@@ -188,7 +189,6 @@ def junk_jpeg(_: int) -> CompressedImage:
 def test_garbage_camera_does_not_starve_a_good_one(tiny_model: Path) -> None:
     """Two cameras flooding garbage (4x the good rate): the good camera keeps its output; errors only on them."""
     good, junk, junk_c = "/good/image_raw", "/junk/image_raw", "/junk_c/image_raw/compressed"
-    seconds = 3.0
     with RosGraph() as graph:
         graph.segmentation_node(model_path=str(tiny_model), image_topics=[good, junk, junk_c],
                                 diagnostics_period=DIAG_PERIOD_S)
@@ -200,25 +200,34 @@ def test_garbage_camera_does_not_starve_a_good_one(tiny_model: Path) -> None:
         wait_matched(pubs[good], [labels])
         wait_until(lambda: all(p.get_subscription_count() for p in pubs.values()), what="the junk cameras' match")
 
-        junk_sent: dict[str, int] = {}
+        junk_sent = {junk: 0, junk_c: 0}
 
-        def share_out(first: int, with_junk: bool) -> float:
-            """Share of the good camera's frames answered during ``seconds`` of streaming (stamps from ``first``)."""
+        def window(first: int, with_junk: bool) -> tuple[int, int]:
+            """(answered, sent) of the good camera's frames during one window of streaming (stamps from ``first``)."""
             before = len(labels)
             with ExitStack() as streams:
                 camera = streams.enter_context(Stream(pubs[good], lambda i: frame_message(first + i)))
                 junk_streams = {t: streams.enter_context(Stream(pubs[t], make, 4 * RATE_HZ))
                                 for t, make in ((junk, junk_image), (junk_c, junk_jpeg)) if with_junk}
-                time.sleep(seconds)  # the measurement window, not a synchronisation
-            junk_sent.update({t: stream.sent for t, stream in junk_streams.items()})
+                time.sleep(WINDOW_S)  # the measurement window, not a synchronisation
+            for t, stream in junk_streams.items():
+                junk_sent[t] += stream.sent
             last = first + camera.sent - 1  # the keep-latest slot always processes a camera's newest frame
             wait_until(lambda: len(labels) > before and labels.messages[-1].header.stamp.sec == last,
                        what=f"the output of good frame {last}")
-            return (len(labels) - before) / camera.sent
+            return len(labels) - before, camera.sent
 
-        alone = share_out(0, with_junk=False)
-        beside_junk = share_out(10_000, with_junk=True)
-        assert beside_junk >= MIN_SHARE * alone, (alone, beside_junk)
+        # Alone and beside the junk in alternating windows: the share answered depends on the CPU the node gets,
+        # and on the shared 2-core machine that drifts by 2x within seconds (one 3 s window alone then one with
+        # junk once gave 0.81 then 0.377). Interleaved, a drift in load falls on both sides alike.
+        totals = {False: [0, 0], True: [0, 0]}  # with junk -> [answered, sent]
+        for r in range(ROUNDS):
+            for with_junk in (False, True):
+                answered, sent = window(10_000 * (2 * r + with_junk), with_junk)
+                totals[with_junk][0] += answered
+                totals[with_junk][1] += sent
+        alone, beside_junk = (answered / sent for answered, sent in (totals[False], totals[True]))
+        assert beside_junk >= MIN_SHARE * alone, (alone, beside_junk, totals)
         # Every junk frame that reached the node is an error, refused in its callback (never queued: no drops), and
         # none came out. How many reach it is not the node's to promise: best effort with keep-last 5 loses what a
         # loaded machine's executor does not take in time (under a training job, over 3/4 of 80 Hz has been lost).
