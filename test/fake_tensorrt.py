@@ -32,7 +32,9 @@ class HostCuda(CudaApi):
         self.streams: set[int] = set()
         self.calls: Counter[str] = Counter()
         self.copies: list[tuple[str, int, str]] = []
+        self.events: list[tuple[str, int]] = []  # (htod | execute | dtoh | synchronize, stream), in call order
         self.next_ptr = 0x1000
+        self.next_stream = 7
         self.fail = fail or {}
 
     def _count(self, op: str) -> None:
@@ -55,8 +57,9 @@ class HostCuda(CudaApi):
 
     def create_stream(self) -> int:
         self._count("create_stream")
-        self.streams.add(7)
-        return 7
+        stream, self.next_stream = self.next_stream, self.next_stream + 1
+        self.streams.add(stream)
+        return stream
 
     def destroy_stream(self, stream: int) -> None:
         self._count("destroy_stream")
@@ -84,14 +87,17 @@ class HostCuda(CudaApi):
 
     def copy_to_device(self, dst: int, src: np.ndarray, nbytes: int, stream: int, what: str) -> None:
         self.copies.append(("htod", nbytes, what))
+        self.events.append(("htod", stream))
         self.memory[dst][:nbytes] = src.reshape(-1).view(np.uint8)[:nbytes]
 
     def copy_to_host(self, dst: np.ndarray, src: int, nbytes: int, stream: int, what: str) -> None:
         self.copies.append(("dtoh", nbytes, what))
+        self.events.append(("dtoh", stream))
         dst.reshape(-1).view(np.uint8)[:nbytes] = self.memory[src][:nbytes]
 
     def synchronize(self, stream: int) -> None:
         self.calls["synchronize"] += 1
+        self.events.append(("synchronize", stream))
 
 
 class FakeBuilder:
@@ -143,6 +149,7 @@ class FakeContext:
 
     def execute_async_v3(self, stream: int) -> bool:
         self.executions += 1
+        self.engine.cuda.events.append(("execute", stream))
         n, h, w, _ = self.input_shapes[-1]
         memory = self.engine.cuda.memory
         images = memory[self.addresses["image"]][:n * h * w * 3].reshape(n, h, w, 3)

@@ -38,7 +38,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from unet_perception.backends.base import BackendError, Prediction
+from unet_perception.backends.base import BackendError, Pending
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.camera_model import CameraInfoError
 from unet_perception.codec import check, decode, overlay_encoding, source_encoding
@@ -63,6 +63,7 @@ except ImportError:  # no class map topic then; configure says so once
 
 RELIABILITY = dict(zip(QOS_RELIABILITY, (ReliabilityPolicy.BEST_EFFORT, ReliabilityPolicy.RELIABLE), strict=True))
 LOG_THROTTLE_S = 5.0          # at most one bad-input / backend-failure line per call site this often
+IN_FLIGHT = 3  # overlapped stages: one batch resolving in publish, one waiting for it, one just submitted
 SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
 
 
@@ -121,7 +122,7 @@ class Work:
 
     items: list[tuple[Camera, Frame]]
     inputs: np.ndarray
-    prediction: Prediction | None = None
+    pending: Pending | None = None  # submitted to the backend (the infer stage); collected by the publish stage
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,8 @@ class SegmentationNode(GuardedLifecycleNode):
         ground = GroundSettings.from_params(p, list(info.classes.names)) if p["ground.enabled"] else None
         options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
-                                 workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"])
+                                 workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"],
+                                 in_flight=IN_FLIGHT if p["overlap"] else 1)
         backend = None
         try:
             backend = create_backend(p["backend"], info, options, log=self.get_logger().info)
@@ -491,10 +493,11 @@ class SegmentationNode(GuardedLifecycleNode):
             self._publish_batch(work)
 
     def _infer(self, work: Work) -> bool:
+        """Submit the batch: the CPU backends compute here, TensorRT on its own stream while the stages go on."""
         assert self._segmenter is not None
         try:
-            work.prediction = self._segmenter.predict(work.inputs)
-        except Exception as exc:  # noqa: BLE001 - a failed batch (backend error, OOM, ids outside the table)
+            work.pending = self._segmenter.backend.submit(work.inputs)
+        except Exception as exc:  # noqa: BLE001 - a failed batch (backend error, OOM) must not stop the node
             self._batch_failed(work.items, "inference", exc)
             return False
         return True
@@ -504,10 +507,11 @@ class SegmentationNode(GuardedLifecycleNode):
             self._record_error(cam, f"{step} failed on {cam.topic}: {type(exc).__name__}: {exc}")
 
     def _publish_batch(self, work: Work) -> None:
-        assert self._segmenter is not None and work.prediction is not None
-        try:
-            results = self._segmenter.finish([frame.rgb for _, frame in work.items], work.prediction)
-        except Exception as exc:  # noqa: BLE001 - as in _infer
+        assert self._segmenter is not None and work.pending is not None
+        try:  # the prediction (waits for a GPU batch), the class-id check, labels at each frame's size
+            prediction = self._segmenter.collect(work.pending)
+            results = self._segmenter.finish([frame.rgb for _, frame in work.items], prediction)
+        except Exception as exc:  # noqa: BLE001 - as in _infer; ids outside the table are refused here
             self._batch_failed(work.items, "inference", exc)
             return
         for (cam, frame), seg in zip(work.items, results):

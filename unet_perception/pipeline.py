@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from unet_perception.backends.base import Backend, Prediction
+from unet_perception.backends.base import Backend, Pending, Prediction
 from unet_perception.class_table import ClassTable
 from unet_perception.model_contract import UNKNOWN_LABEL
 
@@ -131,7 +131,11 @@ class Segmenter:
 
     def predict(self, batch: np.ndarray) -> Prediction:
         """The backend's labels (and confidence) at the model's size; ValueError for ids outside the table."""
-        pred = self.backend.infer(batch)
+        return self.collect(self.backend.submit(batch))
+
+    def collect(self, pending: Pending) -> Prediction:
+        """``predict`` in two steps: ``backend.submit(batch)``, then this (the node overlaps what lies between)."""
+        pred = pending.result()
         top = int(pred.labels.max())
         n = self.classes.num_classes
         if top >= n:

@@ -9,6 +9,7 @@ Polygraphy's runners: construct (cheap, validates), ``activate()`` (allocate onc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -27,6 +28,17 @@ class Prediction:
 
     labels: np.ndarray                 # uint8 [N, H, W] class ids
     confidence: np.ndarray | None      # uint8 [N, H, W] winning softmax probability x 255; None: model has none
+
+
+class Pending:
+    """A submitted batch: ``result()`` waits for its outputs once and checks them against the contract."""
+
+    def __init__(self, backend: Backend, n: int, wait: Callable[[], tuple[np.ndarray, np.ndarray | None]]) -> None:
+        self._backend, self._n, self._wait = backend, n, wait
+
+    def result(self) -> Prediction:
+        labels, confidence = self._wait()
+        return self._backend.check_outputs(self._n, labels, confidence)
 
 
 class Backend(ABC):
@@ -62,6 +74,12 @@ class Backend(ABC):
             self.active = False
 
     def infer(self, batch: np.ndarray) -> Prediction:
+        return self.submit(batch).result()
+
+    def submit(self, batch: np.ndarray) -> Pending:
+        """Start a batch; ``result()`` of what comes back waits for it. A backend that runs on its own device
+        (TensorRT) returns at once, so the caller can prepare or publish another batch meanwhile; the others
+        compute here and ``result()`` only hands it over."""
         h, w = self.input_hw
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (h, w, 3):
             raise BackendError(f"{self.name}: batch must be uint8 [N, {h}, {w}, 3], got "
@@ -70,8 +88,15 @@ class Backend(ABC):
             raise BackendError(f"{self.name}: batch of {batch.shape[0]} frames, max_batch is {self.max_batch}")
         if not self.active:
             self.activate()
-        labels, confidence = self._infer(np.ascontiguousarray(batch))
-        n = batch.shape[0]
+        return self._submit(np.ascontiguousarray(batch))
+
+    def _submit(self, batch: np.ndarray) -> Pending:
+        """Synchronous by default: the work is done before this returns."""
+        out = self._infer(batch)
+        return Pending(self, len(batch), lambda: out)
+
+    def check_outputs(self, n: int, labels: np.ndarray, confidence: np.ndarray | None) -> Prediction:
+        h, w = self.input_hw
         for what, array in (("labels", labels), ("confidence", confidence)):
             if array is not None and (array.dtype != np.uint8 or array.shape != (n, h, w)):
                 raise BackendError(f"{self.name}: the model returned {what} {array.dtype} {list(array.shape)}, "

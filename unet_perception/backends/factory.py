@@ -42,6 +42,7 @@ class BackendOptions:
     engine_cache_dir: str = ""        # tensorrt engines and timing cache, and the fp16 ONNX; "" = ~/.cache/...
     workspace_mb: int = 1024          # tensorrt: builder workspace limit
     checkpoint: str = ""              # torch: training checkpoint (default: the model's .pt beside the ONNX)
+    in_flight: int = 1                # tensorrt: batches submitted at once, each with its own context and stream
 
     def validate(self) -> None:
         if self.max_batch < 1:
@@ -52,6 +53,8 @@ class BackendOptions:
             raise BackendError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         if self.threads < 0:
             raise BackendError(f"threads must be >= 0, got {self.threads}")
+        if self.in_flight < 1:
+            raise BackendError(f"in_flight must be >= 1, got {self.in_flight}")
         if self.workspace_mb < 16:
             raise BackendError(f"workspace_mb must be >= 16, got {self.workspace_mb}")
         if self.gpu_id < 0:

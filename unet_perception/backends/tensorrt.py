@@ -6,18 +6,26 @@ per buffer and ``execute_async_v3`` per batch. Pinned host buffers for ``image``
 has it) ``confidence``, and device buffers for every I/O tensor, are allocated once, for ``max_batch``, in
 ``activate()``; a smaller batch uses the front of the same buffers. Whatever ``activate()`` allocated is freed
 when any later step fails. Every TensorRT return value is checked; CUDA calls are checked in ``cuda_memory``.
+
+Batches in flight (``options.in_flight``, the node asks for 3 when its stages overlap): each has a *slot*, its own
+execution context, CUDA stream and buffers, because a context holds one batch's shapes and addresses and a
+stream orders one batch's copies and kernels. ``submit`` enqueues the upload, ``execute_async_v3`` and the
+download on the slot's stream and returns; ``result()`` waits for that stream only. So the copies of one batch
+overlap the compute of another, and the caller prepares or publishes meanwhile. A ``submit`` with every slot busy
+waits for a ``result()`` to free one. Not yet run on a GPU (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unet_perception.backends.base import Backend, BackendError
+from unet_perception.backends.base import Backend, BackendError, Pending
 from unet_perception.backends.cuda_memory import CudaApi, cuda_unavailable_reason, load_cuda
 from unet_perception.backends.engine_cache import EngineKey, built_with, read_engine
 from unet_perception.backends.factory import BackendOptions
@@ -34,6 +42,17 @@ HOST_TENSORS = (INPUT_NAME, OUTPUT_NAME, CONFIDENCE_NAME)  # the tensors copied 
 def dims(shape: tensorrt.Dims) -> tuple[int, ...]:
     """TensorRT ``Dims`` as a tuple (-1 for a dynamic axis)."""
     return tuple(int(shape[i]) for i in range(len(shape)))
+
+
+@dataclass
+class Slot:
+    """One batch in flight: its execution context, its CUDA stream and its buffers by tensor name."""
+
+    context: tensorrt.IExecutionContext
+    stream: int
+    buffers: dict[str, TensorBuffer] = field(default_factory=dict)
+    batch: int = 0     # the batch size the context's input shape is set to
+    busy: bool = False
 
 
 @dataclass
@@ -71,10 +90,8 @@ class TensorRTBackend(Backend):
         self._trt_log: TrtLog | None = None
         self._runtime: tensorrt.Runtime | None = None
         self._engine: tensorrt.ICudaEngine | None = None
-        self._context: tensorrt.IExecutionContext | None = None
-        self._stream = 0
-        self._buffers: dict[str, TensorBuffer] = {}
-        self._batch = 0  # the batch size the context's input shape is set to
+        self._slots: list[Slot] = []
+        self._free = threading.Condition()  # guards Slot.busy: submit and result run in different threads
 
     @property
     def device(self) -> str:
@@ -84,7 +101,7 @@ class TensorRTBackend(Backend):
     @property
     def has_confidence(self) -> bool:
         """Whether the engine has the ``confidence`` output (known once active)."""
-        return CONFIDENCE_NAME in self._buffers
+        return bool(self._slots) and CONFIDENCE_NAME in self._slots[0].buffers
 
     def _activate(self) -> None:
         import tensorrt as trt
@@ -107,18 +124,27 @@ class TensorRTBackend(Backend):
             self._engine = engine
             try:
                 specs = self._io_tensors(engine)
-                context = engine.create_execution_context()
-                if context is None:
-                    raise BackendError(f"TensorRT could not create an execution context for '{path}' "
-                                       "(out of GPU memory?); close other GPU programs or lower max_batch")
-                self._context = context
-                self._stream = cuda.create_stream()
-                for name, (is_input, item_shape, dtype) in specs.items():
-                    self._allocate(cuda, context, name, is_input, item_shape, dtype)
+                for _ in range(self.options.in_flight):
+                    self._slots.append(self._slot(cuda, engine, path, specs))
             except BaseException:
                 self._deactivate()
                 raise
-        self._batch = 0
+
+    def _slot(self, cuda: CudaApi, engine: tensorrt.ICudaEngine, path: Any,
+              specs: dict[str, tuple[bool, tuple[int, ...], np.dtype]]) -> Slot:
+        """A context, a stream and buffers for one batch in flight; what it allocated is freed if a step fails."""
+        context = engine.create_execution_context()
+        if context is None:
+            raise BackendError(f"TensorRT could not create an execution context for '{path}' "
+                               "(out of GPU memory?); close other GPU programs or lower max_batch")
+        slot = Slot(context, cuda.create_stream())
+        try:
+            for name, (is_input, item_shape, dtype) in specs.items():
+                self._allocate(cuda, slot, name, is_input, item_shape, dtype)
+        except BaseException:
+            _free_slot(cuda, slot, [])  # the allocation's own error is the one to raise
+            raise
+        return slot
 
     def _io_tensors(self, engine: tensorrt.ICudaEngine) -> dict[str, tuple[bool, tuple[int, ...], np.dtype]]:
         """Name -> (is input, shape without batch, dtype) for every I/O tensor, checked against the contract."""
@@ -154,71 +180,115 @@ class TensorRTBackend(Backend):
                                f"rebuild it with --max-batch {self.max_batch}")
         return specs
 
-    def _allocate(self, cuda: CudaApi, context: tensorrt.IExecutionContext, name: str, is_input: bool,
+    def _allocate(self, cuda: CudaApi, slot: Slot, name: str, is_input: bool,
                   item_shape: tuple[int, ...], dtype: np.dtype) -> None:
         nbytes = self.max_batch * int(np.prod(item_shape)) * dtype.itemsize
         device = cuda.alloc_device(nbytes, f"tensor '{name}'")
         try:
             host = cuda.alloc_pinned((self.max_batch, *item_shape), dtype) if name in HOST_TENSORS else None
         except BaseException:
-            cuda.free_device(device)  # not yet in _buffers, so _deactivate would not free it
+            cuda.free_device(device)  # not yet in the slot's buffers, so freeing the slot would miss it
             raise
-        self._buffers[name] = TensorBuffer(name, is_input, item_shape, dtype, device, host)
-        if not context.set_tensor_address(name, device):
+        slot.buffers[name] = TensorBuffer(name, is_input, item_shape, dtype, device, host)
+        if not slot.context.set_tensor_address(name, device):
             raise BackendError(f"TensorRT set_tensor_address('{name}', {device:#x}) failed")
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        assert self._context is not None and self._cuda is not None
-        cuda, context, n = self._cuda, self._context, len(batch)
-        image = self._buffers[INPUT_NAME]
-        outputs = [self._buffers[name] for name in (OUTPUT_NAME, CONFIDENCE_NAME) if name in self._buffers]
+        slot = self._enqueue(batch)
+        return self._collect(slot, len(batch))
+
+    def _submit(self, batch: np.ndarray) -> Pending:
+        slot = self._enqueue(batch)
+        n = len(batch)
+        return Pending(self, n, lambda: self._collect(slot, n))
+
+    def _enqueue(self, batch: np.ndarray) -> Slot:
+        """Take a free slot (waiting for one) and enqueue upload, inference and download on its stream."""
+        assert self._cuda is not None and self._slots
+        with self._free:
+            self._free.wait_for(lambda: any(not s.busy for s in self._slots))
+            slot = next(s for s in self._slots if not s.busy)
+            slot.busy = True
+        try:
+            self._launch(self._cuda, slot, batch)
+        except BaseException:
+            self._release(slot)
+            raise
+        return slot
+
+    def _launch(self, cuda: CudaApi, slot: Slot, batch: np.ndarray) -> None:
+        context, n = slot.context, len(batch)
+        image = slot.buffers[INPUT_NAME]
         assert image.host is not None
         with cuda.use_device(self.options.gpu_id):
-            if n != self._batch:
+            if n != slot.batch:
                 shape = (n, *image.item_shape)
                 if not context.set_input_shape(INPUT_NAME, shape):
                     raise BackendError(f"TensorRT set_input_shape('{INPUT_NAME}', {list(shape)}) failed; the engine "
                                        f"profile allows batch 1..{self.max_batch} at {list(image.item_shape)}")
-                for out in outputs:
+                for out in _outputs(slot):
                     out_shape = dims(context.get_tensor_shape(out.name))
                     if out_shape != (n, *out.item_shape):  # -1: TensorRT could not resolve it from the input
                         raise BackendError(f"TensorRT output '{out.name}' has shape {list(out_shape)} for batch {n}, "
                                            f"expected {[n, *out.item_shape]}"
                                            + ("; -1 means TensorRT could not compute the size from the input shape"
                                               if any(d < 0 for d in out_shape) else ""))
-                self._batch = n
+                slot.batch = n
             image.host[:n] = batch
-            cuda.copy_to_device(image.device, image.host, n * image.item_bytes, self._stream, f"input '{INPUT_NAME}'")
-            if not context.execute_async_v3(self._stream):
+            cuda.copy_to_device(image.device, image.host, n * image.item_bytes, slot.stream, f"input '{INPUT_NAME}'")
+            if not context.execute_async_v3(slot.stream):
                 raise BackendError(f"TensorRT execute_async_v3 failed for a batch of {n} on {self.device}")
-            for out in outputs:
+            for out in _outputs(slot):
                 assert out.host is not None
-                cuda.copy_to_host(out.host, out.device, n * out.item_bytes, self._stream, f"output '{out.name}'")
-            cuda.synchronize(self._stream)
-            # copies: the pinned buffers are reused by the next batch
-            host = [out.host[:n].copy() for out in outputs if out.host is not None]
+                cuda.copy_to_host(out.host, out.device, n * out.item_bytes, slot.stream, f"output '{out.name}'")
+
+    def _collect(self, slot: Slot, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Wait for the slot's stream, copy its outputs out of the pinned buffers (the next batch reuses them)."""
+        assert self._cuda is not None
+        try:
+            with self._cuda.use_device(self.options.gpu_id):
+                self._cuda.synchronize(slot.stream)
+            host = [out.host[:n].copy() for out in _outputs(slot) if out.host is not None]
+        finally:
+            self._release(slot)
         return host[0], (host[1] if len(host) > 1 else None)
 
+    def _release(self, slot: Slot) -> None:
+        with self._free:
+            slot.busy = False
+            self._free.notify()
+
     def _deactivate(self) -> None:
-        """Free every buffer and the stream, each even when another free fails; then raise the first failure."""
+        """Free every slot's buffers and stream, each even when another free fails; then raise the first failure."""
         cuda = self._cuda
         failures: list[Exception] = []
         try:
             if cuda is not None:
                 with cuda.use_device(self.options.gpu_id):
-                    for buf in self._buffers.values():
-                        _attempt(failures, cuda.free_device, buf.device)
-                        if buf.host is not None:
-                            _attempt(failures, cuda.free_pinned, buf.host)
-                    if self._stream:
-                        _attempt(failures, cuda.destroy_stream, self._stream)
+                    for slot in self._slots:
+                        _free_slot(cuda, slot, failures)
         finally:
-            self._buffers.clear()
-            self._stream = 0
-            self._context = self._engine = self._runtime = None  # context before engine before runtime
+            self._slots = []  # contexts before the engine before the runtime
+            self._engine = self._runtime = None
             self._trt_log = None  # the logger last
         if failures:
             raise failures[0]
+
+
+def _outputs(slot: Slot) -> list[TensorBuffer]:
+    """The outputs copied back to the host, labels first."""
+    return [slot.buffers[name] for name in (OUTPUT_NAME, CONFIDENCE_NAME) if name in slot.buffers]
+
+
+def _free_slot(cuda: CudaApi, slot: Slot, failures: list[Exception]) -> None:
+    for buf in slot.buffers.values():
+        _attempt(failures, cuda.free_device, buf.device)
+        if buf.host is not None:
+            _attempt(failures, cuda.free_pinned, buf.host)
+    slot.buffers.clear()
+    if slot.stream:
+        _attempt(failures, cuda.destroy_stream, slot.stream)
+        slot.stream = 0
 
 
 def _attempt(failures: list[Exception], free: Callable[[Any], None], what: Any) -> None:
