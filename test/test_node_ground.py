@@ -16,6 +16,7 @@ import pytest
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from nav_msgs.msg import OccupancyGrid
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 
@@ -243,3 +244,21 @@ def test_unsubscribed_outputs_and_repeated_camera_info_cost_nothing(tiny_model) 
         assert (ground.ray_builds, ground.projection_builds) == (1, 1)
         send(1, points, fx=F * 1.1)
         assert (ground.ray_builds, ground.projection_builds) == (2, 2)
+
+
+def test_camera_info_follows_remapping_and_the_lifecycle(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """-r image_raw:=/remapped/image_raw reads /remapped/camera_info; deactivate removes the ground topics,
+    activate brings them back."""
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), ros_args=["-r", "image_raw:=/remapped/image_raw"],
+                                       **{"ground.enabled": True, "ground.source": "parameters"})
+        assert node._cameras[0].ground.info_topic == "/remapped/camera_info"
+        topics = ("/remapped/segmentation/points", "/remapped/segmentation/ground_grid")
+        wait_until(lambda: graph.node.count_subscribers("/remapped/camera_info") == 1
+                   and all(graph.node.count_publishers(t) == 1 for t in topics), what="ground topics")
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        wait_until(lambda: graph.node.count_subscribers("/remapped/camera_info") == 0
+                   and all(graph.node.count_publishers(t) == 0 for t in topics), what="ground topics gone")
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        wait_until(lambda: graph.node.count_subscribers("/remapped/camera_info") == 1
+                   and all(graph.node.count_publishers(t) == 1 for t in topics), what="ground topics back")
