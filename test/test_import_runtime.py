@@ -108,3 +108,29 @@ def test_unet_bag_labels_with_an_imported_model(imported: tuple[Path, Path], tmp
         labels = msg.data.reshape(msg.height, msg.width)
         assert (labels == reference_labels(source, frame)).mean() >= 0.995
     assert read_model_info(model).classes.num_classes == 150
+
+
+@pytest.mark.fleet
+@pytest.mark.slow
+def test_label_many_with_an_imported_model_equals_label(imported: tuple[Path, Path], tmp_path: Path) -> None:
+    """label-many on a local Ray writes, byte for byte, what unet-bag label writes with the imported model."""
+    pytest.importorskip("ray", reason="label-many needs Ray: pip install -r requirements/fleet.txt")
+    from conftest import bag_messages
+
+    from unet_perception.fleet.driver import ray_session
+
+    _, model = imported
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), synthetic_frame(64, 48, i))
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    for name in ("a", "b"):
+        assert bag_main(["from-images", str(folder), str(bags / name)]) == 0
+    common = ["--model", str(model), "--backend", "onnxruntime", "--threads", "1"]
+    assert bag_main(["label", str(bags / "a"), str(tmp_path / "single"), *common]) == 0
+    with ray_session(num_cpus=2):
+        assert bag_main(["label-many", str(bags / "a"), str(bags / "b"), "--out", str(tmp_path / "many"),
+                         "--workers", "2", *common]) == 0
+    assert bag_messages(tmp_path / "many" / "a") == bag_messages(tmp_path / "single")
