@@ -207,3 +207,32 @@ def test_a_model_path_that_is_not_a_file_gets_its_own_line(kind: str, tmp_path: 
     assert "does not exist" not in str(result[0])
     if kind == "folder":
         assert "inside.onnx" in str(result[0])
+
+
+def test_the_node_and_tools_name_a_fifo_and_a_folder_without_blocking(tmp_path: Path, capsys: Any) -> None:
+    """model_path:=<FIFO> or a folder: one line naming what it is, from the node and every tool; no hang."""
+    from ros_graph import RosGraph
+    from unet_perception.node_params import StartupError
+    from unet_perception.tools import bag_cli, build_engine
+    from unet_perception.training import evaluate
+
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    for path, words in ((fifo, "is a FIFO"), (tmp_path, "is a folder")):
+        runs = {
+            "label": (bag_cli.main, ["label", str(tmp_path / "no_bag"), str(tmp_path / "out"), "--model", str(path)]),
+            "label-many": (bag_cli.main, ["label-many", str(tmp_path / "no_bag"), "--out", str(tmp_path / "many"),
+                                          "--model", str(path)]),
+            "build-engine": (build_engine.main, [str(path), "--build-only"]),
+            "evaluate": (evaluate.main, [str(path), "--data", str(tmp_path), "--out", str(tmp_path / "eval")]),
+        }
+        for tool, (main, argv) in runs.items():
+            done: list[int] = []
+            thread = threading.Thread(target=lambda m=main, a=argv, d=done: d.append(m(a)), daemon=True)
+            thread.start()
+            thread.join(timeout=30)
+            assert done and done[0] != 0, f"{tool} on {path}: blocked or succeeded"
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and words in err[0] and str(path) in err[0], (tool, err)
+        with RosGraph() as graph, pytest.raises(StartupError, match=words):
+            graph.segmentation_node(model_path=str(path), image_topics=["/fifo/image_raw"])
