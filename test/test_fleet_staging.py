@@ -154,3 +154,21 @@ def test_an_error_that_spans_lines_is_printed_on_one(tmp_path: Path, tiny_model:
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "metadata.yaml" in err and "line 2" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_names_that_are_not_utf8_are_refused_in_one_printable_line(tmp_path: Path, tiny_model: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Ray cannot start a driver whose arguments are not UTF-8 (it failed with a UnicodeEncodeError traceback), so
+    such a bag is refused first; its name, a list file's bad line and an ANSI escape print as escapes."""
+    import os
+
+    bad = Path(os.fsdecode(bytes(tmp_path / "bags") + b"/b\xff\x1b[31m"))
+    bad.mkdir(parents=True)
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"bags/\xfe\x1b[2J\n")
+    for inputs in ([str(bad)], [str(listing)]):
+        code = main(["label-many", *inputs, "--out", str(tmp_path / "out"), "--model", str(tiny_model)])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and err[:-1].isprintable(), err
+        assert "\\udcff\\x1b[31m" in err or "\\udcfe\\x1b[2J" in err, err
+    assert not (tmp_path / "out").exists()

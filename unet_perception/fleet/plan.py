@@ -42,12 +42,26 @@ class BagJob:
 
 
 def one_line(text: str) -> str:
-    """``text`` on one line (a YAML or storage error can span several): a report row and a log line each."""
-    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or text.strip()
+    """``text`` on one line (a YAML or storage error can span several): a report row and a log line each. Bytes
+    of a file name that are not UTF-8 (surrogates in Python) are shown as ``\\udcXX``: printing them would fail."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # a control character (an ANSI escape in a file name) is shown, not sent to the terminal
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in " | ".join(lines))
+
+
+def _utf8(path: Path, what: str) -> None:
+    """A ``BagError`` unless ``path`` is UTF-8 text: Ray cannot start a driver whose arguments are not, and
+    rosbags opens sqlite3 files by a text URI."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BagError(one_line(f"{what} {path} has a name that is not UTF-8 text; rename it")) from exc
 
 
 def _from_list(path: Path) -> list[str]:
-    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    text = path.read_bytes().decode("utf-8", "surrogateescape")  # a line that is not UTF-8 is refused as a path
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
     return [str(path.parent / line) if not os.path.isabs(line) else line for line in lines if line]
 
 
@@ -108,9 +122,11 @@ def plan_jobs(bags: Sequence[Path], out_dir: Path) -> list[BagJob]:
     NAME that is one of the run's own files in ``out_dir`` (the report, ``staging``'s lock and work folders)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise BagError(f"--out {out_dir} is a file; give a folder for the labelled bags")
+    _utf8(out_dir.absolute(), "--out")
     jobs = []
     for src in bags:
         src = Path(os.path.abspath(src))  # "..", "." and "bags/" spelled out, so NAME is the folder's own name
+        _utf8(src, "the input")
         name = src.stem if src.is_file() else src.name
         if not name or name in (REPORT_NAME, LOCK_NAME) or name.startswith(RUN_PREFIX):
             raise BagError(f"the input {src} would be written to {out_dir / name}, which is the run's own "
@@ -206,7 +222,7 @@ class FleetReport:
                f"{'tries':>5s}  error"
         rows = [head]
         for r in self.results:
-            rows.append(f"{r.name[:28]:28s} {r.status:9s} {r.frames_in:6d} {r.labelled:8d} {r.refused:7d} "
+            rows.append(f"{one_line(r.name)[:28]:28s} {r.status:9s} {r.frames_in:6d} {r.labelled:8d} {r.refused:7d} "
                         f"{r.seconds:7.1f} {r.fps:7.1f} {r.attempts:5d}  {r.error}")
         done = [r for r in self.results if r.status == "labelled"]
         fps = self.labelled_frames / self.seconds if self.seconds > 0 else 0.0
