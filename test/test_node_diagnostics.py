@@ -221,3 +221,15 @@ def test_unset_repeated_and_slightly_late_stamps_are_not_losses() -> None:
     base = [5_000_000_000 + i * PERIOD for i in range(10)]
     rate = stamp_rate([*base[:8], 0, base[7], base[6], *base[8:]])
     assert rate.missing == 0 and round(rate.rate_hz()) == 10
+
+
+def test_what_a_valid_stamp_is() -> None:
+    from unet_perception.node_stats import check_stamp, stamp_ns
+
+    for bad in (Time(sec=5, nanosec=1_000_000_000), Time(sec=5, nanosec=4_294_967_295), Time(sec=-1, nanosec=0)):
+        with pytest.raises(ValueError, match="not a valid time"):
+            check_stamp(bad)
+        assert stamp_ns(bad) == 0  # says nothing to the rate, like an unset stamp
+    for good in (Time(sec=0, nanosec=0), Time(sec=5, nanosec=999_999_999), Time(sec=2**31 - 1, nanosec=0)):
+        check_stamp(good)
+    assert stamp_ns(Time(sec=5, nanosec=999_999_999)) == 5_999_999_999
