@@ -85,6 +85,18 @@ def ground_node(graph: RosGraph, model: str, topics: list[str]):  # type: ignore
     return graph.segmentation_node(model_path=model, image_topics=topics, diagnostics_period=0.2, **params)
 
 
+def camera_rig(graph: RosGraph, model: str, ns: str):  # type: ignore[no-untyped-def]
+    """A ground node for camera ``<ns>/image_raw`` with its image and camera_info publishers and a labels
+    collector, all matched: (node, image publisher, info publisher, labels collector)."""
+    node = ground_node(graph, model, [f"{ns}/image_raw"])
+    image = graph.publisher(Image, f"{ns}/image_raw")
+    info = graph.publisher(CameraInfo, f"{ns}/camera_info", RELIABLE)
+    labels = graph.collect(Image, f"{ns}/segmentation/labels", RELIABLE)
+    wait_matched(image, [labels])
+    wait_until(lambda: info.get_subscription_count() > 0, what="camera_info subscription")
+    return node, image, info, labels
+
+
 def statuses(diag, topic: str, level: int, text: str) -> list[DiagnosticStatus]:  # type: ignore[no-untyped-def]
     return [s for m in diag.wait_for(0) for s in m.status
             if s.hardware_id == topic and s.level == level and text in s.message]
@@ -160,14 +172,10 @@ def test_points_and_grid_for_cameras_with_camera_info(tiny_model) -> None:  # ty
 def test_bad_camera_info_and_mismatched_frames_are_counted(tiny_model) -> None:  # type: ignore[no-untyped-def]
     topic = "/cam/image_raw"
     with RosGraph() as graph:
-        node = ground_node(graph, str(tiny_model), [topic])
-        image = graph.publisher(Image, topic)
-        info = graph.publisher(CameraInfo, "/cam/camera_info", RELIABLE)
-        labels = graph.collect(Image, "/cam/segmentation/labels", RELIABLE)
+        node, image, info, labels = camera_rig(graph, str(tiny_model), "/cam")
         points = graph.collect(PointCloud2, "/cam/segmentation/points", RELIABLE)
         diag = graph.collect(DiagnosticArray, "/diagnostics", 10)
-        wait_matched(image, [labels, points])
-        wait_until(lambda: info.get_subscription_count() > 0, what="camera_info subscription")
+        wait_matched(image, [points])
         stats = node._cameras[0].stats
 
         for bad, reason in ((info_message(fx=0.0), "focal lengths"), (info_message(fx=math.nan), "finite")):
@@ -218,14 +226,8 @@ def test_ground_parameters_are_checked(tiny_model) -> None:  # type: ignore[no-u
 def test_unsubscribed_outputs_and_repeated_camera_info_cost_nothing(tiny_model) -> None:  # type: ignore[no-untyped-def]
     """Nothing is computed while nobody subscribes to points or grid; then rays and projection once for a
     CameraInfo a driver repeats every frame, and again only when the calibration changes."""
-    topic = "/cost/image_raw"
     with RosGraph() as graph:
-        node = ground_node(graph, str(tiny_model), [topic])
-        image = graph.publisher(Image, topic)
-        info = graph.publisher(CameraInfo, "/cost/camera_info", RELIABLE)
-        labels = graph.collect(Image, "/cost/segmentation/labels", RELIABLE)
-        wait_matched(image, [labels])
-        wait_until(lambda: info.get_subscription_count() > 0, what="camera_info subscription")
+        node, image, info, labels = camera_rig(graph, str(tiny_model), "/cost")
         ground = node._cameras[0].ground
 
         def send(count: int, collector, fx: float = F) -> None:  # type: ignore[no-untyped-def]
