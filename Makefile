@@ -96,3 +96,10 @@ GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 .PHONY: gpu-check
 gpu-check:
 	PYTHONPATH="$(CURDIR):$$PYTHONPATH" $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The node at 10/20/30/60 Hz and at its own maximum, 1 and 4 cameras of 640x480 frames from a separate publisher
+# process, beside raw inference of the same model; table printed, JSON in out/bench.json; < 5 min on an idle 2-core
+# machine. BENCH_ARGS adds options, e.g. BENCH_ARGS="--levers" (one row per lever) or "--soak 600" (RSS slope).
+bench: $(STAMP)
+	mkdir -p out
+	$(PY) benchmarks/bench.py --images $(IMAGES) --json out/bench.json $(BENCH_ARGS)

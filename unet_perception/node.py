@@ -238,7 +238,7 @@ class SegmentationNode(GuardedLifecycleNode):
         options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
                                  workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"],
-                                 in_flight=IN_FLIGHT if p["overlap"] else 1)
+                                 in_flight=IN_FLIGHT if p["overlap"] else 1, spinning=p["spinning"])
         backend = None
         try:
             backend = create_backend(p["backend"], info, options, log=self.get_logger().info)

@@ -64,6 +64,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("gpu_id", 0, "device cuda: CUDA device index.", int_range=(0, 63)),
     ParamSpec("threads", 0, "device cpu: ONNX Runtime / torch threads; 0 = the library's default.",
               int_range=(0, 256)),
+    ParamSpec("spinning", True, "device cpu, onnxruntime: idle inference threads spin waiting for the next run "
+              "(ONNX Runtime's default: faster runs, but they hold cores the node's other threads need)."),
     ParamSpec("overlap", True, "Run decode/resize, inference and render/publish in three threads, so that they "
               "overlap (more frames per second when the backend leaves cores free); false: one thread, in turn.",
               ),

@@ -39,6 +39,7 @@ class BackendOptions:
     gpu_id: int = 0                   # device cuda: which GPU
     precision: str = "fp32"           # fp32 | fp16 | int8: which per-precision ONNX file runs (torch: fp16 = autocast)
     threads: int = 0                  # device cpu: ONNX Runtime / torch threads; 0 = library default
+    spinning: bool = True             # onnxruntime cpu: idle pool threads spin for the next run (ORT's default)
     engine_cache_dir: str = ""        # tensorrt engines and timing cache, and the fp16 ONNX; "" = ~/.cache/...
     workspace_mb: int = 1024          # tensorrt: builder workspace limit
     checkpoint: str = ""              # torch: training checkpoint (default: the model's .pt beside the ONNX)

@@ -70,6 +70,9 @@ class OnnxRuntimeBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.options.threads > 0:
             so.intra_op_num_threads = self.options.threads
+        # Spinning pool threads start the next parallel section sooner but hold a core after each run, which the
+        # node's other threads (decode, publish, the executor) then wait for (docs/performance.md).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spinning else "0")
         path, self._precision = onnx_for_precision(self.info.path, self.options.precision,
                                                    cache_dir_for(self.options.engine_cache_dir))
         try:

@@ -1,0 +1,332 @@
+"""``make bench``: the node at fixed camera rates and at its own maximum, in the style of ros2_benchmark / r2b.
+
+    python benchmarks/bench.py [--duration 8] [--rates 10,20,30,60,max] [--cameras 1,4] [--json FILE]
+    python benchmarks/bench.py --levers            # one row per lever: 1 camera at 60 Hz, node settings in turns
+    python benchmarks/bench.py --soak 600          # RSS over 10 minutes at 4 cameras x 30 Hz, slope in MiB/min
+
+The node runs in its own process as the launch file starts it (benchmarks/load.py); this process is the separate
+publisher and consumer: 640x480 rgb8 frames (CamVid val when present, else synthetic) stamped when sent, the
+labels output subscribed raw. ``max`` is a closed loop: each camera keeps two frames in flight (the node's pipeline
+depth: one inferring, one prepared) and sends the next one when a label comes back, so the node is never starved
+and never flooded. Per row: output fps per camera, latency p50/p99 (label arrival - input stamp, both DDS hops
+included), drops (keep-latest drops + frames lost before the node), node CPU% (of one core, /proc/<pid>/stat) and
+peak RSS (VmHWM). Beside it, raw inference fps of the same model, timed in this process before any node starts
+(one live ONNX Runtime session at a time: the spinning pools of two would steal each other's cores). The goals of
+issue 16 are checked against that raw figure and printed as PASS/MISS lines; they are goals, never tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load  # noqa: E402  (benchmarks/load.py: the probe, RSS, waiting)
+import pipeline as stages  # noqa: E402  (benchmarks/pipeline.py: default model, CamVid folder)
+
+from unet_perception.backends.factory import BackendOptions, create_backend  # noqa: E402
+from unet_perception.launch_support import apply_node_env, node_command, node_env  # noqa: E402
+from unet_perception.model_contract import read_model_info  # noqa: E402
+from unet_perception.tools.camera_sim import load_frames, synthetic_frame  # noqa: E402
+
+WINDOW = 2                # max rate: frames in flight per camera
+LOST_S = 3.0              # max rate: no label for this long means a frame was lost before the node
+SETTLE_S = 0.5            # after a row: the last labels and the node's counters
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Row:
+    cameras: int
+    rate: str                       # "10", ..., "max"
+    sent: int = 0
+    fps: list[float] = field(default_factory=list)        # per camera
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    drops: int = 0
+    cpu_pct: float = 0.0
+    peak_rss_mib: float = 0.0
+    settings: str = ""
+
+
+def raw_inference(model: Path, threads: int, spinning: bool, rounds: int = 40) -> tuple[float, float]:
+    """(fps, median ms) of ``backend.infer`` at batch 1 on the model input, the backend the node uses."""
+    info = read_model_info(model)
+    backend = create_backend("onnxruntime", info, BackendOptions(max_batch=1, threads=threads, spinning=spinning))
+    batch = np.random.default_rng(0).integers(0, 256, (1, *info.input_hw, 3), dtype=np.uint8)
+    with backend:
+        for _ in range(5):
+            backend.infer(batch)
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            backend.infer(batch)
+            times.append(time.perf_counter() - start)
+    del backend
+    gc.collect()  # the session and its thread pool go before any node runs
+    ms = float(np.median(times)) * 1e3
+    return 1000.0 / ms, ms
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+class Bench(load.Probe):
+    """load.Probe plus the closed loop of the max rate: stamps in flight per camera, released by their labels."""
+
+    def __init__(self, context: rclpy.Context, config: load.LoadConfig, frames: list[np.ndarray]) -> None:
+        self.in_flight: list[list[int]] = [[] for _ in range(config.cameras)]
+        self.cond = threading.Condition()
+        super().__init__(context, config, frames)
+
+    def _on_labels(self, k: int, data: bytes) -> None:
+        super()._on_labels(k, data)
+        sec, nanosec = load.STAMP.unpack_from(data, load.CDR_HEADER_BYTES)
+        done = sec * 1_000_000_000 + nanosec
+        with self.cond:  # frames older than this one were dropped by the node: no label will come for them
+            self.in_flight[k] = [s for s in self.in_flight[k] if s > done]
+            self.cond.notify_all()
+
+    def send(self, k: int) -> None:
+        msg = self.messages[k][self.sent[k] % len(self.messages[k])]
+        self.publish(k)
+        with self.cond:
+            self.in_flight[k].append(msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec)
+
+
+def play(bench: Bench, cameras: int, rate: str, duration: float) -> None:
+    """Publish for ``duration`` s: round-robin at ``rate`` Hz per camera, or closed loop (``max``)."""
+    end = time.monotonic() + duration
+    if rate != "max":
+        period, ticks, start = 1.0 / (float(rate) * cameras), 0, time.monotonic()
+        while time.monotonic() < end:
+            bench.send(ticks % cameras)
+            ticks += 1
+            delay = start + ticks * period - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        return
+    for k in range(cameras):
+        bench.in_flight[k].clear()
+    while time.monotonic() < end:
+        with bench.cond:
+            bench.cond.wait_for(lambda: any(len(f) < WINDOW for f in bench.in_flight), timeout=LOST_S)
+            ready = [k for k in range(cameras) if len(bench.in_flight[k]) < WINDOW]
+            if not ready:  # no label for LOST_S: a frame lost before the node; its slot in the window expires
+                for k in range(cameras):
+                    bench.in_flight[k].pop(0)
+        for k in ready:
+            bench.send(k)
+
+
+def run_row(bench: Bench, pid: int, cameras: int, rate: str, duration: float) -> Row:
+    before = [dict(bench.counters(k) or {}) for k in range(cameras)]
+    sent0 = list(bench.sent)
+    for lat in bench.latencies:
+        lat.clear()
+    ticks0, t0 = cpu_ticks(pid), time.monotonic()
+    play(bench, cameras, rate, duration)
+    wall = time.monotonic() - t0
+    cpu = 100.0 * (cpu_ticks(pid) - ticks0) / CLK_TCK / wall
+    time.sleep(SETTLE_S)
+    seen = bench.diagnostics_received
+    load.wait_for(lambda: bench.diagnostics_received >= seen + 2 and bench.settled(), load.SETTLE_TIMEOUT_S,
+                  "the node's counters to settle after the row", Path("/dev/null"))
+    row = Row(cameras, rate, sent=sum(bench.sent) - sum(sent0), cpu_pct=cpu, peak_rss_mib=peak_rss_mib(pid))
+    lat = np.concatenate([np.asarray(x) for x in bench.latencies]) if any(bench.latencies) else np.array([])
+    row.fps = [len(x) / wall for x in bench.latencies]
+    if lat.size:
+        row.p50_ms, row.p99_ms = (float(v) for v in np.percentile(lat, [50, 99]))
+    for k in range(cameras):
+        now = bench.counters(k) or {}
+        sent = bench.sent[k] - sent0[k]
+        got_in = int(now["frames_in"]) - int(before[k].get("frames_in", 0))
+        row.drops += int(now["drops"]) - int(before[k].get("drops", 0)) + max(sent - got_in, 0)
+    return row
+
+
+def run_node(model: Path, cameras: int, rates: list[str], duration: float, frames: list[np.ndarray],
+             params: dict[str, Any], workdir: Path) -> list[Row]:
+    """One node process for ``cameras`` cameras; the rows of ``rates`` in order, each after a short warm-up."""
+    config = load.LoadConfig(duration=duration, cameras=cameras, outputs=("labels",))
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    bench = Bench(context, config, frames)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(bench.node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    log = workdir / f"node_{cameras}.log"
+    node_params = {"model_path": str(model), "image_topics": bench.topics, "max_batch": 4} | params
+    with log.open("w") as out:
+        node = subprocess.Popen(node_command(None, node_params), env=os.environ | node_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        load.wait_for(lambda: bench.connected() or node.poll() is not None, load.CONNECT_TIMEOUT_S,
+                      "the node's topics", log)
+        if node.poll() is not None:
+            raise RuntimeError(f"the node exited with {node.returncode}:\n{log.read_text()[-3000:]}")
+        play(bench, cameras, "max", 1.5)  # warm-up: first frames, DDS buffers, the node's first allocations
+        load.wait_for(lambda: bench.diagnostics_received >= 2, load.SETTLE_TIMEOUT_S, "/diagnostics", log)
+        for rate in rates:
+            row = run_row(bench, node.pid, cameras, rate, duration)
+            row.settings = ", ".join(f"{k} {v}" for k, v in params.items()) or "defaults"
+            rows.append(row)
+            print(format_row(row), flush=True)
+    finally:
+        node.send_signal(2)
+        try:
+            node.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            node.kill()
+        executor.shutdown()
+        spinner.join(timeout=5)
+        bench.node.destroy_node()
+        rclpy.try_shutdown(context=context)
+    return rows
+
+
+def format_row(r: Row) -> str:
+    fps = " / ".join(f"{f:.1f}" for f in r.fps)
+    return (f"| {r.cameras} | {r.rate} | {r.settings} | {sum(r.fps):.1f} | {fps} | {r.p50_ms:.0f} | {r.p99_ms:.0f} "
+            f"| {r.drops} of {r.sent} | {r.cpu_pct:.0f} | {r.peak_rss_mib:.0f} |")
+
+
+HEADER = ("| cameras | rate Hz | node settings | output fps | per camera | latency p50 ms | p99 ms | drops | "
+          "node CPU % | peak RSS MiB |\n|--:|--:|---|--:|---|--:|--:|--:|--:|--:|")
+
+
+def goals(rows: list[Row], raw_fps: float, raw_ms: float) -> list[str]:
+    """Issue 16's goals against this run's raw inference figure."""
+    out = []
+    by = {(r.cameras, r.rate): r for r in rows}
+    if (r := by.get((1, "60"))) is not None:
+        out.append(_goal(sum(r.fps) >= 0.8 * raw_fps, f"1 camera at 60 Hz: {sum(r.fps):.1f} fps >= 0.8 x raw "
+                                                        f"{raw_fps:.1f} = {0.8 * raw_fps:.1f}"))
+    if (r := by.get((1, "20"))) is not None:
+        out.append(_goal(r.p50_ms <= raw_ms + 6, f"1 camera at 20 Hz: latency p50 {r.p50_ms:.0f} ms <= raw "
+                                                  f"{raw_ms:.0f} + 6 ms"))
+    if (r := by.get((4, "30"))) is not None:
+        share = 0.85 * raw_fps / 4
+        out.append(_goal(min(r.fps) >= share, f"4 cameras at 30 Hz: every camera {min(r.fps):.1f} fps or more "
+                                              f">= 0.85 x raw / 4 = {share:.1f}"))
+        out.append(_goal(r.p99_ms <= 3 * raw_ms, f"4 cameras at 30 Hz: p99 {r.p99_ms:.0f} ms <= 3 x raw "
+                                                  f"{raw_ms:.0f} ms"))
+    return out
+
+
+def _goal(ok: bool, text: str) -> str:
+    return f"{'PASS' if ok else 'MISS'}  {text}"
+
+
+def soak(model: Path, seconds: float, frames: list[np.ndarray], params: dict[str, Any], workdir: Path) -> dict:
+    """4 cameras x 30 Hz for ``seconds`` through load.py; RSS slope (MiB/min) after the first minute."""
+    config = load.LoadConfig(duration=seconds, cameras=4, rate=30.0, max_batch=4, outputs=("labels",),
+                             threads=int(params.get("threads", 0)))
+    result = load.run_load(config, model, workdir, str(model))
+    samples = [(t, m) for t, m in result.rss_mb if t >= min(60.0, seconds / 2)]
+    t, mib = np.array([s[0] for s in samples]), np.array([s[1] for s in samples])
+    slope = float(np.polyfit(t / 60.0, mib, 1)[0]) if len(samples) > 2 else float("nan")
+    return {"seconds": seconds, "rss_start": result.rss_at(0.0), "rss_end": result.rss_at(1.0),
+            "rss_max": max(m for _, m in result.rss_mb), "slope_mib_per_min": slope,
+            "fps_per_camera": [c.rate_out_hz for c in result.cameras]}
+
+
+LEVERS = [  # one row per lever, 1 camera at 60 Hz; each differs from the defaults in one setting
+    ("defaults (overlap, spinning, threads 0)", {}),
+    ("overlap off (one thread, in turn)", {"overlap": False}),
+    ("spinning off", {"spinning": False}),
+    ("threads 1", {"threads": 1}),
+]
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+    if isinstance(parsed, str) and parsed.lstrip("-").isdigit():
+        parsed = int(parsed)
+    return key, parsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per row (default: 8)")
+    p.add_argument("--rates", default="10,20,30,60,max", help="camera rates in Hz, 'max' = closed loop")
+    p.add_argument("--cameras", default="1,4", help="camera counts (default: 1,4)")
+    p.add_argument("--model", type=Path, default=None, help=f"ONNX model (default: {stages.SHIPPED_MODEL})")
+    p.add_argument("--images", type=Path, default=stages.CAMVID_VAL, help="folder of frames (default: CamVid val; "
+                   "synthetic frames when it is missing)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="node parameter for every row, e.g. --param overlap=false (repeatable)")
+    p.add_argument("--levers", action="store_true", help="rows of 1 camera at 60 Hz, one per lever, in turns")
+    p.add_argument("--repeat", type=int, default=2, help="--levers: rounds of the lever rows (default: 2)")
+    p.add_argument("--soak", type=float, default=0.0, help="also run 4 x 30 Hz for this many seconds (RSS slope)")
+    p.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    args = p.parse_args(argv)
+    params = dict(args.param)
+    apply_node_env()  # this process publishes camera-sized frames: the large-frame profile, before rclpy
+    frames = (load_frames(args.images, 640, 480, limit=load.FRAMES_PER_CAMERA) if args.images.is_dir()
+              else [synthetic_frame(640, 480, i) for i in range(load.FRAMES_PER_CAMERA)])
+    source = f"CamVid ({args.images})" if args.images.is_dir() else "synthetic"
+    started = time.monotonic()
+    report: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                              f"load average {os.getloadavg()[0]:.1f} at start", "frames": f"640x480 rgb8, {source}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        model, label = stages.model_or_default(args.model, Path(tmp))
+        threads, spinning = int(params.get("threads", 0)), bool(params.get("spinning", True))
+        raw_fps, raw_ms = raw_inference(model, threads, spinning)
+        report |= {"model": label, "raw_fps": raw_fps, "raw_ms": raw_ms}
+        print(f"model {label}; frames {report['frames']}; {report['machine']}")
+        print(f"raw inference (batch 1, threads {threads or 'default'}, spinning {spinning}): "
+              f"{raw_fps:.1f} fps, {raw_ms:.1f} ms\n\n{HEADER}", flush=True)
+        rows: list[Row] = []
+        if args.levers:
+            for _ in range(args.repeat):
+                for _name, lever in LEVERS:
+                    rows += run_node(model, 1, ["60"], args.duration, frames, params | lever, Path(tmp))
+        else:
+            for cameras in (int(c) for c in args.cameras.split(",")):
+                rows += run_node(model, cameras, args.rates.split(","), args.duration, frames, params, Path(tmp))
+        report["rows"] = [asdict(r) for r in rows]
+        lines = goals(rows, raw_fps, raw_ms) if not args.levers else []
+        if args.soak:
+            report["soak"] = s = soak(model, args.soak, frames, params, Path(tmp))
+            lines.append(_goal(s["slope_mib_per_min"] < 1.0, f"RSS at 4 x 30 Hz over {args.soak:.0f} s: slope "
+                                                             f"{s['slope_mib_per_min']:+.2f} MiB/min < 1"))
+    report["goals"] = lines
+    report["seconds"] = time.monotonic() - started
+    report["load_average_end"] = os.getloadavg()[0]
+    print("\n" + "\n".join(lines) if lines else "", f"\n{report['seconds']:.0f} s; load average at the end "
+          f"{report['load_average_end']:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
