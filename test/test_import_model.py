@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -147,3 +148,43 @@ def test_check_images_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out = tmp_path / "o2.onnx"
     assert "no image files" in run_bad([str(src), str(out), "--classes", "camvid", "--check-images", str(empty)],
                                        out, capsys)
+
+
+def test_fixed_batch_source_says_max_batch_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    src = tmp_path / "b1.onnx"
+    with torch.inference_mode():
+        torch.onnx.export(SmpUnetLike(11).eval(), (torch.zeros(1, 3, *HW),), str(src), input_names=["input"],
+                          opset_version=17, dynamo=False)
+    assert main([str(src), str(tmp_path / "o.onnx"), "--classes", "camvid"]) == 0
+    assert "fixed batch of 1: run it with max_batch 1" in capsys.readouterr().out
+    assert [d.dim_value for d in onnx.load(str(tmp_path / "o.onnx")).graph.input[0].type.tensor_type.shape.dim] == \
+        [1, *HW, 3]
+
+
+class SoftmaxLike(nn.Module):
+    """A model exported with its softmax, probabilities at 1/2 of the input."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, classes, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).softmax(1)
+
+
+def test_probabilities_are_detected_resized_and_give_the_confidence(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    model = SoftmaxLike(11).eval()
+    src = export(model, tmp_path / "soft.onnx", HW)
+    out = tmp_path / "o.onnx"
+    assert main([str(src), str(out), "--classes", "camvid", "--std", "255", "255", "255"]) == 0
+    assert json.loads(read_model_info(out).metadata["imported"])["output"] == "probabilities"
+    frames = synthetic_frames(HW, 2, seed=8)
+    with torch.inference_mode():
+        probs = model(torch.from_numpy(frames.astype(np.float32).transpose(0, 3, 1, 2) / 255.0))
+        probs = torch.nn.functional.interpolate(probs, size=HW, mode="bilinear", align_corners=False)
+    labels, conf = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        [OUTPUT_NAME, CONFIDENCE_NAME], {INPUT_NAME: frames})
+    assert (labels == probs.argmax(1).numpy()).mean() >= 0.995
+    assert np.abs(conf.astype(np.float32) - probs.amax(1).numpy() * 255).max() <= 1.0

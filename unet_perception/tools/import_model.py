@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="IN.onnx", help="the foreign segmentation model (ONNX, one float image input)")
     p.add_argument("target", metavar="OUT.onnx", help="contract ONNX file to write")
-    p.add_argument("--classes", required=True,
+    p.add_argument("--classes", required=True, metavar="NAME|FILE.json",
                    help="class table: camvid, cityscapes (19 train ids), ade20k (150), carla, or a class-table JSON")
     p.add_argument("--layout", choices=("nchw", "nhwc"), default=None,
                    help="the source input's layout (default: detected from which axis is 3)")
@@ -259,10 +259,12 @@ def import_model(args: argparse.Namespace) -> str:
     tmp.write_bytes(blob)
     tmp.replace(out)
     extra = f" (using output '{src.output_name}', the first of {src.output_count})" if src.output_count > 1 else ""
+    note = ("; the source has a fixed batch of 1: run it with max_batch 1 (or export it with a dynamic batch)"
+            if how.batch == 1 else "")  # the backends refuse batches larger than a fixed batch axis
     return (f"imported {source_path.name} -> {out}: input {how.input_hw[0]}x{how.input_hw[1]} {how.layout} "
             f"{how.channels}, {how.output} at {how.output_hw[0]}x{how.output_hw[1]}{extra}, {table.num_classes} "
             f"classes ({table.name}); confidence: {imported['confidence']}; labels equal the source's on "
-            f"{agree:.3%} of pixels ({what})")
+            f"{agree:.3%} of pixels ({what}){note}")
 
 
 def main(argv: list[str] | None = None) -> int:
