@@ -25,6 +25,8 @@ from unet_perception.contract_graph import infer_types_and_shapes, runtime_resiz
 
 UINT8, INT8, INT32, FLOAT, FLOAT16 = 2, 3, 6, 1, 10  # onnx.TensorProto element types
 CAST_TARGETS = (FLOAT, FLOAT16)
+RETROFIT = ("re-export it with unet-export or unet-import, or bring an older export up to date with "
+            "python -m unet_perception.training.retrofit OLD.onnx NEW.onnx")
 
 
 def _load(path_or_model: str | Path | Any) -> Any:
@@ -100,15 +102,16 @@ def check_tensorrt_rules(path_or_model: str | Path | Any) -> list[str]:
         if node.op_type == "Cast" and _cast_to(node) == UINT8 and types.get(node.input[0]) not in CAST_TARGETS:
             made = types.get(node.input[0])
             problems.append(f"{label} casts {name_of(made) if made else 'an unknown type'} '{node.input[0]}' to "
-                            "uint8; TensorRT converts to uint8 only from float or float16 (Cast to float first)")
+                            "uint8; TensorRT converts to uint8 only from float or float16 (Cast to float first; "
+                            + RETROFIT + ")")
     for node in runtime_resizes(graph):
         problems.append(f"Resize node '{node.name}' takes its scales or sizes from a tensor computed at run time; "
-                        "TensorRT then reports -1 output dims (give it constant scales: contract_graph.py)")
+                        "TensorRT then reports -1 output dims (constant scales needed; " + RETROFIT + ")")
     for out in graph.output:
         dims = shapes.get(out.name)
         if dims is None or any(not isinstance(d, int) or d < 1 for d in dims[1:]):
             problems.append(f"output '{out.name}' has shape {dims} in the graph; every dim after the batch must be "
-                            "static, or the engine reports -1 (re-export it; unet-import writes static outputs)")
+                            "static, or the engine reports -1 (" + RETROFIT + ")")
 
     for name in sorted(inputs):
         if types.get(name) != UINT8:
