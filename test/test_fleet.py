@@ -297,20 +297,21 @@ def test_label_many_deletes_only_what_it_made(local_ray: None, sources: dict[str
     two of them named so that a glob of their names matches run1's."""
     from test_fleet_staging import HOSTILE, _decoys, killed_run
 
+    source = {name: "big" if name == "run1" else "a" for name in HOSTILE} | {"m?cap #%41": "b"}  # "?": MCAP only
     bags = tmp_path / "bags"
-    for name in HOSTILE:
-        shutil.copytree(sources["big" if name == "run1" else "a"], bags / name)
+    for name, src in source.items():
+        shutil.copytree(sources[src], bags / name)
     out = tmp_path / "out"
     partial = killed_run(out)
     decoys = _decoys(out)
-    assert main(["label-many", *(str(bags / n) for n in HOSTILE), *_args(tiny_model, out)]) == 0
+    assert main(["label-many", *(str(bags / n) for n in source), *_args(tiny_model, out)]) == 0
     report = json.loads((out / REPORT_NAME).read_text())
-    assert {r["name"]: r["status"] for r in report["results"]} == dict.fromkeys(HOSTILE, "labelled"), report
-    for name in HOSTILE:
-        assert bag_messages(out / name) == bag_messages(single["big" if name == "run1" else "a"]), name
+    assert {r["name"]: r["status"] for r in report["results"]} == dict.fromkeys(source, "labelled"), report
+    for name, src in source.items():
+        assert bag_messages(out / name) == bag_messages(single[src]), name
     assert not partial.exists()
     assert all((d / "keep").read_text() == "not label-many's" for d in decoys)
-    assert sorted(p.name for p in out.iterdir()) == sorted([*HOSTILE, REPORT_NAME, *(d.name for d in decoys)])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*source, REPORT_NAME, *(d.name for d in decoys)])
 
 
 def test_a_worker_whose_count_check_fails_leaves_no_output(local_ray: None, sources: dict[str, Path],
