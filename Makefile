@@ -75,7 +75,7 @@ model: $(STAMP)
 
 # Cross-validation by sequence for recipe $(RECIPE): hold out 0006R0, then 0001TP, train on the rest of train+val,
 # score the last weights on the held-out frames at the export size; runs/folds/$(RECIPE)/folds.md is the per-class
-# table with the mean. Two training runs of about 0.8x and 0.9x the final fit's frames: roughly 1.5-2.5 h per recipe
+# table with the mean. Two training runs of 367 and 406 frames (the final fit: 468): roughly 1.8-3 h per recipe
 # on the 2-core CPU (estimate, models/README.md). `make folds-compare` tabulates every recipe's fold mean.
 FOLD_ARGS ?= --workers 1
 folds: $(STAMP)
