@@ -120,6 +120,7 @@ def test_folds_driver_runs_both_folds_and_tabulates_their_mean(fold_root: Path,
     assert table["mean_iou"] == pytest.approx(sum(fold_mious) / 2)
     text = (fold_root / "today" / "folds.md").read_text()
     assert f"**{table['mean_iou']:.3f}**" in text and "held-out 0006R0 (4 frames)" in text
+    assert "--epochs 2" in text.splitlines()[0] and "2 epochs on 4 frames" in text  # what ran, not the recipe's 110
     # Asked again with the same options, the finished folds are reused, not trained again.
     log = (fold_root / "today" / "0006R0" / "train.log").read_text()
     capsys.readouterr()

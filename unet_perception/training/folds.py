@@ -49,8 +49,9 @@ def run_fold(recipe: str, sequence: str, data: str, out: Path, extra: list[str])
     return dict(json.loads(report_path.read_text()))
 
 
-def fold_table(recipe: str, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per-class IoU of each fold and the mean over folds (of the folds where the class is in the truth)."""
+def fold_table(recipe: str, reports: dict[str, dict[str, Any]], extra: list[str]) -> dict[str, Any]:
+    """Per-class IoU of each fold and the mean over folds (of the folds where the class is in the truth);
+    ``extra`` are the unet-train options given on top of the recipe (a table says what really ran)."""
     names = list(next(iter(reports.values()))["per_class_iou"])
     mean_class: dict[str, float | None] = {}
     for name in names:
@@ -58,7 +59,7 @@ def fold_table(recipe: str, reports: dict[str, dict[str, Any]]) -> dict[str, Any
                   if r["per_class_iou"][name] is not None and r["truth_pixels"][name] > 0]
         mean_class[name] = sum(values) / len(values) if values else None
     fold_mious = [r["mean_iou"] for r in reports.values()]
-    return {"recipe": recipe, "description": RECIPES[recipe][0] if recipe in RECIPES else "",
+    return {"recipe": recipe, "description": RECIPES[recipe][0] if recipe in RECIPES else "", "options": extra,
             "folds": {seq: {"mean_iou": r["mean_iou"], "per_class_iou": r["per_class_iou"], "frames": r["frames"],
                             "train_frames": r["train_frames"], "epochs": r["epochs"], "eval_size": r["eval_size"],
                             "minutes": r["minutes"]} for seq, r in reports.items()},
@@ -73,14 +74,16 @@ def markdown(table: dict[str, Any]) -> str:
     """The fold table for the model card: one column per fold, then the mean."""
     folds = table["folds"]
     head = " | ".join(f"held-out {s} ({f['frames']} frames)" for s, f in folds.items())
-    lines = [f"Recipe `{table['recipe']}`: {table['description']}", "",
+    options = f" with `{' '.join(table['options'])}` on top" if table["options"] else ""
+    lines = [f"Recipe `{table['recipe']}` ({table['description']}){options}", "",
              f"| class | {head} | **mean** |", "|---|" + "---:|" * (len(folds) + 1)]
     for name, mean in table["per_class_iou"].items():
         row = " | ".join(_cell(f["per_class_iou"][name]) for f in folds.values())
         lines.append(f"| {name} | {row} | **{_cell(mean)}** |")
     row = " | ".join(_cell(f["mean_iou"]) for f in folds.values())
     lines.append(f"| **mIoU** | {row} | **{table['mean_iou']:.3f}** |")
-    minutes = " | ".join(f"{f['minutes']:.1f} min, {f['train_frames']} train frames" for f in folds.values())
+    minutes = " | ".join(f"{f['minutes']:.1f} min, {f['epochs']} epochs on {f['train_frames']} frames"
+                         for f in folds.values())
     lines.append(f"| time | {minutes} | |")
     return "\n".join(lines) + "\n"
 
@@ -129,17 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / args.recipe
     sequences = [s for s in args.folds.split(",") if s]
     reports = {s: run_fold(args.recipe, s, args.data, out / s, extra) for s in sequences}
-    table = fold_table(args.recipe, reports)
+    table = fold_table(args.recipe, reports, extra)
     (out / "folds.json").write_text(json.dumps(table, indent=1))
     text = markdown(table)
     (out / "folds.md").write_text(text)
     print(text, end="")
     for hw in args.onnx:
-        print(onnx_tables(args.recipe, args.data, out, reports, hw), end="")
+        print(onnx_tables(args.recipe, args.data, out, reports, hw, extra), end="")
     return 0
 
 
-def onnx_tables(recipe: str, data: str, out: Path, reports: dict[str, dict[str, Any]], hw: tuple[int, int]) -> str:
+def onnx_tables(recipe: str, data: str, out: Path, reports: dict[str, dict[str, Any]], hw: tuple[int, int],
+                extra: list[str]) -> str:
     """Fold tables of the exported fp32 and int8 files at ``hw``, and int8's distance from fp32."""
     from unet_perception.training.fold_onnx import score_fold_onnx, size_tag
 
@@ -147,7 +151,7 @@ def onnx_tables(recipe: str, data: str, out: Path, reports: dict[str, dict[str, 
     tables = {}
     for kind in ("fp32", "int8"):
         # the time row stays the fold's training time
-        table = fold_table(recipe, {s: {**scored[s][kind], "minutes": reports[s]["minutes"]} for s in reports})
+        table = fold_table(recipe, {s: {**scored[s][kind], "minutes": reports[s]["minutes"]} for s in reports}, extra)
         table["description"] += f"; ONNX {kind} exported at {size_tag(hw)}"
         tables[kind] = table
     gap = (tables["int8"]["mean_iou"] - tables["fp32"]["mean_iou"]) * 100
