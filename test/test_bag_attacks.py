@@ -265,3 +265,22 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run_and_nothing_els
     assert _label(small, out, tiny_model) == 0
     assert f"removed {tmp_path / killed}, left by a run (process {run.pid}) that was killed" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "in", "run[1]", "small"])
+
+
+def test_a_killed_runs_repair_copy_is_removed_by_the_next_repair_of_that_bag(
+        tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run killed while it read a crashed recorder's bag leaves its checkpointed copy (as large as the .db3)."""
+    from test_bag_hostile import _crashed_recorder_bag
+
+    src = _crashed_recorder_bag(tmp_path / "in", stale_metadata=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = tmp_path / f".in.repair-{host}-{dead.pid}-abcdefgh"
+    live = tmp_path / f".in.repair-{host}-{os.getpid()}-abcdefgh"
+    other = tmp_path / f".in2.repair-{host}-{dead.pid}-abcdefgh"
+    for folder in (killed, live, other):
+        (folder / "in").mkdir(parents=True)
+    assert _label(src, tmp_path / "out", tiny_model) == 0
+    assert f"removed {killed}, left by a run (process {dead.pid}) that was killed" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "out", live.name, other.name])

@@ -137,9 +137,10 @@ def _frames(n: int, hw: tuple[int, int] = (48, 64)) -> list[np.ndarray]:
 
 def recorded_bag(path: Path, storage: StoragePlugin, n: int, *, type_name: str = "sensor_msgs/Image",
                  compression: CompressionMode | None = None, version: int = 5,
-                 hw: tuple[int, int] = (48, 64)) -> Path:
-    """An rgb8 camera bag as other recorders write it: the type spelled ``type_name`` in metadata.yaml and the
-    storage (MCAP channel and schema, or the .db3's topics table), zstd ``compression``, metadata ``version``."""
+                 hw: tuple[int, int] = (48, 64), listed_type: str | None = None) -> Path:
+    """An rgb8 camera bag as other recorders write it: the type spelled ``type_name`` in the storage (MCAP
+    schema, or the .db3's topics table) and in metadata.yaml (or ``listed_type`` there), zstd ``compression``,
+    metadata ``version``."""
     store = typestore()
     writer = Writer(path, version=8, storage_plugin=storage)
     if compression is not None:
@@ -154,6 +155,8 @@ def recorded_bag(path: Path, storage: StoragePlugin, n: int, *, type_name: str =
     meta_file = path / "metadata.yaml"
     meta = yaml.safe_load(meta_file.read_text())
     meta["rosbag2_bagfile_information"]["version"] = version
+    for topic in meta["rosbag2_bagfile_information"]["topics_with_message_count"]:
+        topic["topic_metadata"]["type"] = listed_type or type_name
     meta_file.write_text(yaml.safe_dump(meta, sort_keys=False))
     return path
 
@@ -175,6 +178,17 @@ def test_short_type_spelling_and_zstd(tmp_path: Path, tiny_model: Path, storage:
     assert [store.deserialize_cdr(raw, IMAGE).data.size for _, raw in labels] == [hw[0] * hw[1]] * 2
     with Reader(out) as reader:
         assert {c.topic: c.msgtype for c in reader.connections}["/cam/image_raw"] == IMAGE
+
+
+@pytest.mark.parametrize("stored, listed", [("sensor_msgs/Image", IMAGE), (IMAGE, "sensor_msgs/Image")],
+                         ids=["short-in-mcap", "short-in-metadata"])
+def test_metadata_and_storage_spelling_the_type_differently(tmp_path: Path, tiny_model: Path, stored: str,
+                                                            listed: str) -> None:
+    src = recorded_bag(tmp_path / "in", StoragePlugin.MCAP, 3, type_name=stored, listed_type=listed,
+                       compression=CompressionMode.MESSAGE)
+    out = tmp_path / "out"
+    assert main(["label", str(src), str(out), "--model", str(tiny_model), "--backend", "onnxruntime"]) == 0
+    assert len(bag_messages(out)["/cam/segmentation/labels"]) == 3
 
 
 def _set_listed(src: Path, n: int) -> None:

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import shlex
 import shutil
-import socket
 import sqlite3
 import tempfile
 import time
@@ -44,7 +42,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files
 from unet_perception.tools.bag_preflight import (BagError, ReadableBag, check_output, check_read, compare_counts,
-                                                 full_type, readable_bag)
+                                                 full_type, readable_bag, remove_dead_runs, run_prefix)
 from unet_perception.tools.bag_read import StoredBag
 from unet_perception.topics import camera_outputs, is_compressed_topic, output_kinds, output_topics
 
@@ -132,54 +130,19 @@ def select_connections(reader: StoredBag, topics: Sequence[str] | None) -> list[
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _partial_prefix(out: Path) -> str:
-    """The staging-folder prefix of ``out`` for this host: ``.OUT.partial-HOST-`` (then ``PID-XXXXXXXX``)."""
-    return f".{out.name}.partial-{socket.gethostname()}-"
-
-
-def remove_dead_partials(out: Path, log: Callable[[str], None] = tqdm.write) -> None:
-    """Remove the staging folders that killed runs (SIGKILL, power loss) left for exactly ``out`` on this host.
-
-    A folder is removed only when its name is ``_partial_prefix(out)`` plus ``PID-`` and mkdtemp's 8 characters,
-    and no process ``PID`` runs here: another output's folders (``run1`` against ``run[1]``: names are compared,
-    never globbed), other hosts' (a shared file system) and live runs' stay.
-    """
-    prefix = _partial_prefix(out)
-    try:
-        names = os.listdir(out.parent)
-    except OSError:
-        return  # check_output says what is wrong with the folder
-    for name in names:
-        match = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", name[len(prefix):]) if name.startswith(prefix) else None
-        if match is None or _alive(int(match.group(1))):
-            continue
-        shutil.rmtree(out.parent / name, ignore_errors=True)
-        log(f"removed {out.parent / name}, left by a run (process {match.group(1)}) that was killed")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 @contextmanager
 def staged_writer(out: Path, storage: str, need_bytes: int = 0) -> Iterator[Writer]:
     """A Writer that writes into a hidden staging folder beside ``out`` and moves it to ``out`` only on success.
 
     A run that fails or is interrupted leaves nothing at ``out``, so a half-written bag never looks complete; what
-    a killed run left for ``out`` is removed first (``remove_dead_partials``). ``out`` is checked first
+    a killed run left for ``out`` is removed first (``remove_dead_runs``). ``out`` is checked first
     (``check_output``: a new path, a writable folder, ``need_bytes`` free).
     """
     if storage not in STORAGES:
         raise BagError(f"storage must be one of {sorted(STORAGES)}, got '{storage}'")
-    remove_dead_partials(out)  # first: it may free the space the check below needs
+    remove_dead_runs(out.parent, run_prefix(out.name, "partial"), tqdm.write)  # first: it may free the space
     check_output(out, need_bytes)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=run_prefix(out.name, "partial", os.getpid()), dir=out.parent))
     writer = Writer(staging / out.name, version=BAG_VERSION, storage_plugin=STORAGES[storage])
     try:
         writer.open()

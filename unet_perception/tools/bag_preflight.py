@@ -14,7 +14,9 @@ can write, with room for the estimated output.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import sqlite3
 import tempfile
 from collections import Counter
@@ -96,7 +98,7 @@ def readable_bag(path: Path, scratch_parent: Path | None = None,
         if path.suffix != ".db3" or not _has_wal(path):
             yield ReadableBag(path)
             return
-        with _scratch(path, scratch_parent) as view:
+        with _scratch(path, scratch_parent, log) as view:
             recovered = _repair_db(path, view / path.name)
             _say_recovered(log, path, recovered)
             yield ReadableBag(view / path.name, recovered)
@@ -105,7 +107,7 @@ def readable_bag(path: Path, scratch_parent: Path | None = None,
     if not broken:
         yield ReadableBag(path)  # rosbags reports what is wrong with the folder when it opens it
         return
-    with _scratch(path, scratch_parent) as scratch:
+    with _scratch(path, scratch_parent, log) as scratch:
         view = scratch / path.name
         view.mkdir()
         recovered = 0
@@ -127,9 +129,11 @@ def _say_recovered(log: Callable[[str], None], path: Path, recovered: int) -> No
 
 
 @contextmanager
-def _scratch(path: Path, parent: Path | None) -> Iterator[Path]:
+def _scratch(path: Path, parent: Path | None, log: Callable[[str], None]) -> Iterator[Path]:
+    folder = parent or Path(tempfile.gettempdir())
+    remove_dead_runs(folder, run_prefix(path.name, "repair"), log)
     try:
-        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.repair-", dir=parent))
+        scratch = Path(tempfile.mkdtemp(prefix=run_prefix(path.name, "repair", os.getpid()), dir=folder))
     except OSError as exc:
         raise BagError(f"cannot make a folder in {parent or tempfile.gettempdir()} to repair {path}: "
                        f"{exc.strerror or exc}") from exc
@@ -170,6 +174,44 @@ def check_read(bag: Path, expected: Counter[str], read: Counter[str]) -> None:
         detail = ", ".join(f"{t}: {r} of {n}" for t, (n, r) in sorted(short.items()))
         raise BagError(f"read {sum(read.values())} of {sum(expected.values())} messages of {bag} ({detail}); "
                        "the bag is damaged or changed while being read. Nothing was written")
+
+
+# ---------------------------------------------------------------------------------------------- killed runs
+
+
+def run_prefix(name: str, kind: str, pid: int | None = None) -> str:
+    """The name of a run's hidden folder for ``name`` on this host, up to mkdtemp's 8 random characters:
+    ``.NAME.KIND-HOST-`` (then ``PID-``): what a killed run leaves can be told apart and removed."""
+    return f".{name}.{kind}-{socket.gethostname()}-" + ("" if pid is None else f"{pid}-")
+
+
+def remove_dead_runs(folder: Path, prefix: str, log: Callable[[str], None]) -> None:
+    """Remove the folders in ``folder`` that runs killed outright (SIGKILL, power loss) left: exactly ``prefix``
+    (``run_prefix`` without a pid) plus ``PID-`` and 8 mkdtemp characters, of a process that no longer runs.
+
+    Names are compared, never globbed (``run1``'s folders are safe from ``run[1]``'s clean-up); another host's
+    (a shared file system) and live runs' stay.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return  # the caller's own checks say what is wrong with the folder
+    for name in names:
+        match = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", name[len(prefix):]) if name.startswith(prefix) else None
+        if match is None or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(folder / name, ignore_errors=True)
+        log(f"removed {folder / name}, left by a run (process {match.group(1)}) that was killed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- output
