@@ -194,20 +194,19 @@ def test_from_images_bad_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_model_emitting_ids_outside_its_table_is_one_error(tmp_path: Path, tiny_model: Path) -> None:
     """A model that lies about its classes stops the run with a BagError (one line from main), no traceback."""
-    from unet_perception.backends.base import Prediction
     from unet_perception.backends.factory import BackendOptions, create_backend
     from unet_perception.pipeline import Segmenter
 
     src = _camera_bag(tmp_path / "in", n=2)
     out = tmp_path / "out"
     with create_backend("onnxruntime", tiny_model, BackendOptions(max_batch=4)) as backend:
-        real_infer = backend.infer
+        real_infer = backend._infer  # the model's own output, under submit() since backends submit and collect
 
-        def lying_infer(batch: np.ndarray) -> Prediction:
-            pred = real_infer(batch)
-            return Prediction(np.full_like(pred.labels, 200), pred.confidence)
+        def lying_infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            labels, confidence = real_infer(batch)
+            return np.full_like(labels, 200), confidence
 
-        backend.infer = lying_infer  # type: ignore[method-assign]
+        backend._infer = lying_infer  # type: ignore[method-assign]
         with pytest.raises(BagError, match="class id 200"):
             label_bag(src, out, Segmenter(backend, backend.info.classes), progress=False)
     _no_output(tmp_path, out)
