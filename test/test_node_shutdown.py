@@ -23,7 +23,7 @@ TOPIC = "/shutdown"
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wider U-Net at 320x480 (about 0.5 s a frame on one thread of the 2-core machine, so a signal sent right
+    """A wider U-Net at 320x480 (0.56-0.67 s a frame on one thread of the 2-core VM at load 10, so a signal sent right
     after a label finds the worker inferring; with the fix removed both cases fail every time)."""
     return make_tiny_model(tmp_path_factory.mktemp("models") / "slow.onnx", input_hw=(320, 480), width=16)
 
