@@ -151,10 +151,10 @@ def run_cli(main: Any, argv: list[str], capsys: Any) -> tuple[int, str]:
 
 
 def test_the_tools_name_file_and_field(bad_models: Any, tmp_path: Path, capsys: Any) -> None:
-    """unet-bag label, label-many, unet-build-engine and unet-evaluate: one error line each, no traceback."""
-    from unet_perception.tools import bag_cli, build_engine
+    """unet-bag label, label-many, unet-build-engine, unet-evaluate, unet-quantize, unet-demo: one error line each."""
+    from unet_perception.tools import bag_cli, build_engine, demo
     from unet_perception.tools.bag import bag_from_images
-    from unet_perception.training import evaluate
+    from unet_perception.training import evaluate, quantize
 
     import cv2
     import numpy as np
@@ -172,6 +172,8 @@ def test_the_tools_name_file_and_field(bad_models: Any, tmp_path: Path, capsys: 
                                           "--model", str(path)]),
             "build-engine": (build_engine.main, [str(path), "--build-only"]),
             "evaluate": (evaluate.main, [str(path), "--data", str(data), "--out", str(tmp_path / "eval")]),
+            "quantize": (quantize.main, [str(path), str(tmp_path / "int8.onnx"), "--data", str(data)]),
+            "demo": (demo.main, ["--images", str(data), "--model", str(path), "--out", str(tmp_path / "demo")]),
         }
         for tool, (main, argv) in runs.items():
             code, err = run_cli(main, argv, capsys)

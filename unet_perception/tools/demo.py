@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from unet_perception import launch_support
+from unet_perception.model_contract import ModelError
 from unet_perception.backends.factory import KINDS
 from unet_perception.tools import demo_ground
 from unet_perception.tools.bag import (
@@ -413,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run_demo(args.images, args.out, model, backend=args.backend, frames=args.frames,
                            rate=args.rate, pngs=args.pngs, ground=args.ground)
-    except (DemoError, BagError) as exc:
+    except (DemoError, BagError, ModelError) as exc:
         print(f"unet-demo: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, read_model_info
+from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, ModelError, read_model_info
 from unet_perception.onnx_rules import check_tensorrt_rules
 from unet_perception.pipeline import preprocess
 
@@ -181,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    info = read_model_info(args.model)
+    try:
+        info = read_model_info(args.model)
+    except ModelError as exc:
+        print(f"unet-quantize: error: {exc}", file=sys.stderr)
+        return 1
     if not info.has_confidence:
         print(f"note: '{args.model}' has no '{CONFIDENCE_NAME}' output; the int8 model will not have one either")
     calib = frames_of(args.data, "train", info.input_hw, args.calibration_frames, args.dataset)
