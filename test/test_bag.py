@@ -18,6 +18,7 @@ from unet_perception.pipeline import Segmenter, colorize
 from unet_perception.tools import bag
 from unet_perception.tools.bag import IMAGE, bag_from_images, label_bag, typestore
 from unet_perception.tools.bag_cli import main
+from unet_perception.tools.bag_play import play_bag
 
 START = 1_700_000_000_000_000_000
 
@@ -201,7 +202,7 @@ def test_play_publishes_recorded_messages_and_clock(tmp_path: Path) -> None:
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     try:
-        stats = bag.play_bag(node, src, rate_factor=2.0, clock=True, wait_for_subscribers=10.0, progress=False,
+        stats = play_bag(node, src, rate_factor=2.0, clock=True, wait_for_subscribers=10.0, progress=False,
                              on_publish=lambda topic, ts: published.append(ts))
         deadline = time.monotonic() + 20.0  # generous: a loaded 2-core machine
         while len(got) < 4 and time.monotonic() < deadline:

@@ -23,6 +23,7 @@ import hostile
 from unet_perception.tools import bag
 from unet_perception.tools.bag import COMPRESSED, IMAGE, BagError, label_bag, typestore
 from unet_perception.tools.bag_cli import main
+from unet_perception.tools.bag_play import message_class
 
 START = 1_700_000_000_000_000_000
 
@@ -141,7 +142,7 @@ def test_short_type_names(tmp_path: Path, tiny_model: Path, where: str) -> None:
     assert counts["/a/segmentation/labels"] == counts["/b/segmentation/labels"] == 3
     with Reader(out) as reader:
         assert {c.topic: c.msgtype for c in reader.connections}["/a/image_raw"] == IMAGE
-    assert bag.message_class("sensor_msgs/Image", "/a/image_raw").__name__ == "Image"  # play takes them too
+    assert message_class("sensor_msgs/Image", "/a/image_raw").__name__ == "Image"  # play takes them too
 
 
 # ---------------------------------------------------------------------------------------------- collisions

@@ -21,6 +21,7 @@ from rosbags.rosbag2.enums import CompressionFormat, CompressionMode
 from unet_perception.tools import bag
 from unet_perception.tools.bag import IMAGE, BagError, label_bag, typestore
 from unet_perception.tools.bag_cli import main
+from unet_perception.tools.bag_preflight import full_type
 
 DATA = REPO / "test" / "data" / "rosbag2"
 START = 1_700_000_000_000_000_000
@@ -81,7 +82,7 @@ def test_label(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[s
     assert copied == stored_messages(src)
     assert sum(len(m) for m in copied.values()) == expected
     with Reader(src) as listed, Reader(out) as written:  # every topic, empty ones included, with its type
-        assert ({(c.topic, bag.full_type(c.msgtype)) for c in listed.connections}
+        assert ({(c.topic, full_type(c.msgtype)) for c in listed.connections}
                 == {(c.topic, c.msgtype) for c in written.connections})
 
 

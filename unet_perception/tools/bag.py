@@ -4,7 +4,7 @@
 * ``label_bag``: every camera topic of a bag through the segmentation pipeline (no ROS graph) -> a new bag
   with the original messages plus ``<ns>/segmentation/{labels,color,overlay}`` (and ``confidence`` for models
   with that output) at the same timestamps.
-* ``play_bag``: publish a bag over rclpy at its recorded timing (for machines without ``ros2 bag play``).
+* reading (``open_bag``, ``read_messages``) for ``play_bag`` (``bag_play``), which publishes a bag over rclpy.
 
 Bags are read and written with ``rosbags`` (sqlite3 and mcap, rosbag2 format version 8 as ROS 2 Jazzy writes
 it) and the ROS 2 Jazzy message definitions, so ``ros2 bag info``/``play`` and rviz read what we write.
@@ -18,7 +18,6 @@ and the ``unet-bag`` command line lives in ``tools/bag_cli.py``.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shlex
 import shutil
@@ -42,7 +41,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files
 from unet_perception.tools.bag_preflight import (BagError, ReadableBag, check_output, check_read, compare_counts,
-                                                 full_type, readable_bag, remove_dead_runs, run_prefix)
+                                                 readable_bag, remove_dead_runs, run_prefix)
 from unet_perception.tools.bag_read import StoredBag
 from unet_perception.topics import camera_outputs, is_compressed_topic, output_kinds, output_topics
 
@@ -53,7 +52,7 @@ BAG_VERSION: Literal[8] = 8  # the rosbag2 format ROS 2 Jazzy writes; Jazzy's re
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 FORMATS = {"jpeg": ".jpg", "png": ".png"}
 
-__all__ = ["BagError", "bag_from_images", "label_bag", "open_bag", "play_bag"]  # BagError lives in bag_preflight
+__all__ = ["BagError", "bag_from_images", "label_bag", "open_bag"]  # BagError lives in bag_preflight
 
 
 def typestore() -> Typestore:
@@ -498,115 +497,3 @@ def image_message(store: Typestore, array: np.ndarray, encoding: str, header: An
     array = np.ascontiguousarray(array)
     return store.types[IMAGE](header=header, height=array.shape[0], width=array.shape[1], encoding=encoding,
                               is_bigendian=0, step=array.strides[0], data=array.reshape(-1))
-
-
-# ---------------------------------------------------------------------------------------------- play
-
-
-@dataclass
-class PlayStats:
-    """What ``play_bag`` published."""
-
-    published: Counter[str] = field(default_factory=Counter)
-    seconds: float = 0.0
-    loops: int = 0
-
-
-def message_class(msgtype: str, topic: str) -> type:
-    """The rclpy message class of ``pkg/msg/Name``, or a ``BagError`` saying which package is missing."""
-    pkg, _, name = full_type(msgtype).rpartition("/")
-    try:
-        return getattr(importlib.import_module(pkg.replace("/", ".")), name)  # type: ignore[no-any-return]
-    except (ImportError, AttributeError) as exc:
-        raise BagError(f"unknown message type '{msgtype}' on topic {topic}: its Python package is not "
-                       f"installed here ({exc}); install it (ros-jazzy-{pkg.split('/')[0].replace('_', '-')}) "
-                       "or leave the topic out with --topics") from exc
-
-
-def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = False, clock: bool = False,
-             clock_hz: float = 40.0, topics: Sequence[str] | None = None, reliable: bool = False,
-             wait_for_subscribers: float = 0.0, progress: bool = True,
-             on_publish: Callable[[str, int], None] | None = None,
-             should_stop: Callable[[], bool] = lambda: False) -> PlayStats:
-    """Publish ``path``'s messages from ``node`` (an rclpy Node) at their recorded spacing / ``rate_factor``.
-
-    Messages go out serialized as recorded (no decode). Call ``launch_support.apply_node_env()`` before
-    ``rclpy.init`` so frames over 512 KiB reach other processes. ``wait_for_subscribers`` seconds: wait until every
-    topic has a subscriber before the first message (0: start at once, as ``ros2 bag play`` does).
-    ``clock`` publishes ``/clock`` with the bag time at ``clock_hz`` and before every message.
-    """
-    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-    from rosgraph_msgs.msg import Clock  # type: ignore[import-untyped]
-
-    if rate_factor <= 0:
-        raise BagError(f"--rate-factor must be > 0, got {rate_factor}")
-    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE) if reliable else qos_profile_sensor_data
-    stats = PlayStats()
-    with open_bag(path) as reader:
-        conns = select_connections(reader, topics)
-        publishers = _publishers(node, conns, qos)
-        clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
-        deadline = time.monotonic() + wait_for_subscribers
-        while (wait_for_subscribers > 0 and time.monotonic() < deadline and not should_stop()
-               and any(p.get_subscription_count() == 0 for p in publishers.values())):
-            time.sleep(0.05)
-        total = sum(c.msgcount for c in conns)
-        started = time.monotonic()
-        while True:
-            bar = tqdm(total=total, desc=path.name, unit="msg", disable=not progress)
-            wall0, bag0 = time.monotonic(), None
-            sent: Counter[str] = Counter()
-            for conn, timestamp, raw in read_messages(reader, conns):
-                if should_stop():
-                    break
-                bag0 = timestamp if bag0 is None else bag0
-                due = wall0 + (timestamp - bag0) / 1e9 / rate_factor
-                while (now := time.monotonic()) < due:
-                    if clock_pub is not None:
-                        clock_pub.publish(Clock(clock=_ros_time(bag0 + int((now - wall0) * rate_factor * 1e9))))
-                    time.sleep(min(due - now, 1.0 / clock_hz))
-                if clock_pub is not None:
-                    clock_pub.publish(Clock(clock=_ros_time(timestamp)))
-                publishers[conn.topic].publish(bytes(raw))
-                if on_publish is not None:
-                    on_publish(conn.topic, timestamp)
-                stats.published[conn.topic] += 1
-                sent[conn.topic] += 1
-                bar.update()
-            bar.close()
-            if not should_stop():
-                check_read(path, Counter({c.topic: c.msgcount for c in conns}), sent)
-            stats.loops += 1
-            if not loop or should_stop():
-                break
-    stats.seconds = time.monotonic() - started
-    return stats
-
-
-def _publishers(node: Any, conns: Sequence[Connection], qos: Any) -> dict[str, Any]:
-    """Topic -> publisher of its type; a ``BagError`` for a topic recorded with two types (one node cannot offer
-    one topic name with two types, and a message must never go out under another type) or a name rclpy refuses."""
-    types: dict[str, list[str]] = {}
-    for c in conns:
-        types.setdefault(c.topic, []).append(c.msgtype)
-    mixed = {t: names for t, names in types.items() if len(names) > 1}
-    if mixed:
-        topic, names = next(iter(sorted(mixed.items())))
-        raise BagError(f"topic {topic} was recorded with {len(names)} types ({', '.join(names)}); play cannot "
-                       "publish one topic with two types; leave it out with --topics (the other topics)")
-    publishers = {}
-    for c in conns:
-        cls = message_class(c.msgtype, c.topic)
-        try:
-            publishers[c.topic] = node.create_publisher(cls, c.topic, qos)
-        except Exception as exc:  # noqa: BLE001 - InvalidTopicNameException, ValueError, RCLError: one line each
-            reason = str(exc).splitlines()[0].rstrip(":")
-            raise BagError(f"cannot publish topic '{c.topic}': {reason}; leave it out with --topics "
-                           "(the other topics)") from exc
-    return publishers
-
-
-def _ros_time(ns: int) -> Any:
-    from builtin_interfaces.msg import Time  # type: ignore[import-untyped]
-
-    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)

@@ -30,7 +30,8 @@ from unet_perception.backends.base import BackendError
 from unet_perception.fleet.plan import REPORT_NAME, one_line
 from unet_perception.model_contract import ModelError
 from unet_perception.tools.bag import (FORMATS, STORAGES, BagError, bag_from_images, check_label_options,
-                                       check_output, label_bag, list_images, play_bag)
+                                       check_output, label_bag, list_images)
+from unet_perception.tools.bag_play import play_bag
 
 
 def _from_images(args: argparse.Namespace) -> int:

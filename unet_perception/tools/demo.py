@@ -40,10 +40,10 @@ from unet_perception.tools.bag import (
     BagError,
     bag_from_images,
     list_images,
-    play_bag,
     staged_writer,
     typestore,
 )
+from unet_perception.tools.bag_play import play_bag
 from unet_perception.topics import output_topics
 
 TOPIC = "/camera/image_raw"
