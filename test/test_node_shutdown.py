@@ -65,3 +65,26 @@ def test_a_signal_during_inference_ends_cleanly(slow_model: Path, signum: int) -
     assert not bad, out
     assert "segmenting /shutdown/image_raw" in out
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_ends_cleanly(slow_model: Path, signum: int) -> None:
+    """`docker stop` or systemd while the model loads (a TensorRT build can take minutes): exit 0, no lines.
+    Before, SIGTERM let start-up run on into the shut-down context: 'Failed to publish log message to rosout',
+    then RCLError from rclpy's transition code, a traceback and exit 1 (SIGINT was already clean)."""
+    proc = start_node_process({"model_path": str(slow_model), "image_topics": [f"{TOPIC}/image_raw"],
+                               "threads": 1})
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # the backend is chosen: the model loads and warms up next (about a second)
+        lines.append(line)
+        if "backend auto: using" in line:
+            break
+    proc.send_signal(signum)
+    rest, _ = proc.communicate(timeout=TIMEOUT_S)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert "segmenting" not in out, "start-up was not abandoned"
+    bad = [line for line in out.splitlines() if not line.startswith("[INFO]")]
+    assert not bad, out

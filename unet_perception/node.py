@@ -20,6 +20,7 @@ The parameter table and its checks live in ``node_params``, the per-camera count
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -597,6 +598,10 @@ class SegmentationNode(GuardedLifecycleNode):
 def main(args: list[str] | None = None) -> int:
     """``ros2 run unet_perception segmentation_node`` / ``python -m unet_perception.node``."""
     profile = apply_node_env()  # before rclpy.init: Fast DDS reads it when the participant is created
+    # SIGTERM (systemd, docker stop, a launch system) ends start-up as Ctrl-C does: rclpy's handler shuts the
+    # context down and then calls this one, so a slow configure is abandoned instead of running on, logging
+    # into a dead context and failing in rclpy's transition code.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     rclpy.init(args=args)
     if not profile:
         rclpy.logging.get_logger(NODE_NAME).warning(missing_profile_note())
@@ -606,10 +611,15 @@ def main(args: list[str] | None = None) -> int:
         node.get_logger().debug(f"Fast DDS profile: {profile or 'none'}")
         rclpy.spin(node)
     except StartupError as exc:
+        if not rclpy.ok():  # SIGTERM during start-up shut the context down under a transition: not a failure
+            return 0
         rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
         return 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RuntimeError:  # rcl's RCLError when that happens inside rclpy's own transition code
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.destroy_node()
