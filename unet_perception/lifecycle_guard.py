@@ -24,17 +24,18 @@ class GuardedLifecycleNode(LifecycleNode):
         state_id, state = self._state_machine.current_state
         available = {t[0]: t[1] for t in self._state_machine.available_transitions}  # id -> label
         label, tid = req.transition.label, req.transition.id
+        asked = ascii(label[:40]) if label else str(tid)  # any client may call: escaped and short in the log
         if (label not in available.values()) if label else (tid not in available):
             choices = ", ".join(f"{name} ({i})" for i, name in available.items()) or "none"
             self.get_logger().warning(
-                f"change_state: transition {repr(label) if label else tid} is not available from state "
+                f"change_state: transition {asked} is not available from state "
                 f"'{state}'; available: {choices}")
             resp.success = False
             return resp
         try:
             return super()._LifecycleNodeMixin__on_change_state(req, resp)  # type: ignore[misc]
         except _rclpy.RCLError as exc:  # belt and braces: whatever rcl refuses is an answer, not the node's end
-            self.get_logger().error(f"change_state: transition {repr(label) if label else tid} from state "
+            self.get_logger().error(f"change_state: transition {asked} from state "
                                     f"'{state}' ({state_id}) failed: {str(exc).split(', at ')[0]}")
             resp.success = False
             return resp
