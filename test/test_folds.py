@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -15,7 +17,7 @@ from conftest import DATA
 from unet_perception.class_table import load_class_table
 from unet_perception.torch_contract import load_checkpoint
 from unet_perception.training import folds, train
-from unet_perception.training.options import build_parser, expand_recipe
+from unet_perception.training.options import RECIPES, build_parser, expand_recipe
 
 CAMVID = DATA / "camvid"
 pytestmark = pytest.mark.skipif(not (CAMVID / "train.txt").is_file(),
@@ -64,6 +66,15 @@ def test_recipes_put_their_options_first_so_the_command_line_wins() -> None:
     assert args.lovasz == 0.5 and args.epochs == 3 and args.input_size == (288, 384) and args.recipe == "lovasz"
 
 
+@pytest.mark.parametrize("main", [train.main, folds.main])
+def test_help_lists_every_recipe(main: Callable[[list[str]], int], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in RECIPES) and "hardest 25% of pixels" in text
+
+
 def _iou_mean(cm: np.ndarray) -> float:
     tp = np.diag(cm).astype(float)
     union = cm.sum(0) + cm.sum(1) - tp
@@ -71,13 +82,20 @@ def _iou_mean(cm: np.ndarray) -> float:
     return float(np.mean(tp[present] / union[present]))
 
 
+def _rgb(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path))
+    assert img is not None, path
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
 def _confusion_at(run: Path, names: list[str], hw: tuple[int, int]) -> np.ndarray:
     """The fold's last weights scored here with cv2 and NumPy: bilinear down to ``hw``, argmax, nearest up."""
     model, _ = load_checkpoint(run / "last.pt")
     cm = np.zeros((11, 11), np.int64)
     for name in names:  # both folds' sequences are in CamVid's train split
-        rgb = cv2.cvtColor(cv2.imread(str(CAMVID / "train" / name)), cv2.COLOR_BGR2RGB)
+        rgb = _rgb(CAMVID / "train" / name)
         truth = cv2.imread(str(CAMVID / "trainannot" / name), cv2.IMREAD_UNCHANGED)
+        assert truth is not None
         small = cv2.resize(rgb, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
         with torch.no_grad():
             logits = model(torch.from_numpy(small).float().permute(2, 0, 1)[None] / 255.0)
@@ -154,10 +172,30 @@ def test_folds_onnx_scores_fp32_and_int8_calibrated_on_the_folds_own_training_fr
         onnx_cm = np.array(json.loads((run / "onnx_32x48.json").read_text())["fp32"]["confusion_matrix"])
         reference = _confusion_at(run, frames["eval"], (32, 48))
         assert np.abs(onnx_cm - reference).sum() / reference.sum() < 0.01
-        trained = [cv2.resize(cv2.cvtColor(cv2.imread(str(CAMVID / "train" / n)), cv2.COLOR_BGR2RGB), (48, 32),
-                              interpolation=cv2.INTER_LINEAR) for n in frames["train"]]
+        trained = [cv2.resize(_rgb(CAMVID / "train" / n), (48, 32), interpolation=cv2.INTER_LINEAR)
+                   for n in frames["train"]]
         assert len(calibration) == len(trained)
         assert all(any(np.array_equal(c, t) for t in trained) for c in calibration)  # never a held-out frame
+
+
+def test_an_interrupted_fold_resumes_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = train.save_checkpoint
+
+    def save_then_crash(path: Path, state: dict[str, Any]) -> None:
+        real_save(path, state)
+        if path.name == "last.pt" and state["epoch"] == 0:
+            raise KeyboardInterrupt  # stopped after the first epoch, as by Ctrl-C or a lost machine
+
+    argv = [*_fold_argv(tmp_path), "--folds", "0001TP"]
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        folds.main(argv)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert folds.main(argv) == 0
+    run = tmp_path / "today" / "0001TP"
+    assert "resumed from" in (run / "train.log").read_text()
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert [h["epoch"] for h in last["history"]] == [1, 2] and (run / "final_eval.json").is_file()
 
 
 def test_final_fit_on_train_and_val_selects_nothing(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_perception.training import train
-from unet_perception.training.options import RECIPES, parse_size
+from unet_perception.training.options import RECIPES, parse_size, recipes_help
 
 FOLDS = ("0006R0", "0001TP")  # CamVid train+val's sequences apart from 0016E5, the street val was taken on
 
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unet-folds", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="today",
-                   help="; ".join(f"{k}: {v[0]}" for k, v in RECIPES.items()))
+                   help=recipes_help())
     p.add_argument("--data", default=None, help="CamVid root (../shared/data/camvid)")
     p.add_argument("--out", default="runs/folds", help="folder of every recipe's folds (default runs/folds)")
     p.add_argument("--folds", default=",".join(FOLDS), help=f"sequences to hold out (default {','.join(FOLDS)})")

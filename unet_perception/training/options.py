@@ -34,6 +34,11 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def recipes_help() -> str:
+    """The recipes for --help (argparse formats help with %, so a literal % is doubled)."""
+    return "; ".join(f"{name}: {what}" for name, (what, _) in RECIPES.items()).replace("%", "%%")
+
+
 def expand_recipe(argv: list[str]) -> list[str]:
     """``argv`` with the options of its ``--recipe`` put in front (later options override them)."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -98,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root folder (e.g. ../shared/data/camvid)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="start from a named recipe; options after it override it: "
-                        + "; ".join(f"{k}: {v[0]}" for k, v in RECIPES.items()))
+                        + recipes_help())
     p.add_argument("--train-splits", type=parse_splits, default=None, metavar="SPLITS",
                    help="splits to train on, e.g. train,val for the final fit (default: train, or train,val "
                         "with --holdout-sequence); when they include --eval-split nothing is left to select on: "
