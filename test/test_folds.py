@@ -73,6 +73,8 @@ def test_help_lists_every_recipe(main: Callable[[list[str]], int], capsys: pytes
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert all(name in text for name in RECIPES) and "hardest 25% of pixels" in text
+    assert ("unet-train --recipe today --holdout-sequence 0006R0" if main is train.main else
+            "Cross-validation by video sequence") in text  # the program's own description
 
 
 def _iou_mean(cm: np.ndarray) -> float:

@@ -95,8 +95,9 @@ def parse_widths(text: str) -> tuple[int, ...]:
     return widths
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unet-train", description=__doc__,
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """unet-train's parser; ``description`` is the --help text above the options (train.py's docstring)."""
+    p = argparse.ArgumentParser(prog="unet-train", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="camvid",
                    help=f"class table / layout: one of {available_tables()} or a table JSON path")

@@ -168,7 +168,7 @@ def resume(path: Path, steps: int, model: torch.nn.Module, ema: ModelEMA | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(expand_recipe(sys.argv[1:] if argv is None else argv))
+    args = build_parser(__doc__).parse_args(expand_recipe(sys.argv[1:] if argv is None else argv))
     rank, world, device = setup_distributed(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
