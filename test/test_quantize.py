@@ -86,10 +86,11 @@ def test_int8_file_is_symmetric_qdq_with_float_biases_and_the_same_contract(
     assert agreement(fp32, int8, frames) == pytest.approx(observed, abs=1e-12)
     chance = float(np.dot(*(np.bincount(x.ravel(), minlength=256) / x.size for x in (la, lb))))
     kappa = (observed - chance) / (1.0 - chance)
-    # Random weights leave small logit margins, so int8 noise flips far more labels than on a trained model
-    # (the shipped pair agrees on > 99%): kappa measured 0.96 here, 0.72 since Resize scales became constants
-    # (b041948; ORT then fuses the int8 Resize); an unrelated model of the same architecture gives 0.00.
-    assert kappa >= 0.5, f"int8 agrees with fp32 on {observed:.1%} of pixels; chance alone gives {chance:.1%}"
+    # Random weights leave small logit margins, so int8 noise flips more labels than on a trained model (the
+    # shipped pair agrees on > 99%): kappa measured 0.96 here (0.72 when ORT's fused int8 Resize rounded the
+    # logits before the argmax, which quantize.float_logits now prevents); an unrelated model of the same
+    # architecture gives 0.00.
+    assert kappa >= 0.8, f"int8 agrees with fp32 on {observed:.1%} of pixels; chance alone gives {chance:.1%}"
 
 
 def source_op(producer: dict[str, onnx.NodeProto], name: str) -> str:
