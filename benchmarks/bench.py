@@ -60,12 +60,13 @@ class Row:
     p99_ms: float = float("nan")
     drops: int = 0
     cpu_pct: float = 0.0
+    core_ms: float = float("nan")   # node CPU time per output frame (robust to a shared machine: no wall time)
     peak_rss_mib: float = 0.0
     settings: str = ""
 
 
-def raw_inference(model: Path, threads: int, spinning: bool, rounds: int = 40) -> tuple[float, float]:
-    """(fps, median ms) of ``backend.infer`` at batch 1 on the model input, the backend the node uses."""
+def raw_inference(model: Path, threads: int, spinning: bool, rounds: int = 40) -> tuple[float, float, float]:
+    """(fps, median ms, CPU core-ms per frame) of ``backend.infer`` at batch 1, the backend the node uses."""
     info = read_model_info(model)
     backend = create_backend("onnxruntime", info, BackendOptions(max_batch=1, threads=threads, spinning=spinning))
     batch = np.random.default_rng(0).integers(0, 256, (1, *info.input_hw, 3), dtype=np.uint8)
@@ -73,14 +74,48 @@ def raw_inference(model: Path, threads: int, spinning: bool, rounds: int = 40) -
         for _ in range(5):
             backend.infer(batch)
         times = []
+        cpu = time.process_time()  # every thread of this process: ONNX Runtime's pool too
         for _ in range(rounds):
             start = time.perf_counter()
             backend.infer(batch)
             times.append(time.perf_counter() - start)
+        core_ms = (time.process_time() - cpu) * 1e3 / rounds
     del backend
     gc.collect()  # the session and its thread pool go before any node runs
     ms = float(np.median(times)) * 1e3
-    return 1000.0 / ms, ms
+    return 1000.0 / ms, ms, core_ms
+
+
+def message_costs(rgb: np.ndarray, rounds: int = 30) -> dict[str, float]:
+    """CPU ms (this thread, median) of the two message levers: rclpy's (de)serialisation against raw_cdr's."""
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
+
+    from unet_perception import raw_cdr
+    from unet_perception.codec import encode_image
+
+    header, labels = Header(frame_id="camera"), rgb[:, :, 0].copy()
+    data = serialize_message(encode_image(rgb, "rgb8", header))
+    raw_header = raw_cdr.RawHeader(raw_cdr.Stamp(0, 0), "camera")
+    cases = {
+        "in rgb8 rclpy deserialise": lambda: deserialize_message(data, Image),
+        "in rgb8 raw_cdr.parse_image": lambda: raw_cdr.parse_image(data),
+        "out rgb8 rclpy encode+serialise": lambda: serialize_message(encode_image(rgb, "rgb8", header)),
+        "out rgb8 raw_cdr.image": lambda: raw_cdr.image(rgb, "rgb8", raw_header),
+        "out mono8 rclpy encode+serialise": lambda: serialize_message(encode_image(labels, "mono8", header)),
+        "out mono8 raw_cdr.image": lambda: raw_cdr.image(labels, "mono8", raw_header),
+    }
+    costs = {}
+    for name, fn in cases.items():
+        fn()
+        times = []
+        for _ in range(rounds):
+            start = time.thread_time()
+            fn()
+            times.append(time.thread_time() - start)
+        costs[name] = float(np.median(times)) * 1e3
+    return costs
 
 
 def cpu_ticks(pid: int) -> int:
@@ -159,6 +194,8 @@ def run_row(bench: Bench, pid: int, cameras: int, rate: str, duration: float) ->
     row = Row(cameras, rate, sent=sum(bench.sent) - sum(sent0), cpu_pct=cpu, peak_rss_mib=peak_rss_mib(pid))
     lat = np.concatenate([np.asarray(x) for x in bench.latencies]) if any(bench.latencies) else np.array([])
     row.fps = [len(x) / wall for x in bench.latencies]
+    out = sum(len(x) for x in bench.latencies)
+    row.core_ms = cpu * 10.0 * wall / out if out else float("nan")  # cpu% * wall s * 10 = core-ms
     if lat.size:
         row.p50_ms, row.p99_ms = (float(v) for v in np.percentile(lat, [50, 99]))
     for k in range(cameras):
@@ -214,11 +251,11 @@ def run_node(model: Path, cameras: int, rates: list[str], duration: float, frame
 def format_row(r: Row) -> str:
     fps = " / ".join(f"{f:.1f}" for f in r.fps)
     return (f"| {r.cameras} | {r.rate} | {r.settings} | {sum(r.fps):.1f} | {fps} | {r.p50_ms:.0f} | {r.p99_ms:.0f} "
-            f"| {r.drops} of {r.sent} | {r.cpu_pct:.0f} | {r.peak_rss_mib:.0f} |")
+            f"| {r.drops} of {r.sent} | {r.cpu_pct:.0f} | {r.core_ms:.0f} | {r.peak_rss_mib:.0f} |")
 
 
 HEADER = ("| cameras | rate Hz | node settings | output fps | per camera | latency p50 ms | p99 ms | drops | "
-          "node CPU % | peak RSS MiB |\n|--:|--:|---|--:|---|--:|--:|--:|--:|--:|")
+          "node CPU % | core-ms / frame out | peak RSS MiB |\n|--:|--:|---|--:|---|--:|--:|--:|--:|--:|--:|")
 
 
 def goals(rows: list[Row], raw_fps: float, raw_ms: float) -> list[str]:
@@ -299,11 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, label = stages.model_or_default(args.model, Path(tmp))
         threads, spinning = int(params.get("threads", 0)), bool(params.get("spinning", True))
-        raw_fps, raw_ms = raw_inference(model, threads, spinning)
-        report |= {"model": label, "raw_fps": raw_fps, "raw_ms": raw_ms}
+        raw_fps, raw_ms, raw_core_ms = raw_inference(model, threads, spinning)
+        report |= {"model": label, "raw_fps": raw_fps, "raw_ms": raw_ms, "raw_core_ms": raw_core_ms,
+                   "message_costs": message_costs(frames[0])}
         print(f"model {label}; frames {report['frames']}; {report['machine']}")
         print(f"raw inference (batch 1, threads {threads or 'default'}, spinning {spinning}): "
-              f"{raw_fps:.1f} fps, {raw_ms:.1f} ms\n\n{HEADER}", flush=True)
+              f"{raw_fps:.1f} fps, {raw_ms:.1f} ms, {raw_core_ms:.1f} core-ms per frame")
+        print("message costs per 640x480 frame, CPU ms (median): "
+              + "; ".join(f"{k} {v:.3f}" for k, v in report["message_costs"].items()))
+        print(f"\n{HEADER}", flush=True)
         rows: list[Row] = []
         if args.levers:
             for _ in range(args.repeat):
