@@ -295,10 +295,11 @@ def soak(model: Path, seconds: float, frames: list[np.ndarray], params: dict[str
 
 
 LEVERS = [  # one row per lever, 1 camera at 60 Hz; each differs from the defaults in one setting
-    ("defaults (overlap, spinning, threads 0)", {}),
-    ("overlap off (one thread, in turn)", {"overlap": False}),
-    ("spinning off", {"spinning": False}),
+    ("defaults (cpu: stages in turn, no spinning, threads 0)", {}),
+    ("overlap on (three stage threads)", {"overlap": "on"}),
+    ("spinning on (ONNX Runtime's default)", {"spinning": True}),
     ("threads 1", {"threads": 1}),
+    ("threads 2", {"threads": 2}),
 ]
 
 
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=stages.CAMVID_VAL, help="folder of frames (default: CamVid val; "
                    "synthetic frames when it is missing)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
-                   help="node parameter for every row, e.g. --param overlap=false (repeatable)")
+                   help="node parameter for every row, e.g. --param overlap=on (repeatable)")
     p.add_argument("--levers", action="store_true", help="rows of 1 camera at 60 Hz, one per lever, in turns")
     p.add_argument("--repeat", type=int, default=2, help="--levers: rounds of the lever rows (default: 2)")
     p.add_argument("--soak", type=float, default=0.0, help="also run 4 x 30 Hz for this many seconds (RSS slope)")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"load average {os.getloadavg()[0]:.1f} at start", "frames": f"640x480 rgb8, {source}"}
     with tempfile.TemporaryDirectory() as tmp:
         model, label = stages.model_or_default(args.model, Path(tmp))
-        threads, spinning = int(params.get("threads", 0)), bool(params.get("spinning", True))
+        threads, spinning = int(params.get("threads", 0)), bool(params.get("spinning", False))  # node defaults
         raw_fps, raw_ms, raw_core_ms = raw_inference(model, threads, spinning)
         report |= {"model": label, "raw_fps": raw_fps, "raw_ms": raw_ms, "raw_core_ms": raw_core_ms,
                    "message_costs": message_costs(frames[0])}

@@ -13,7 +13,7 @@ decodes it (``codec.decode``, the bag tool's path too) and resizes it into the m
 the backend; *publish* upscales, renders what is subscribed and publishes CDR written straight from the arrays.
 One batch at most waits between two stages, so memory and latency stay bounded whatever the input rate, each
 camera's outputs keep the order its frames arrived in, and no camera's frames can stall the executor. With
-``overlap: false`` one thread runs the three steps in turn.
+``overlap: off`` (``auto`` on the CPU) one thread runs the three steps in turn.
 
 The parameter table and its checks live in ``node_params``, the per-camera counters in ``node_stats``.
 """
@@ -66,6 +66,12 @@ RELIABILITY = dict(zip(QOS_RELIABILITY, (ReliabilityPolicy.BEST_EFFORT, Reliabil
 LOG_THROTTLE_S = 5.0          # at most one bad-input / backend-failure line per call site this often
 IN_FLIGHT = 3  # overlapped stages: one batch resolving in publish, one waiting for it, one just submitted
 SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
+
+
+def overlapped(p: dict[str, Any]) -> bool:
+    """Whether the stages run in their own threads: ``overlap`` on, or auto on a GPU (measured in
+    docs/performance.md: on the 2-core CPU overlap added a batch of latency and no frames per second)."""
+    return p["overlap"] == "on" or (p["overlap"] == "auto" and p["device"] == "cuda")
 
 
 def _value(param: Parameter) -> Any:
@@ -144,6 +150,7 @@ class SegmentationNode(GuardedLifecycleNode):
         self._lock = threading.Condition()
         self._stopping = False
         self._workers: list[threading.Thread] = []
+        self._next_camera = 0  # round robin when more cameras wait than max_batch
         self._to_infer: Handoff[Work] = Handoff()
         self._to_publish: Handoff[Work] = Handoff()
         self._segmenter: Segmenter | None = None
@@ -239,7 +246,7 @@ class SegmentationNode(GuardedLifecycleNode):
         options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
                                  workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"],
-                                 in_flight=IN_FLIGHT if p["overlap"] else 1, spinning=p["spinning"])
+                                 in_flight=IN_FLIGHT if overlapped(p) else 1, spinning=p["spinning"])
         backend = None
         try:
             backend = create_backend(p["backend"], info, options, log=self.get_logger().info)
@@ -311,7 +318,7 @@ class SegmentationNode(GuardedLifecycleNode):
             self._stopping = False
         self._to_infer, self._to_publish = Handoff(), Handoff()
         stages = [(self._work, "segmentation_prepare")]
-        if p["overlap"]:
+        if overlapped(p):
             stages += [(self._infer_loop, "segmentation_infer"), (self._publish_loop, "segmentation_publish")]
         self._workers = [threading.Thread(target=target, name=name, daemon=True) for target, name in stages]
         for worker in self._workers:
@@ -324,7 +331,7 @@ class SegmentationNode(GuardedLifecycleNode):
             f"segmenting {', '.join(c.topic for c in self._cameras)} with {backend.name} on {backend.device}, "
             f"model '{self._model}' ({info.classes.num_classes} classes, input {info.input_hw[1]}x"
             f"{info.input_hw[0]}), max_batch {p['max_batch']}; outputs {outputs}; QoS in {p['input_qos']}, "
-            f"out {p['output_qos']}, depth {p['qos_depth']}; stages {'overlapped' if p['overlap'] else 'in turn'}"
+            f"out {p['output_qos']}, depth {p['qos_depth']}; stages {'overlapped' if overlapped(p) else 'in turn'}"
             + (f"; ground from {ground.source} in {ground.base_frame}" if ground is not None else ""))
 
     def _deactivate(self) -> None:
@@ -456,10 +463,10 @@ class SegmentationNode(GuardedLifecycleNode):
     # -- stages: prepare (decode, resize), infer, publish; in their own threads with overlap ----------------
     def _work(self) -> None:
         """The prepare stage: take every camera's latest frame, decode, batch; then infer and publish in turn
-        (``overlap: false``) or hand the batch on."""
+        (``overlap`` off) or hand the batch on."""
         assert self._segmenter is not None
         assert self._config is not None
-        segmenter, overlap = self._segmenter, self._config.params["overlap"]
+        segmenter, overlap = self._segmenter, overlapped(self._config.params)
         while True:
             if overlap:  # take frames only once the next stage can take the batch: none ages in between
                 self._to_infer.wait_free()
@@ -467,22 +474,34 @@ class SegmentationNode(GuardedLifecycleNode):
                 self._lock.wait_for(lambda: self._stopping or any(c.pending for c in self._cameras))
                 if self._stopping:
                     return
-                ready = [(c, c.pending) for c in self._cameras if c.pending is not None]
-                for c, _ in ready:
-                    c.pending = None
+                ready = self._take_frames(segmenter.backend.max_batch)
             # Frames of any sizes share a batch: prepare resizes each to the model input.
-            decoded = [(c, f) for c, f in ready if self._decode(c, f)]  # type: ignore[arg-type]
-            for start in range(0, len(decoded), segmenter.backend.max_batch):
-                items = decoded[start:start + segmenter.backend.max_batch]  # type: ignore[misc]
-                try:
-                    work = Work(items, segmenter.prepare([frame.rgb for _, frame in items]))
-                except Exception as exc:  # noqa: BLE001 - as in _infer: the worker outlives any one batch
-                    self._batch_failed(items, "preparing the batch", exc)
-                    continue
-                if overlap:
-                    self._to_infer.put(work)
-                elif self._infer(work):
-                    self._publish_batch(work)
+            items = [(c, f) for c, f in ready if self._decode(c, f)]
+            if not items:
+                continue
+            try:
+                work = Work(items, segmenter.prepare([frame.rgb for _, frame in items]))
+            except Exception as exc:  # noqa: BLE001 - as in _infer: the worker outlives any one batch
+                self._batch_failed(items, "preparing the batch", exc)
+                continue
+            if overlap:
+                self._to_infer.put(work)
+            elif self._infer(work):
+                self._publish_batch(work)
+
+    def _take_frames(self, limit: int) -> list[tuple[Camera, Frame]]:
+        """At most ``limit`` (max_batch) waiting frames, one per camera, round robin from where the last batch
+        ended (under the lock). The cameras left out keep their keep-latest slot, so their frame stays the newest
+        until its turn, rather than aging in a second batch behind this one."""
+        n = len(self._cameras)
+        order = [self._cameras[(self._next_camera + i) % n] for i in range(n)]
+        taken = [c for c in order if c.pending is not None][:limit]
+        if taken:
+            self._next_camera = (self._cameras.index(taken[-1]) + 1) % n
+        ready = [(c, c.pending) for c in taken if c.pending is not None]
+        for c in taken:
+            c.pending = None
+        return ready
 
     def _infer_loop(self) -> None:
         while (work := self._to_infer.get()) is not None:

@@ -17,6 +17,7 @@ from unet_perception.model_contract import UNKNOWN_LABEL
 from unet_perception.topics import output_kinds
 
 QOS_RELIABILITY = ("best_effort", "reliable")  # input_qos / output_qos values
+OVERLAP = ("auto", "on", "off")
 
 
 class StartupError(RuntimeError):
@@ -64,11 +65,12 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("gpu_id", 0, "device cuda: CUDA device index.", int_range=(0, 63)),
     ParamSpec("threads", 0, "device cpu: ONNX Runtime / torch threads; 0 = the library's default.",
               int_range=(0, 256)),
-    ParamSpec("spinning", True, "device cpu, onnxruntime: idle inference threads spin waiting for the next run "
-              "(ONNX Runtime's default: faster runs, but they hold cores the node's other threads need)."),
-    ParamSpec("overlap", True, "Run decode/resize, inference and render/publish in three threads, so that they "
-              "overlap (more frames per second when the backend leaves cores free); false: one thread, in turn.",
-              ),
+    ParamSpec("spinning", False, "device cpu, onnxruntime: idle inference threads spin waiting for the next run "
+              "(ONNX Runtime's own default; faster runs on an idle machine, but they hold cores that the node's other "
+              "threads and other processes need)."),
+    ParamSpec("overlap", "auto", "on: decode/resize, inference and render/publish run in three threads and "
+              "overlap (TensorRT: copies and compute of 3 batches in flight); off: one thread, in turn (lowest latency "
+              "when inference takes every core); auto: on for device cuda, off for cpu.", choices=OVERLAP),
     ParamSpec("engine_cache_dir", "", "tensorrt: engine and timing cache folder (also the fp16 model); empty = "
               "~/.cache/unet_perception/engines. Refused when anyone but its owner (you or root) can write it "
               "(docs/tensorrt.md)."),
