@@ -296,7 +296,7 @@ def soak(model: Path, seconds: float, frames: list[np.ndarray], params: dict[str
 
 LEVERS = [  # one row per lever, 1 camera at 60 Hz; each differs from the defaults in one setting
     ("defaults (cpu: stages in turn, no spinning, threads 0)", {}),
-    ("overlap on (three stage threads)", {"overlap": "on"}),
+    ("overlap always (three stage threads)", {"overlap": "always"}),
     ("spinning on (ONNX Runtime's default)", {"spinning": True}),
     ("threads 1", {"threads": 1}),
     ("threads 2", {"threads": 2}),
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=stages.CAMVID_VAL, help="folder of frames (default: CamVid val; "
                    "synthetic frames when it is missing)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
-                   help="node parameter for every row, e.g. --param overlap=on (repeatable)")
+                   help="node parameter for every row, e.g. --param overlap=always (repeatable)")
     p.add_argument("--levers", action="store_true", help="rows of 1 camera at 60 Hz, one per lever, in turns")
     p.add_argument("--repeat", type=int, default=2, help="--levers: rounds of the lever rows (default: 2)")
     p.add_argument("--soak", type=float, default=0.0, help="also run 4 x 30 Hz for this many seconds (RSS slope)")

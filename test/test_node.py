@@ -165,7 +165,7 @@ def test_shipped_model_is_the_default() -> None:
     assert "unet_camvid.onnx" in out
 
 
-@pytest.mark.parametrize("overlap", ["on", "off"])
+@pytest.mark.parametrize("overlap", ["always", "never"])
 def test_keep_latest_publishes_the_newest_frame(tiny_model, overlap: str) -> None:  # type: ignore[no-untyped-def]
     """While inference is busy on frame 0, frames 1, 2, 3 arrive: the next output is frame 3, 2 is dropped.
 
@@ -193,7 +193,7 @@ def test_keep_latest_publishes_the_newest_frame(tiny_model, overlap: str) -> Non
             assert busy.wait(TIMEOUT_S), "the worker never started frame 0"
             pub.publish(image_message(synthetic_frame(64, 48, 1), "rgb8", stamp=stamp(1)))
             wait_until(lambda: stats.frames_in == 2, what="frame 1 to reach the slot")
-            if overlap == "on":
+            if overlap == "always":
                 wait_until(lambda: stats.decoded == 2, what="the prepare stage to take frame 1")
             for i in (2, 3):
                 pub.publish(image_message(synthetic_frame(64, 48, i), "rgb8", stamp=stamp(i)))
@@ -201,7 +201,7 @@ def test_keep_latest_publishes_the_newest_frame(tiny_model, overlap: str) -> Non
         finally:
             backend._infer = real_infer
             release.set()
-        want = [0, 1, 3] if overlap == "on" else [0, 3]
+        want = [0, 1, 3] if overlap == "always" else [0, 3]
         got = labels.wait_for(len(want))
         wait_until(lambda: stats.frames_out + stats.drops == 4, what="every frame accounted for")
     assert [m.header.stamp for m in got] == [stamp(i) for i in want]

@@ -30,7 +30,7 @@ def stats(cams) -> str:  # type: ignore[no-untyped-def]
 def test_stages_overlap(tiny_model) -> None:  # type: ignore[no-untyped-def]
     """Frame 1 is inferred while frame 0 is still being published (in turn, frame 1 would wait for it)."""
     with RosGraph() as graph:
-        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/ov/image_raw"], overlap="on")
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/ov/image_raw"], overlap="always")
         pub = graph.publisher(Image, "/ov/image_raw")
         labels = graph.collect(Image, "/ov/segmentation/labels")
         wait_matched(pub, [labels])
@@ -67,7 +67,7 @@ def test_outputs_in_order_once_each_under_load(tiny_model) -> None:  # type: ign
     most once, the last frame always gets through, and every frame is either published or counted as a drop."""
     with RosGraph() as graph:
         node = graph.segmentation_node(model_path=str(tiny_model),
-                                       image_topics=[f"{ns}/image_raw" for ns in CAMERAS], overlap="on",
+                                       image_topics=[f"{ns}/image_raw" for ns in CAMERAS], overlap="always",
                                        input_qos="reliable", qos_depth=FRAMES)  # DDS loses none: the slot decides
         pubs = [graph.publisher(Image, f"{ns}/image_raw", QoSProfile(depth=FRAMES)) for ns in CAMERAS]
         outs = [graph.collect(Image, f"{ns}/segmentation/labels") for ns in CAMERAS]

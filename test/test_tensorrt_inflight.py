@@ -78,7 +78,7 @@ def test_submit_waits_for_a_free_slot(rig: Any) -> None:
 
 
 def test_one_slot_keeps_the_synchronous_path(rig: Any) -> None:
-    """in_flight 1 (the default, and the node with overlap off): infer is upload, execute, download, wait."""
+    """in_flight 1 (the default, and the node with overlap never): infer is upload, execute, download, wait."""
     rig.backend.options = BackendOptions(max_batch=4, device="cuda",
                                          engine_cache_dir=rig.backend.options.engine_cache_dir)
     with rig.backend as backend:

@@ -13,7 +13,7 @@ decodes it (``codec.decode``, the bag tool's path too) and resizes it into the m
 the backend; *publish* upscales, renders what is subscribed and publishes CDR written straight from the arrays.
 One batch at most waits between two stages, so memory and latency stay bounded whatever the input rate, each
 camera's outputs keep the order its frames arrived in, and no camera's frames can stall the executor. With
-``overlap: off`` (``auto`` on the CPU) one thread runs the three steps in turn.
+``overlap: never`` (``auto`` on the CPU) one thread runs the three steps in turn.
 
 The parameter table and its checks live in ``node_params``, the per-camera counters in ``node_stats``.
 """
@@ -69,9 +69,9 @@ SLOW_RATIO = 0.5              # WARN when the output rate is below this share of
 
 
 def overlapped(p: dict[str, Any]) -> bool:
-    """Whether the stages run in their own threads: ``overlap`` on, or auto on a GPU (measured in
+    """Whether the stages run in their own threads: ``overlap`` always, or auto on a GPU (measured in
     docs/performance.md: on the 2-core CPU overlap added a batch of latency and no frames per second)."""
-    return p["overlap"] == "on" or (p["overlap"] == "auto" and p["device"] == "cuda")
+    return p["overlap"] == "always" or (p["overlap"] == "auto" and p["device"] == "cuda")
 
 
 def _value(param: Parameter) -> Any:
@@ -463,7 +463,7 @@ class SegmentationNode(GuardedLifecycleNode):
     # -- stages: prepare (decode, resize), infer, publish; in their own threads with overlap ----------------
     def _work(self) -> None:
         """The prepare stage: take every camera's latest frame, decode, batch; then infer and publish in turn
-        (``overlap`` off) or hand the batch on."""
+        (``overlap`` never) or hand the batch on."""
         assert self._segmenter is not None
         assert self._config is not None
         segmenter, overlap = self._segmenter, overlapped(self._config.params)

@@ -17,7 +17,7 @@ from unet_perception.model_contract import UNKNOWN_LABEL
 from unet_perception.topics import output_kinds
 
 QOS_RELIABILITY = ("best_effort", "reliable")  # input_qos / output_qos values
-OVERLAP = ("auto", "on", "off")
+OVERLAP = ("auto", "always", "never")  # not on/off: YAML (and so `-p overlap:=on`) reads those as booleans
 
 
 class StartupError(RuntimeError):
@@ -68,9 +68,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("spinning", False, "device cpu, onnxruntime: idle inference threads spin waiting for the next run "
               "(ONNX Runtime's own default; faster runs on an idle machine, but they hold cores that the node's other "
               "threads and other processes need)."),
-    ParamSpec("overlap", "auto", "on: decode/resize, inference and render/publish run in three threads and "
-              "overlap (TensorRT: copies and compute of 3 batches in flight); off: one thread, in turn (lowest latency "
-              "when inference takes every core); auto: on for device cuda, off for cpu.", choices=OVERLAP),
+    ParamSpec("overlap", "auto", "always: decode/resize, inference and render/publish run in three threads "
+              "and overlap (TensorRT: copies and compute of 3 batches in flight); never: one thread, in turn (lowest "
+              "latency when inference takes every core); auto: always for device cuda, never for cpu.",
+              choices=OVERLAP),
     ParamSpec("engine_cache_dir", "", "tensorrt: engine and timing cache folder (also the fp16 model); empty = "
               "~/.cache/unet_perception/engines. Refused when anyone but its owner (you or root) can write it "
               "(docs/tensorrt.md)."),
