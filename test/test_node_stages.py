@@ -99,3 +99,41 @@ def test_outputs_in_order_once_each_under_load(tiny_model) -> None:  # type: ign
         assert stamps[-1] == stamp_ns(sent[k][-1]), f"camera {k}: the last frame never came out"
         assert set(stamps) <= {stamp_ns(t) for t in sent[k]}
         assert cams[k].stats.drops > 0, "the load never made the slot drop a frame; the test proves nothing"
+
+
+def test_more_cameras_than_max_batch_take_turns(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """max_batch 1, three cameras waiting: batches go round robin from the camera after the last one served, and
+    the frames left out stay in their slots (no batch is queued for them)."""
+    topics = [f"/rr{k}/image_raw" for k in range(3)]
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, max_batch=1)
+        pubs = [graph.publisher(Image, t) for t in topics]
+        outs = [graph.collect(Image, f"/rr{k}/segmentation/labels") for k in range(3)]
+        for pub, out in zip(pubs, outs):
+            wait_matched(pub, [out])
+        backend, served = node._segmenter.backend, []
+        real_infer, real_publish = backend._infer, node._publish_batch
+        busy, release = threading.Event(), threading.Event()
+
+        def blocked(batch: np.ndarray):  # type: ignore[no-untyped-def]
+            busy.set()
+            release.wait(TIMEOUT_S)
+            return real_infer(batch)
+
+        def recorded(work):  # type: ignore[no-untyped-def]
+            served.append(work.items[0][0].topic)
+            return real_publish(work)
+
+        backend._infer, node._publish_batch = blocked, recorded
+        frame = synthetic_frame(64, 48, 0)
+        try:
+            pubs[0].publish(image_message(frame, "rgb8", stamp=Time(sec=1)))
+            assert busy.wait(TIMEOUT_S)
+            for k in (2, 1, 0):  # arrival order is not the order of service
+                pubs[k].publish(image_message(frame, "rgb8", stamp=Time(sec=2)))
+            wait_until(lambda: all(c.pending is not None for c in node._cameras), what="a frame in every slot")
+        finally:
+            backend._infer = real_infer
+            release.set()
+        wait_until(lambda: len(served) == 4, what="four batches")
+    assert served == [topics[0], topics[1], topics[2], topics[0]]
