@@ -136,12 +136,14 @@ class Bench(load.Probe):
     def __init__(self, context: rclpy.Context, config: load.LoadConfig, frames: list[np.ndarray]) -> None:
         self.in_flight: list[list[int]] = [[] for _ in range(config.cameras)]
         self.cond = threading.Condition()
+        self.row_start_ns = 0  # labels of frames stamped before the row (warm-up, the last row) do not count
         super().__init__(context, config, frames)
 
     def _on_labels(self, k: int, data: bytes) -> None:
-        super()._on_labels(k, data)
         sec, nanosec = load.STAMP.unpack_from(data, load.CDR_HEADER_BYTES)
         done = sec * 1_000_000_000 + nanosec
+        if done >= self.row_start_ns:
+            super()._on_labels(k, data)
         with self.cond:  # frames older than this one were dropped by the node: no label will come for them
             self.in_flight[k] = [s for s in self.in_flight[k] if s > done]
             self.cond.notify_all()
@@ -183,6 +185,7 @@ def run_row(bench: Bench, pid: int, cameras: int, rate: str, duration: float) ->
     sent0 = list(bench.sent)
     for lat in bench.latencies:
         lat.clear()
+    bench.row_start_ns = bench.node.get_clock().now().nanoseconds
     ticks0, t0 = cpu_ticks(pid), time.monotonic()
     play(bench, cameras, rate, duration)
     wall = time.monotonic() - t0
@@ -229,7 +232,9 @@ def run_node(model: Path, cameras: int, rates: list[str], duration: float, frame
         if node.poll() is not None:
             raise RuntimeError(f"the node exited with {node.returncode}:\n{log.read_text()[-3000:]}")
         play(bench, cameras, "max", 1.5)  # warm-up: first frames, DDS buffers, the node's first allocations
-        load.wait_for(lambda: bench.diagnostics_received >= 2, load.SETTLE_TIMEOUT_S, "/diagnostics", log)
+        seen = bench.diagnostics_received  # counters from after the warm-up: the first row starts from them
+        load.wait_for(lambda: bench.diagnostics_received >= seen + 2 and bench.settled(), load.SETTLE_TIMEOUT_S,
+                      "the node's counters after the warm-up", log)
         for rate in rates:
             row = run_row(bench, node.pid, cameras, rate, duration)
             row.settings = ", ".join(f"{k} {v}" for k, v in params.items()) or "defaults"
