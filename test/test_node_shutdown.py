@@ -8,6 +8,7 @@ publish either ("Failed to publish log message to rosout").
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from sensor_msgs.msg import Image
 
 from conftest import make_tiny_model
+from test_lifecycle import Lifecycle
 from ros_graph import TIMEOUT_S, RosGraph, start_node_process, wait_matched
 from unet_perception.tools.camera_sim import image_message, synthetic_frame
 
@@ -82,9 +84,9 @@ def test_a_signal_during_start_up_ends_cleanly(slow_model: Path, signum: int) ->
         lines.append(line)
         if "backend auto: using" in line:
             break
-    # Not at once: the line is printed, then published to /rosout; a signal between the two makes rcl print
-    # "Failed to publish log message to rosout" for that line (a race of the test, not the start-up measured).
-    time.sleep(0.2)
+    # At once, on purpose: the line is printed, then published to /rosout. With rclpy's own signal handler a
+    # signal between the two shut the context down under that publish ("Failed to publish log message to
+    # rosout"); the node's handler waits for the main thread's next Python step.
     proc.send_signal(signum)
     rest, _ = proc.communicate(timeout=TIMEOUT_S)
     out = "".join(lines) + rest
@@ -92,3 +94,29 @@ def test_a_signal_during_start_up_ends_cleanly(slow_model: Path, signum: int) ->
     assert "segmenting" not in out, "start-up was not abandoned"
     bad = [line for line in out.splitlines() if not line.startswith("[INFO]")]
     assert not bad, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_idle_node_ends_on_a_signal_without_waiting_for_a_timer(tiny_model: Path, signum: int) -> None:
+    """No frames, /diagnostics every 60 s: nothing wakes rclpy.spin but the signal itself. The node handles
+    signals in its main thread (not rclpy's handler), so a wake-up thread must end the wait; without it the
+    node sat in spin until the next timer tick, a minute after Ctrl-C."""
+    proc = start_node_process({"model_path": str(tiny_model), "image_topics": [f"{TOPIC}/image_raw"],
+                               "diagnostics_period": 60.0})
+    try:
+        with RosGraph() as graph:
+            assert Lifecycle(graph).state() == "active"  # answered from rclpy.spin: the node is spinning
+        time.sleep(1.0)  # and back in rcl's wait, which only a timer, a message or the wake-up can end
+    except BaseException:
+        proc.kill()
+        raise
+    proc.send_signal(signum)
+    try:
+        out, _ = proc.communicate(timeout=20.0)  # a third of the timer's period: only the signal can end it
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the node was still spinning 20 s after the signal") from None
+    assert proc.returncode == 0, out
+    assert all(line.startswith("[INFO]") for line in out.splitlines()), out

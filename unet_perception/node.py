@@ -20,6 +20,7 @@ The parameter table and its checks live in ``node_params``, the per-camera count
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -36,6 +37,7 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -614,37 +616,55 @@ class SegmentationNode(GuardedLifecycleNode):
         super().destroy_node()
 
 
+def _wake_spin_on_signals(node: SegmentationNode) -> None:
+    """Let a signal reach the main thread while ``rclpy.spin`` waits in rcl: Python writes a byte to its wake-up fd
+    when a signal arrives, and a small thread turns that byte into a guard condition that ends the wait, so the
+    main thread returns to Python and raises KeyboardInterrupt there."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    guard = node.create_guard_condition(lambda: None)
+
+    def relay() -> None:
+        while os.read(read_fd, 64):
+            try:
+                guard.trigger()
+            except Exception:  # noqa: BLE001 - the node is already destroyed: the main thread is ending anyway
+                return
+
+    threading.Thread(target=relay, name="signal_wakeup", daemon=True).start()
+    signal.set_wakeup_fd(write_fd)
+
+
 def main(args: list[str] | None = None) -> int:
     """``ros2 run unet_perception segmentation_node`` / ``python -m unet_perception.node``."""
     profile = apply_node_env()  # before rclpy.init: Fast DDS reads it when the participant is created
-    # SIGTERM (systemd, docker stop, a launch system) ends start-up as Ctrl-C does: rclpy's handler shuts the
-    # context down and then calls this one, so a slow configure is abandoned instead of running on, logging
-    # into a dead context and failing in rclpy's transition code.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    rclpy.init(args=args)
+    # Ctrl-C and SIGTERM (systemd, docker stop, ros2 launch) are handled here, not by rclpy: rclpy's handler shuts
+    # the context down at once from its own thread, under whatever the process is doing (a configure, a batch being
+    # published, a log line half sent to rosout), which then fails with "publisher's context is invalid". Here a
+    # signal is a KeyboardInterrupt in the main thread between two Python steps; the node is destroyed (workers
+    # joined, their last publish done) and only then is the context shut down.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
     if not profile:
         rclpy.logging.get_logger(NODE_NAME).warning(missing_profile_note())
     node: SegmentationNode | None = None
     try:
-        node = SegmentationNode()
+        node = SegmentationNode()  # a signal during start-up abandons it: KeyboardInterrupt out of configure
         node.get_logger().debug(f"Fast DDS profile: {profile or 'none'}")
+        _wake_spin_on_signals(node)
         rclpy.spin(node)
     except StartupError as exc:
-        if not rclpy.ok():  # SIGTERM during start-up shut the context down under a transition: not a failure
-            return 0
         rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
         return 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except RuntimeError:  # rcl's RCLError when that happens inside rclpy's own transition code
-        if rclpy.ok():
-            raise
     finally:
+        signal.set_wakeup_fd(-1)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
