@@ -378,8 +378,8 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
         summary.ground_clouds = rec.counts.get(next(iter(demo_ground.TOPICS)), 0)
         summary.ground_grids = rec.counts.get(demo_ground.GRID_TOPIC, 0)
         if demo_ground.GRID_TOPIC in rec.last:
-            grid = rec.store.deserialize_cdr(rec.last[demo_ground.GRID_TOPIC],
-                                             demo_ground.TOPICS[demo_ground.GRID_TOPIC])
+            grid: Any = rec.store.deserialize_cdr(rec.last[demo_ground.GRID_TOPIC],
+                                                  demo_ground.TOPICS[demo_ground.GRID_TOPIC])
             summary.pngs.append(demo_ground.grid_png(grid, out / "ground_grid.png"))
             cells = np.asarray(grid.data, np.int8)
             summary.ground_cells = {"free": int((cells == 0).sum()), "obstacle": int((cells == 100).sum()),
