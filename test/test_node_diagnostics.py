@@ -12,6 +12,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from sensor_msgs.msg import Image
 
 from ros_graph import TIMEOUT_S, RosGraph, wait_matched, wait_until
+from unet_perception.node_stats import MAX_JUMPS
 from unet_perception.tools.camera_sim import image_message, synthetic_frame
 
 TOPIC = "/diag/image_raw"
@@ -116,6 +117,24 @@ def test_a_stamp_jump_is_one_warn_and_the_counts_survive(rig: Rig) -> None:
     assert not rig.statuses(lambda s: int(values(s)["frames_missing"]) > 1)
 
 
+def test_many_stamp_jumps_are_one_short_warn_each_counted(rig: Rig) -> None:
+    """40 frames each stamped 100 s after the last: every jump is reported once (named, or counted as 'N more
+    stamp jumps'), and no status names more than MAX_JUMPS of them (the message stays short whatever the rate)."""
+    for i in range(10):
+        rig.send(i, 5_000_000_000 + i * PERIOD)
+    for k in range(1, 41):
+        rig.send(9 + k, 5_000_000_000 + 9 * PERIOD + k * 100_000_000_000)
+    rig.wait_status(lambda s: values(s)["frames_in"] == "50" and "jump" not in s.message, "all jumps reported")
+    reported = 0
+    for status in rig.statuses(lambda s: "jump" in s.message):
+        named = status.message.count("stamps jumped +100.0 s")
+        assert named <= MAX_JUMPS and status.level == DiagnosticStatus.WARN, status.message
+        more = status.message.split(" more stamp jumps")[0].rsplit(" ", 1)[-1] if "more stamp" in status.message \
+            else "0"
+        reported += named + int(more)
+    assert reported == 40
+
+
 def test_an_invalid_stamp_is_bad_input(rig: Rig) -> None:
     """nanosec = 4e9 is not a time: a counted error, not published, and not 40 frames missing."""
     for i in range(10):
@@ -213,8 +232,20 @@ def test_a_stray_stamp_and_a_clock_reset_are_reported_once_each() -> None:
     reset = [after[-1] - 60 * 1_000_000_000 + i * PERIOD for i in range(5)]
     rate = stamp_rate([*base, stray, *after, *reset])
     assert rate.missing == 0 and round(rate.rate_hz()) == 10
-    assert [round(ns / 1e9, 1) for ns in rate.take_jumps()] == [round((stray - base[-1]) / 1e9, 1), -60.0]
-    assert rate.take_jumps() == []
+    jumps, more = rate.take_jumps()
+    assert [round(ns / 1e9, 1) for ns in jumps] == [round((stray - base[-1]) / 1e9, 1), -60.0] and more == 0
+    assert rate.take_jumps() == ([], 0)
+
+
+def test_stamps_jumping_every_frame_are_counted_in_bounded_memory() -> None:
+    """A sender stamping each frame 100 s after the last (a broken clock, a hostile sender): every frame is a
+    jump. Before, each was kept in a list until the next status and then named one by one in its message, so
+    the memory and the /diagnostics text grew with the input rate times diagnostics_period."""
+    base = [5_000_000_000 + i * PERIOD for i in range(10)]
+    rate = stamp_rate([*base, *(base[-1] + k * 100_000_000_000 for k in range(1, 10_001))])
+    jumps, more = rate.take_jumps()
+    assert [round(ns / 1e9) for ns in jumps] == [100] * MAX_JUMPS and more == 10_000 - MAX_JUMPS
+    assert rate.take_jumps() == ([], 0) and rate.missing == 0
 
 
 def test_unset_repeated_and_slightly_late_stamps_are_not_losses() -> None:

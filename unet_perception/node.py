@@ -586,7 +586,9 @@ class SegmentationNode(GuardedLifecycleNode):
         else:
             problems = [f"{n} {what}" for n, what in ((d_errors, "errors"), (d_drops, "drops"),
                                                       (d_missing, "frames missing before the node")) if n]
-            problems += [f"stamps jumped {ns / 1e9:+.1f} s" for ns in s.stamps.take_jumps()]
+            jumps, more_jumps = s.stamps.take_jumps()
+            problems += [f"stamps jumped {ns / 1e9:+.1f} s" for ns in jumps]
+            problems += [f"{more_jumps} more stamp jumps"] if more_jumps else []
             if d_in and out_hz < SLOW_RATIO * camera_hz:
                 problems.append(f"processing {out_hz:.1f} Hz of a {camera_hz:.1f} Hz camera")
             if cam.ground is not None and cam.ground.waiting:

@@ -14,6 +14,7 @@ LATENCY_WINDOW = 200          # latency mean / p99 over the last this many frame
 STAMP_WINDOW = 50             # the input rate is the median period of the last this many header-stamp gaps
 MIN_GAPS = 5                  # gaps needed before frames missing are counted against that period
 JUMP_PERIODS = 10             # a stamp further than this many periods from the newest is a jump, not a loss
+MAX_JUMPS = 3                 # jump sizes kept for the next status; more are only counted (one per hostile frame)
 NS = 1_000_000_000
 
 
@@ -42,7 +43,8 @@ class StampRate:
     last_ns: int = 0
     gaps: deque[int] = field(default_factory=lambda: deque(maxlen=STAMP_WINDOW))
     missing: int = 0  # frames the stamps say were sent but never arrived
-    jumps: list[int] = field(default_factory=list)  # sizes (ns, signed) not reported yet
+    jumps: list[int] = field(default_factory=list)  # sizes (ns, signed) not reported yet, at most MAX_JUMPS
+    jumps_more: int = 0  # jumps not reported yet beyond those (a sender stamping at random jumps every frame)
     jumped_from: int = 0  # the newest stamp before the last jump forward, while no normal gap followed it
 
     def add(self, stamp_ns: int) -> None:
@@ -69,14 +71,17 @@ class StampRate:
         self.last_ns = stamp_ns
 
     def _jump(self, stamp_ns: int, period: float) -> None:
-        if period:  # before a period is known, the first stamps are only learning it
+        if period and len(self.jumps) < MAX_JUMPS:  # before a period is known, the first stamps only learn it
             self.jumps.append(stamp_ns - self.last_ns)
+        elif period:
+            self.jumps_more += 1
         self.last_ns = stamp_ns
 
-    def take_jumps(self) -> list[int]:
-        """The jumps since the last call (diagnostics reports each once)."""
-        jumps, self.jumps = self.jumps, []
-        return jumps
+    def take_jumps(self) -> tuple[list[int], int]:
+        """The sizes of the first MAX_JUMPS jumps since the last call and how many more there were (diagnostics
+        reports each once; bounded, however often the stamps jump between two statuses)."""
+        jumps, more, self.jumps, self.jumps_more = self.jumps, self.jumps_more, [], 0
+        return jumps, more
 
     def period_ns(self) -> float:
         return float(np.median(self.gaps)) if self.gaps else 0.0
