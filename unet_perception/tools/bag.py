@@ -40,8 +40,9 @@ from rosbags.typesys.store import Typestore
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files
-from unet_perception.tools.bag_preflight import (BagError, ReadableBag, check_output, check_read, compare_counts,
-                                                 readable_bag, remove_dead_runs, run_prefix)
+from unet_perception.tools.bag_preflight import (BagError, ReadableBag, check_output, check_read, check_sqlite_read,
+                                                 check_sqlite_write, compare_counts, readable_bag, remove_dead_runs,
+                                                 run_prefix)
 from unet_perception.tools.bag_read import StoredBag
 from unet_perception.topics import camera_outputs, is_compressed_topic, output_kinds, output_topics
 
@@ -76,7 +77,9 @@ def open_checked(path: Path, scratch: Path | None = None,
     problem. A full read must yield ``stored()`` of the ``StoredBag``."""
     if not path.exists():
         raise BagError(f"no bag at {path}; give a bag folder (with metadata.yaml) or its .db3/.mcap file")
+    check_sqlite_read(path)
     with readable_bag(path, scratch, info) as readable:
+        check_sqlite_read(path, readable.path)
         try:
             reader = Reader(readable.path)
             reader.open()
@@ -139,6 +142,8 @@ def staged_writer(out: Path, storage: str, need_bytes: int = 0) -> Iterator[Writ
     """
     if storage not in STORAGES:
         raise BagError(f"storage must be one of {sorted(STORAGES)}, got '{storage}'")
+    if storage == "sqlite3":
+        check_sqlite_write(out)
     remove_dead_runs(out.parent, run_prefix(out.name, "partial"), tqdm.write)  # first: it may free the space
     check_output(out, need_bytes)
     staging = Path(tempfile.mkdtemp(prefix=run_prefix(out.name, "partial", os.getpid()), dir=out.parent))

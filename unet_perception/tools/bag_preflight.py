@@ -19,6 +19,7 @@ import shutil
 import socket
 import sqlite3
 import tempfile
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ def _has_wal(db: Path) -> bool:
 
 @contextmanager
 def _immutable(db: Path) -> Iterator[sqlite3.Connection]:
-    con = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
+    con = sqlite3.connect(f"file:{urllib.parse.quote(os.fsencode(db))}?immutable=1", uri=True)
     try:
         yield con
     finally:
@@ -76,6 +77,42 @@ def _repair_db(src: Path, dst: Path) -> int:
     finally:
         con.close()
     return _stored(dst) - before
+
+
+URI_CHARACTERS = "?#%"  # what ends or changes a file name in a ``file:`` URI
+
+
+def check_sqlite_read(bag: Path, path: Path | None = None) -> None:
+    """BagError unless rosbags can open the sqlite3 files of ``path`` (default ``bag``; a repaired view of it).
+
+    rosbags opens sqlite3 files through ``file:PATH`` URIs (and decompresses ``.db3.zstd`` files under their own
+    names): a ``?`` or ``#`` ends the file name there and ``%XX`` is decoded, so such a path opens no file or
+    another one. MCAP files are opened as plain files and may be named anything.
+    """
+    path = bag if path is None else path
+    try:
+        files = [path] if path.is_file() else sorted(path.iterdir()) if path.is_dir() else []
+    except OSError:
+        return  # rosbags says what is wrong with the folder when it opens it
+    for f in files:
+        if ".db3" in f.name and set(str(f.absolute())) & set(URI_CHARACTERS):
+            where = "" if path == bag else f" (its repaired copy {f})"
+            raise BagError(f"cannot read the sqlite3 bag {bag}{where}: rosbags opens sqlite3 files through a URI, "
+                           f"in which {_uri_characters(f)} is not part of a file name; rename the bag (or a folder "
+                           "above it), or link it under a name without ?, # and %")
+
+
+def check_sqlite_write(out: Path) -> None:
+    """BagError unless an sqlite3 bag written at ``out`` keeps its .db3 (see ``check_sqlite_read``): rosbags' writer
+    would cut the URI at ``?``/``#`` and write the database somewhere else, or nowhere."""
+    if set(str(out.absolute())) & set(URI_CHARACTERS):
+        raise BagError(f"cannot write an sqlite3 bag at {out}: rosbags opens sqlite3 files through a URI, in which "
+                       f"{_uri_characters(out)} is not part of a file name (the .db3 would be lost); choose a path "
+                       "without ?, # and %, or use --storage mcap")
+
+
+def _uri_characters(path: Path) -> str:
+    return " and ".join(repr(c) for c in URI_CHARACTERS if c in str(path.absolute()))
 
 
 @dataclass
