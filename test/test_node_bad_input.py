@@ -167,3 +167,30 @@ def test_keep_latest_slot_counts_drops(rig: Rig) -> None:
         backend._infer = real_infer
         release.set()
     rig.labels[RAW].wait_for(done + 2)  # the blocked frame and the latest one
+
+
+def test_error_lines_are_one_line_each_and_throttled_per_camera_and_kind(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """A hostile encoding string carries a newline, an ANSI escape and 4000 more characters: the /rosout line and
+    last_error show it escaped, on one line, cut short. Then the other camera's bad frame, within the 5 s
+    throttle: its own line too (before, one throttle for the whole node hid every other camera's errors)."""
+    from rcl_interfaces.msg import Log
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    hostile = "x\n[FATAL] [0.0] [segmentation_node]: forged\x1b[2J" + "A" * 4000
+    with RosGraph() as graph:
+        rig = Rig(graph, str(tiny_model))
+        rosout = graph.collect(Log, "/rosout", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+        wait_until(lambda: rosout.subscription.get_publisher_count() >= 1, what="/rosout matched")
+
+        def lines(topic: str) -> list[str]:
+            return [m.msg for m in rosout.wait_for(0) if m.name == "segmentation_node" and topic in m.msg]
+
+        rig.pub[RAW].publish(raw(hostile, 64, 48, 192, 64 * 48 * 3))
+        wait_until(lambda: bool(lines(f"bad input on {RAW}")), what="the raw camera's error line")
+        rig.pub[COMPRESSED].publish(corrupt_jpeg())
+        wait_until(lambda: bool(lines(f"bad input on {COMPRESSED}")), what="the compressed camera's error line")
+        (line,) = lines(f"bad input on {RAW}")
+        assert "\n" not in line and "\x1b" not in line and "x\\n[FATAL]" in line and "\\x1b[2J" in line
+        assert len(line) < 1000
+        wait_until(lambda: "\\x1b[2J" in values(rig.status(RAW))["last_error"], what="last_error escaped")
+        rig.good_frame_answered(RAW)

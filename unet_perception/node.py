@@ -65,7 +65,8 @@ except ImportError:  # no class map topic then; configure says so once
     LabelInfo = VisionClass = None
 
 RELIABILITY = dict(zip(QOS_RELIABILITY, (ReliabilityPolicy.BEST_EFFORT, ReliabilityPolicy.RELIABLE), strict=True))
-LOG_THROTTLE_S = 5.0          # at most one bad-input / backend-failure line per call site this often
+LOG_THROTTLE_S = 5.0          # at most one error line per camera and kind of error this often (all are counted)
+MAX_ERROR_CHARS = 500         # an error line longer than this is cut (a hostile string may be 4096 characters)
 IN_FLIGHT = 3  # overlapped stages: one batch resolving in publish, one waiting for it, one just submitted
 SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
 
@@ -74,6 +75,14 @@ def overlapped(p: dict[str, Any]) -> bool:
     """Whether the stages run in their own threads: ``overlap`` always, or auto on a GPU (measured in
     docs/performance.md: on the 2-core CPU overlap added a batch of latency and no frames per second)."""
     return p["overlap"] == "always" or (p["overlap"] == "auto" and p["device"] == "cuda")
+
+
+def _printable(text: str) -> str:
+    """An error as logged and kept in last_error: one line, cut to MAX_ERROR_CHARS, control characters shown
+    escaped (a sender's encoding, format or frame_id may carry a newline that forges a log line, or an ANSI
+    escape that rewrites the terminal)."""
+    cut = text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " ..."
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in cut)
 
 
 def _value(param: Parameter) -> Any:
@@ -163,6 +172,7 @@ class SegmentationNode(GuardedLifecycleNode):
         self._diag_timer: Any = None
         self._tf: TfSource | None = None
         self._failure: StartupError | None = None  # why the last configure failed
+        self._logged: dict[tuple[str, str], float] = {}  # (camera, kind of error) -> when its last line went out
         self._autostarting = False
         p = self._declare_parameters()
         self._alpha = p["overlay_alpha"]
@@ -457,10 +467,18 @@ class SegmentationNode(GuardedLifecycleNode):
     def _record_error(self, cam: Camera, message: str) -> None:
         if not self.context.ok():  # Ctrl-C / SIGTERM mid-batch: publishing failed because the process is ending
             return
-        self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        message = _printable(message)
+        # Throttled per camera and kind ("bad input", "inference failed", ...: the text before " on <topic>"),
+        # not per call site: one camera's junk must not hide another camera's (or its own other) failures.
+        key, now = (cam.topic, message.split(" on ", 1)[0]), time.monotonic()
         with self._lock:
             cam.stats.errors += 1
             cam.stats.last_error = message
+            due = now - self._logged.get(key, -LOG_THROTTLE_S) >= LOG_THROTTLE_S
+            if due:
+                self._logged[key] = now
+        if due:
+            self.get_logger().warning(message)
 
     # -- stages: prepare (decode, resize), infer, publish; in their own threads with overlap ----------------
     def _work(self) -> None:
