@@ -71,6 +71,45 @@ def test_a_signal_during_inference_ends_cleanly(slow_model: Path, signum: int) -
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_during_the_clean_up_is_ignored(slow_model: Path, second: int) -> None:
+    """Ctrl-C under ros2 launch: the terminal's SIGINT reaches the node, and launch sends its own SIGINT (then a
+    SIGTERM if it is slow) while the node is still joining its stages. Before, that second signal was a
+    KeyboardInterrupt inside destroy_node: a traceback, the context never shut down, exit 1."""
+    proc = start_node_process({"model_path": str(slow_model), "image_topics": [f"{TOPIC}/image_raw"],
+                               "threads": 1})
+    stop = threading.Event()
+    try:
+        with RosGraph() as graph:
+            pub = graph.publisher(Image, f"{TOPIC}/image_raw")
+            labels = graph.collect(Image, f"{TOPIC}/segmentation/labels")
+            wait_matched(pub, [labels])
+
+            def stream() -> None:  # faster than the node: the worker is always inferring
+                i = 0
+                while not stop.wait(0.05):
+                    pub.publish(image_message(synthetic_frame(160, 120, i)))
+                    i += 1
+
+            streamer = threading.Thread(target=stream, daemon=True)
+            streamer.start()
+            labels.wait_for(2)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.1)  # the node is joining the stage that is inferring (0.6 s a frame)
+            proc.send_signal(second)
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            stop.set()
+            streamer.join()
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "[ERROR]" not in out and "[WARN]" not in out, out
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_during_start_up_ends_cleanly(slow_model: Path, signum: int) -> None:
     """`docker stop` or systemd while the model loads (a TensorRT build can take minutes): exit 0, no lines.

@@ -664,7 +664,9 @@ def main(args: list[str] | None = None) -> int:
     # signal is a KeyboardInterrupt in the main thread between two Python steps; the node is destroyed (workers
     # joined, their last publish done) and only then is the context shut down.
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in signals}
+    for signum in signals:
         signal.signal(signum, signal.default_int_handler)
     if not profile:
         rclpy.logging.get_logger(NODE_NAME).warning(missing_profile_note())
@@ -680,10 +682,17 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        # The clean-up (join the stages, close the backend: at most one batch) is not interrupted by a second
+        # signal: Ctrl-C under ros2 launch is two SIGINTs, the terminal's and launch's own, a few ms apart.
+        # Launch, docker and systemd escalate to SIGKILL if it ever hangs.
+        for signum in signals:
+            signal.signal(signum, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 if __name__ == "__main__":
