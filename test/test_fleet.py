@@ -256,7 +256,8 @@ def test_worker_killed_mid_bag_is_retried(local_ray: None, sources: dict[str, Pa
 def test_rerun_after_interruption_does_only_the_missing_bags(local_ray: None, sources: dict[str, Path],
                                                               single: dict[str, Path], tiny_model: Path,
                                                               tmp_path: Path) -> None:
-    from unet_perception.fleet.driver import _alive, label_many
+    from unet_perception.fleet.driver import label_many
+    from unet_perception.tools.bag_preflight import process_alive
 
     out = tmp_path / "out"
     jobs = plan_jobs([sources[n] for n in ("a", "big", "b", "c")], out)
@@ -272,7 +273,7 @@ def test_rerun_after_interruption_does_only_the_missing_bags(local_ray: None, so
         label_many(jobs, _settings(tiny_model), workers=2, progress=False, poll_s=0.02,
                    on_poll=interrupt_after_first_bag)
     # ray.kill only asks; label_many returns once its killed workers have ended, so none can still write a bag
-    assert workers and not [pid for pid in workers if _alive(pid)], "a killed worker still runs"
+    assert workers and not [pid for pid in workers if process_alive(pid)], "a killed worker still runs"
     first = {job.name: (job.out / "metadata.yaml").stat().st_mtime_ns for job in jobs if job.out.exists()}
     assert first and "big" not in first
     for job in jobs:  # every output is whole or absent

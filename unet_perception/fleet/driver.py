@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
@@ -31,6 +30,7 @@ from unet_perception.fleet.plan import BagJob, BagResult, FleetReport, camera_co
 from unet_perception.fleet.staging import run_folder
 from unet_perception.fleet.worker import BagLabeller, LabelSettings, Progress
 from unet_perception.tools.bag import BagError
+from unet_perception.tools.bag_preflight import process_alive
 
 LOCAL_OBJECT_STORE_MB = 200  # only paths and small results travel through it; Ray's default is 30% of RAM
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps to 127.0.0.1 (see ray_session)
@@ -167,24 +167,10 @@ def _label_todo(todo: deque[BagJob], results: dict[str, BagResult], n_bags: int,
     return described
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, ended but not yet reaped by its raylet, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _wait_until_gone(pids: set[int], timeout: float = KILLED_WAIT_S) -> None:
     """Wait until the processes ``pids`` (killed workers on this machine) have ended, at most ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:  # a zombie (not reaped) is gone
         time.sleep(0.02)
 
 

@@ -99,6 +99,13 @@ def add_label_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topics", nargs="+", metavar="TOPIC", help="camera topics to label (default: all)")
     p.add_argument("--storage", choices=sorted(STORAGES), default=None, help="output storage (default: as IN)")
     p.add_argument("--batch", type=int, default=4, help="frames per inference batch (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask, 0..1 "
+                   "(default: 0.5)")
+    p.add_argument("--exclude-topics", nargs="+", metavar="TOPIC",
+                   help="topics to leave out of the output bags entirely (neither copied nor labelled)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="frames with more pixels are skipped as bad input, checked before decoding "
+                        "(default: 4096*4096, as the node's max_image_pixels)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,13 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, metavar="OUT", help="output bag folder (must not exist)")
     add_label_options(p)
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads, 0 = library default")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask, 0..1 "
-                   "(default: 0.5)")
-    p.add_argument("--exclude-topics", nargs="+", metavar="TOPIC",
-                   help="topics to leave out of OUT entirely (neither copied nor labelled)")
-    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="frames with more pixels are skipped as bad input, checked before decoding "
-                        "(default: 4096*4096, as the node's max_image_pixels)")
     p.set_defaults(func=_label)
 
     p = sub.add_parser("play", help="publish a bag over rclpy at its recorded timing",
@@ -179,12 +179,6 @@ def add_label_many(sub: Any) -> None:
     add_label_options(p)
     p.add_argument("--threads", type=int, default=0,
                    help="CPU inference threads per worker (default: 0 = --cpus-per-worker)")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask, 0..1 "
-                   "(default: 0.5)")
-    p.add_argument("--exclude-topics", nargs="+", metavar="TOPIC",
-                   help="topics to leave out of the outputs entirely (neither copied nor labelled)")
-    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="frames with more pixels are refused as bad input (default: 4096*4096, as `label`)")
     p.set_defaults(func=_label_many)
 
 

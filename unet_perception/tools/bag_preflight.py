@@ -235,20 +235,24 @@ def remove_dead_runs(folder: Path, prefix: str, log: Callable[[str], None]) -> N
         return  # the caller's own checks say what is wrong with the folder
     for name in names:
         match = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", name[len(prefix):]) if name.startswith(prefix) else None
-        if match is None or _alive(int(match.group(1))):
+        if match is None or process_alive(int(match.group(1))):
             continue
         shutil.rmtree(folder / name, ignore_errors=True)
         log(f"removed {folder / name}, left by a run (process {match.group(1)}) that was killed")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie, ended but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # another user's process
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- output
