@@ -18,7 +18,9 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from unet_perception import __version__
 from unet_perception.class_table import ClassTable, load_class_table
-from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, make_metadata
+from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, ModelError, make_metadata, read_model_bytes
 from unet_perception.tools.import_graph import (
     OUTPUT_KINDS,
     ImportFailure,
@@ -184,6 +186,39 @@ def plan(model: Any, args: argparse.Namespace, table: ClassTable) -> tuple[Sourc
     return src, how
 
 
+def check_target(source: Path, out: Path) -> None:
+    """ImportFailure before any work when OUT cannot take the model: a folder, or the source itself (by any name:
+    writing it would replace the model being imported)."""
+    if out.is_dir():
+        raise ImportFailure(f"OUT '{out}' is a folder; give the path of the .onnx file to write")
+    if out.exists() and source.exists() and os.path.samefile(out, source):
+        raise ImportFailure(f"OUT '{out}' is the source model; give another path (the source is kept as it is)")
+
+
+def write_model(out: Path, blob: bytes) -> None:
+    """``blob`` at ``out`` via a fresh temporary file beside it (O_EXCL: never an existing file or link), renamed
+    into place; an OSError is an ImportFailure with nothing left behind."""
+    tmp: Path | None = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, out)
+    except OSError as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise ImportFailure(f"cannot write '{out}': {exc.strerror or exc}; nothing written") from exc
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unet-import", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,10 +258,16 @@ def import_model(args: argparse.Namespace) -> str:
     except (ValueError, KeyError, OSError) as exc:
         raise ImportFailure(f"--classes {args.classes}: {exc}") from exc
     source_path, out = Path(args.source), Path(args.target)
+    if args.check_frames < 1:
+        raise ImportFailure(f"--check-frames {args.check_frames}: the import is checked on at least 1 frame")
+    check_target(source_path, out)
     try:
-        data = source_path.read_bytes()
+        data = read_model_bytes(source_path)  # a FIFO or device is named, never opened blocking
+    except ModelError as exc:
+        raise ImportFailure(str(exc)) from exc
+    try:
         model = onnx.load_from_string(data)
-    except Exception as exc:  # noqa: BLE001 - OSError, DecodeError: "not an ONNX model" either way
+    except Exception as exc:  # noqa: BLE001 - DecodeError and friends: "not an ONNX model" either way
         raise ImportFailure(f"'{source_path}' is not a readable ONNX model ({type(exc).__name__})") from exc
     src, how = plan(model, args, table)
     wrapped = make_tensorrt_ready(wrap(onnx.load_from_string(data), src, how))
@@ -254,10 +295,7 @@ def import_model(args: argparse.Namespace) -> str:
     if agree < MIN_AGREEMENT:
         raise ImportFailure(f"labels of the wrapped model equal the source's (ONNX Runtime + NumPy/OpenCV) on only "
                             f"{agree:.3%} of pixels over {what}; {MIN_AGREEMENT:.1%} needed; nothing written")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(out)
+    write_model(out, blob)
     extra = f" (using output '{src.output_name}', the first of {src.output_count})" if src.output_count > 1 else ""
     note = ("; the source has a fixed batch of 1: run it with max_batch 1 (or export it with a dynamic batch)"
             if how.batch == 1 else "")  # the backends refuse batches larger than a fixed batch axis
