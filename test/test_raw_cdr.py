@@ -93,6 +93,28 @@ def test_big_endian_cdr() -> None:
     assert (raw.height, raw.width, raw.encoding, raw.step, bytes(raw.data)) == (1, 2, "mono8", 2, b"\x0a\x0b")
 
 
+def test_plain_xcdr2_is_read_by_its_real_representation_ids() -> None:
+    """PLAIN_CDR2 is 0x0006 (BE) / 0x0007 (LE) (DDS-XTypes 1.3 Table 60, Fast CDR's PLAIN_CDR2 = 0x6): a writer
+    configured for XCDR2 sends those. For these types the body is the same as XCDR1's (no 8-byte fields); rclpy's
+    Fast CDR reads the LE one, and refuses 0x0011, the XTypes 1.2 table's misprint. Before, raw_cdr took 0x0010 and
+    0x0011 for XCDR2 and refused the real ids as 'not plain CDR or XCDR2'."""
+    msg = image_msg("mono8", "cam")
+    data = serialize_message(msg)
+    xcdr2_le = b"\x00\x07" + data[2:]
+    assert_same_image(raw_cdr.parse_image(xcdr2_le), deserialize_message(xcdr2_le, Image))
+    be_body = (b"\x00\x00\x00\x07" b"\x00\x00\x00\x09" b"\x00\x00\x00\x02c\x00" b"\x00\x00"
+               b"\x00\x00\x00\x01" b"\x00\x00\x00\x02" b"\x00\x00\x00\x06mono8\x00" b"\x00" b"\x00"
+               b"\x00\x00\x00\x02" b"\x00\x00\x00\x02" b"\x0a\x0b")
+    raw = raw_cdr.parse_image(b"\x00\x06\x00\x00" + be_body)
+    assert (raw.header.frame_id, raw.height, raw.width, raw.encoding, bytes(raw.data)) == \
+        ("c", 1, 2, "mono8", b"\x0a\x0b")
+    for misprint in (b"\x00\x10", b"\x00\x11"):
+        with pytest.raises(RuntimeError, match="failed to deserialize"):  # the reference refuses it too
+            deserialize_message(misprint + data[2:], Image)
+        with pytest.raises(CodecError, match="not plain CDR"):
+            raw_cdr.parse_image(misprint + data[2:])
+
+
 def test_every_truncation_is_refused() -> None:
     """Every prefix of a message is refused with CodecError (never IndexError, struct.error, a crash)."""
     for parse, msg in ((raw_cdr.parse_image, image_msg("rgb8", "cam")),

@@ -24,8 +24,9 @@ import numpy as np
 from unet_perception.codec import CodecError
 
 ENCAPSULATION_BYTES = 4
-# representation identifier -> little-endian? (CDR_BE, CDR_LE, PLAIN_CDR2_BE, PLAIN_CDR2_LE)
-_REPRESENTATIONS = {b"\x00\x00": False, b"\x00\x01": True, b"\x00\x10": False, b"\x00\x11": True}
+# representation identifier -> little-endian? (CDR_BE, CDR_LE, PLAIN_CDR2_BE, PLAIN_CDR2_LE: DDS-XTypes 1.3 Table 60;
+# 1.2's table printed PLAIN_CDR2 as 0x0010/0x0011, which no DDS sends and Fast CDR refuses)
+_REPRESENTATIONS = {b"\x00\x00": False, b"\x00\x01": True, b"\x00\x06": False, b"\x00\x07": True}
 MAX_STRING = 4096  # frame_id, encoding and format are short names; a longer one is a lie, not a camera
 _U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
 _STAMP = {True: struct.Struct("<iI"), False: struct.Struct(">iI")}
