@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,22 @@ def test_an_int8_twin_without_confidence_is_a_clear_error(quantized: tuple[Path,
     with create_backend("onnxruntime", model_path, BackendOptions(precision="fp32")) as fine:
         pred = fine.infer(np.stack(frames[:1]))
         assert pred.confidence is not None and pred.confidence.shape == pred.labels.shape
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="needs CamVid (../shared/data/camvid)")
+def test_the_fp32_model_as_output_is_refused_and_kept(tiny_model: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # was: the int8 file replaced the fp32 one, was "checked" against itself (100% agreement) and exit 0
+    from unet_perception.training.quantize import main
+
+    fp32 = tmp_path / "m.onnx"
+    fp32.write_bytes(tiny_model.read_bytes())
+    link = tmp_path / "link.onnx"
+    link.symlink_to(fp32)
+    for out in (fp32, link):
+        assert main([str(fp32), str(out), "--data", str(CAMVID), "--calibration-frames", "2",
+                     "--check-frames", "2"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "is the fp32 model itself" in err, err
+        assert fp32.read_bytes() == tiny_model.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["link.onnx", "m.onnx"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -185,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         info = read_model_info(args.model)
     except ModelError as exc:
         print(f"unet-quantize: error: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.output)
+    if out.exists() and os.path.samefile(out, args.model):  # it would replace the fp32 model and compare to itself
+        print(f"unet-quantize: error: OUTPUT '{out}' is the fp32 model itself; give another path for the int8 "
+              "file (the fp32 one is kept)", file=sys.stderr)
         return 1
     if not info.has_confidence:
         print(f"note: '{args.model}' has no '{CONFIDENCE_NAME}' output; the int8 model will not have one either")
