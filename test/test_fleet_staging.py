@@ -135,6 +135,11 @@ def test_names_with_glob_characters_spaces_and_unicode_are_taken_literally(tmp_p
     assert [p.name for p in expand_inputs([str(listing)])] == list(reversed(HOSTILE))
     jobs = plan_jobs(expand_inputs([str(bags / n) for n in names]), tmp_path / "out")
     assert [j.out.name for j in jobs] == list(names)
+    # a listed name with "#" is that bag, even beside the bag its part before the "#" names; comments still work
+    (bags / "a").mkdir()
+    (bags / "a #2").mkdir()
+    listing.write_text("# the list\nbags/a #2\nbags/#%41\nbags/run1  # the long one\n")
+    assert [p.name for p in expand_inputs([str(listing)])] == ["a #2", "#%41", "run1"]
 
 
 def test_an_error_that_spans_lines_is_printed_on_one(tmp_path: Path, tiny_model: Path,

@@ -60,9 +60,19 @@ def _utf8(path: Path, what: str) -> None:
 
 
 def _from_list(path: Path) -> list[str]:
+    """The paths a list file names: a line that is a path taken whole (``bags/a #2`` is that bag), else up to a
+    ``#`` comment (was: always cut at ``#``, so ``bags/a #2`` labelled ``bags/a`` when it existed)."""
     text = path.read_bytes().decode("utf-8", "surrogateescape")  # a line that is not UTF-8 is refused as a path
-    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
-    return [str(path.parent / line) if not os.path.isabs(line) else line for line in lines if line]
+    paths = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#") and os.path.lexists(path.parent / line):
+            paths.append(str(path.parent / line))  # a bag whose name holds "#" (absolute lines join as themselves)
+            continue
+        line = line.split("#", 1)[0].strip()
+        if line:
+            paths.append(str(path.parent / line) if not os.path.isabs(line) else line)
+    return paths
 
 
 def expand_inputs(inputs: Sequence[str], out_dir: Path | None = None) -> list[Path]:
