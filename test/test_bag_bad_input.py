@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from rosbags.rosbag2 import StoragePlugin, Writer
@@ -190,6 +191,13 @@ def test_from_images_bad_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
     _no_output(tmp_path, tmp_path / "out")
     with pytest.raises(BagError, match="--rate must be > 0"):
         bag.bag_from_images([], tmp_path / "out", rate=0)
+    # --limit 0 wrote every image and --limit -1 all but the last, each saying "wrote"
+    (tmp_path / "empty" / "broken.png").unlink()
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / "empty" / f"{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    for limit in ("0", "-1"):
+        assert main(["from-images", str(tmp_path / "empty"), str(tmp_path / "out"), "--limit", limit]) == 1
+        assert "--limit must be >= 1" in capsys.readouterr().err
 
 
 def test_model_emitting_ids_outside_its_table_is_one_error(tmp_path: Path, tiny_model: Path) -> None:

@@ -209,6 +209,8 @@ def _definition_hash(conn: Connection) -> str:
 
 def list_images(folder: Path, limit: int | None = None) -> list[Path]:
     """The image files of ``folder`` in name order (at most ``limit``)."""
+    if limit is not None and limit < 1:  # 0 took every image and -1 all but the last
+        raise BagError(f"--limit must be >= 1 (the first N images), got {limit}")
     if not folder.is_dir():
         raise BagError(f"image folder {folder} does not exist; give a folder of .png/.jpg frames")
     files = list_image_files(folder)
