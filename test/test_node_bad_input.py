@@ -174,13 +174,15 @@ def test_error_lines_are_one_line_each_and_throttled_per_camera_and_kind(tiny_mo
     last_error show it escaped, on one line, cut short. Then the other camera's bad frame, within the 5 s
     throttle: its own line too (before, one throttle for the whole node hid every other camera's errors)."""
     from rcl_interfaces.msg import Log
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
     hostile = "x\n[FATAL] [0.0] [segmentation_node]: forged\x1b[2J" + "A" * 4000
     with RosGraph() as graph:
         rig = Rig(graph, str(tiny_model))
-        rosout = graph.collect(Log, "/rosout", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-        wait_until(lambda: rosout.subscription.get_publisher_count() >= 1, what="/rosout matched")
+        rosout = graph.collect(Log, "/rosout", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                                                          durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        # the probe's and the node's /rosout (transient local in Jazzy: a line logged before the match comes too)
+        wait_until(lambda: rosout.subscription.get_publisher_count() >= 2, what="/rosout matched")
 
         def lines(topic: str) -> list[str]:
             return [m.msg for m in rosout.wait_for(0) if m.name == "segmentation_node" and topic in m.msg]
