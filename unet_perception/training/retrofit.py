@@ -12,13 +12,15 @@ thing: 100% equal) and at the default level (which fuses int8 Resize differently
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from unet_perception.contract_graph import make_tensorrt_ready
-from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, read_model_info
+from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, ModelError, read_model_info
 from unet_perception.onnx_rules import check_tensorrt_rules
 
 
@@ -56,22 +58,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", help="ONNX file to write (may be the source: written atomically)")
     p.add_argument("--check-data", default=None, help="CamVid root whose val frames compare old and new labels")
     args = p.parse_args(argv)
-    src, dst = Path(args.source), Path(args.output)
+    import onnx
+
+    dst, staged = Path(args.output), None
+    try:
+        # a fresh name beside OUT (was OUT.new, overwritten and deleted whatever that was)
+        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".retrofit.onnx", dir=dst.parent)
+        os.close(fd)
+        staged = Path(name)
+        return _retrofit_checked(Path(args.source), dst, staged, args.check_data)
+    except (ModelError, RuntimeError, OSError, onnx.checker.ValidationError) as exc:
+        print(f"error: retrofit: {' | '.join(str(exc).splitlines())}; nothing written", file=sys.stderr)
+        return 1
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)  # ours; renamed to OUT on success
+
+
+def _retrofit_checked(src: Path, dst: Path, staged: Path, check_data: str | None) -> int:
     info = read_model_info(src)
-    if args.check_data:
+    if check_data:
         from unet_perception.training.quantize import frames_of
 
-        frames, what = np.stack(frames_of(args.check_data, "val", info.input_hw, None)), "val frames"
+        frames, what = np.stack(frames_of(check_data, "val", info.input_hw, None)), "val frames"
     else:
         frames = np.random.default_rng(0).integers(0, 256, (8, *info.input_hw, 3), dtype=np.uint8)
         what = "random frames"
     old = {basic: labels_of(src, frames, basic) for basic in (True, False)}
-    staged = retrofit(src, dst.with_name(dst.name + ".new"))
+    retrofit(src, staged)
     equal = {basic: float((labels_of(staged, frames, basic) == old[basic]).mean()) for basic in (True, False)}
     print(f"{src} -> {dst}: labels equal to the old file on {len(frames)} {what}: {equal[True]:.5%} with ONNX "
           f"Runtime's basic graph optimizations, {equal[False]:.5%} with its default ones")
     if equal[True] < 1.0:
-        staged.unlink()
         print("error: the surgery changed what the graph computes; nothing written", file=sys.stderr)
         return 1
     staged.replace(dst)

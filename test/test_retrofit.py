@@ -1,0 +1,43 @@
+"""The retrofit surgery's command line (named by check_tensorrt_rules' messages): a model that is already
+TensorRT-ready keeps its labels, an unreadable one is one error line, and nothing but OUT is ever written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, read_model_info
+from unet_perception.training.retrofit import main
+
+
+def labels(path: Path, frames: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: frames})[0])
+
+
+def test_a_ready_model_keeps_its_labels_and_metadata(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new.onnx"
+    bystander = tmp_path / "new.onnx.new"  # the old fixed staging name: not ours to overwrite or delete
+    bystander.write_bytes(b"mine")
+    assert main([str(tiny_model), str(out)]) == 0
+    frames = np.random.default_rng(3).integers(0, 256, (2, *read_model_info(tiny_model).input_hw, 3), np.uint8)
+    assert np.array_equal(labels(out, frames), labels(tiny_model, frames))
+    assert read_model_info(out).metadata == read_model_info(tiny_model).metadata
+    assert bystander.read_bytes() == b"mine"
+    assert sorted(os.listdir(tmp_path)) == ["new.onnx", "new.onnx.new"]
+
+
+@pytest.mark.parametrize("content", [None, b"\x00not a model"])
+def test_an_unreadable_model_is_one_line(tmp_path: Path, content: bytes | None,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "old.onnx"
+    if content is not None:
+        src.write_bytes(content)
+    assert main([str(src), str(tmp_path / "new.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: retrofit: ") and "old.onnx" in err, err
+    assert os.listdir(tmp_path) == ([] if content is None else ["old.onnx"])
