@@ -124,9 +124,17 @@ def test_export_cli_fails_loudly_when_runtimes_disagree(checkpoint: Path, tmp_pa
     assert "below 99.9%" in capsys.readouterr().err
 
 
-def test_export_cli_names_a_missing_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="checkpoint '.*nope.pt' does not exist"):
-        export.main([str(tmp_path / "nope.pt"), str(tmp_path / "m.onnx")])
+def test_export_cli_names_a_missing_or_foreign_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    for name, words in (("nope.pt", "does not exist"), ("junk.pt", "is not a unet-train checkpoint"),
+                        ("other.pt", "is not a unet-train checkpoint")):
+        assert export.main([str(tmp_path / name), str(tmp_path / "m.onnx")]) == 1  # was: a traceback
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("unet-export: error: ") and name in err and words in err, err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_export_at_another_input_size(checkpoint: Path, tmp_path: Path) -> None:

@@ -107,8 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    model, ckpt = load_checkpoint(args.checkpoint)
-    table = checkpoint_table(ckpt)
+    try:
+        model, ckpt = load_checkpoint(args.checkpoint)
+        table = checkpoint_table(ckpt)
+    except FileNotFoundError as exc:
+        print(f"unet-export: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - torch.load: UnpicklingError, EOFError, RuntimeError; other dicts: KeyError
+        why = " | ".join(f"{type(exc).__name__}: {exc}".splitlines())
+        print(f"unet-export: error: '{args.checkpoint}' is not a unet-train checkpoint ({why})", file=sys.stderr)
+        return 1
     input_hw = args.input_size or tuple(ckpt["input_size"])
     if args.metrics:
         metrics = json.loads(Path(args.metrics).read_text())
