@@ -149,3 +149,16 @@ def test_the_fp32_model_as_output_is_refused_and_kept(tiny_model: Path, tmp_path
         assert err.count("\n") == 0 and "is the fp32 model itself" in err, err
         assert fp32.read_bytes() == tiny_model.read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["link.onnx", "m.onnx"]
+
+
+def test_no_dataset_or_no_frames_is_one_line(tiny_model: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from unet_perception.training.quantize import main
+
+    for extra, words in ((["--data", str(tmp_path / "none")], "does not exist"),
+                         (["--data", str(CAMVID), "--calibration-frames", "0"], "--calibration-frames must be >= 1"),
+                         (["--data", str(CAMVID), "--check-frames", "-1"], "--check-frames must be >= 1")):
+        assert main([str(tiny_model), str(tmp_path / "int8.onnx"), *extra]) == 1  # was: tracebacks
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("unet-quantize: error: ") and words in err, err
+    assert not (tmp_path / "int8.onnx").exists()

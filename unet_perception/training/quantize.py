@@ -183,10 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        info = read_model_info(args.model)
-    except ModelError as exc:
-        print(f"unet-quantize: error: {exc}", file=sys.stderr)
+        return _run(args)
+    except (ModelError, OSError, ValueError, RuntimeError) as exc:  # no dataset, no frames, a broken rule
+        print(f"unet-quantize: error: {' | '.join(str(exc).splitlines())}", file=sys.stderr)
         return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    for option, count in (("--calibration-frames", args.calibration_frames), ("--check-frames", args.check_frames)):
+        if count is not None and count < 1:
+            raise ValueError(f"{option} must be >= 1, got {count}")
+    info = read_model_info(args.model)
     out = Path(args.output)
     if out.exists() and os.path.samefile(out, args.model):  # it would replace the fp32 model and compare to itself
         print(f"unet-quantize: error: OUTPUT '{out}' is the fp32 model itself; give another path for the int8 "
