@@ -61,6 +61,16 @@ def test_an_unknown_sequence_names_the_ones_there(tmp_path: Path) -> None:
         train.main(["--data", str(CAMVID), "--holdout-sequence", "Seq05VD", "--out", str(tmp_path)])
 
 
+
+def test_a_missing_dataset_or_unknown_table_is_one_line_and_makes_no_out(tmp_path: Path) -> None:
+    # was: FileNotFoundError / ValueError tracebacks, after --out was already made
+    with pytest.raises(SystemExit, match=r"^unet-train: dataset root '.*none' does not exist$"):
+        train.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"^unet-train: .*nosuch"):
+        train.main(["--data", str(CAMVID), "--dataset", "nosuch", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_recipes_put_their_options_first_so_the_command_line_wins() -> None:
     args = build_parser().parse_args(expand_recipe(["--recipe", "lovasz", "--data", "x", "--epochs", "3"]))
     assert args.lovasz == 0.5 and args.epochs == 3 and args.input_size == (288, 384) and args.recipe == "lovasz"

@@ -173,17 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed + rank)
-    table = load_class_table(args.dataset)
+    try:
+        table = load_class_table(args.dataset)
+        train_set, eval_set, eval_name, selects = build_datasets(args, table)
+    except (ValueError, OSError) as exc:  # an unknown dataset, a --data root that is not there
+        raise SystemExit(f"unet-train: {exc}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logfile = out / "train.log"
 
     crop = args.crop_size or args.input_size
     eval_size = args.eval_size or args.input_size
-    try:
-        train_set, eval_set, eval_name, selects = build_datasets(args, table)
-    except ValueError as exc:
-        raise SystemExit(f"unet-train: {exc}") from None
     frame_h = train_set.images[0].shape[0]
     scale = tuple(args.scale) if args.scale else (args.input_size[0] / frame_h * 0.8,
                                                   args.input_size[0] / frame_h * 1.25)
