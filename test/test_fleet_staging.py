@@ -177,3 +177,24 @@ def test_names_that_are_not_utf8_are_refused_in_one_printable_line(tmp_path: Pat
         assert code == 1 and err.count("\n") == 1 and err[:-1].isprintable(), err
         assert "\\udcff\\x1b[31m" in err or "\\udcfe\\x1b[2J" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_sqlite3_output_folder_with_uri_characters_is_refused_before_ray(tmp_path: Path, tiny_model: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """rosbags opens sqlite3 files through a URI: each bag's output under 'out?1' would fail (or, for 'label',
+    lose its .db3), so the run is refused in one line before Ray starts; MCAP outputs may go there."""
+    import cv2
+    import numpy as np
+
+    from unet_perception.tools.bag import bag_from_images
+
+    image = tmp_path / "f.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "bags").mkdir()
+    bag_from_images([image], tmp_path / "bags" / "a", storage="sqlite3", progress=False)
+    for out, storage in ((tmp_path / "out?1", []), (tmp_path / "o#t", ["--storage", "sqlite3"])):
+        code = main(["label-many", str(tmp_path / "bags" / "a"), "--out", str(out), "--model", str(tiny_model),
+                     *storage])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "--storage mcap" in err and "Traceback" not in err, err
+        assert not out.exists()

@@ -21,6 +21,7 @@ from __future__ import annotations
 # above it) meet only here: imports point cli -> fleet -> bag (test_layering).
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from unet_perception.fleet.plan import REPORT_NAME, one_line
 from unet_perception.model_contract import ModelError
 from unet_perception.tools.bag import (FORMATS, STORAGES, BagError, bag_from_images, check_label_options,
                                        check_output, label_bag, list_images)
+from unet_perception.tools.bag_preflight import check_sqlite_write
 from unet_perception.tools.bag_play import play_bag
 
 
@@ -198,6 +200,9 @@ def _label_many(args: argparse.Namespace) -> int:
     if args.retries < 0:
         raise BagError(f"--retries must be >= 0, got {args.retries}")
     jobs = plan_jobs(expand_inputs(args.inputs, args.out), args.out)
+    for job in jobs:  # before Ray starts: rosbags would lose an sqlite3 output whose path has ? # or % (a URI)
+        if args.storage == "sqlite3" or args.storage is None and _holds_sqlite3(job.src):
+            check_sqlite_write(job.out)
     threads = args.threads or max(1, int(args.cpus_per_worker))
     settings = LabelSettings(str(Path(model).resolve()), args.backend, args.batch, threads, args.alpha,
                              tuple(args.topics) if args.topics else None, args.storage,
@@ -211,6 +216,16 @@ def _label_many(args: argparse.Namespace) -> int:
         print(f"worker: {line}")
     print(f"report: {args.out / REPORT_NAME}")
     return 1 if report.count("failed") else 0
+
+
+def _holds_sqlite3(bag: Path) -> bool:
+    """Whether ``bag`` (a folder or a storage file) is an sqlite3 bag, so its output is one too by default."""
+    if bag.is_file():
+        return ".db3" in bag.name
+    try:
+        return any(".db3" in name for name in os.listdir(bag))
+    except OSError:
+        return False  # label_bag says what is wrong with it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
