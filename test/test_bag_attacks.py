@@ -154,6 +154,9 @@ def test_play_refuses_a_topic_recorded_with_two_types(tmp_path: Path, capsys: py
     assert "published" not in report.out
     assert main(["play", str(src), "--rate-factor", "100", "--topics", "/y"]) == 0
     assert "published 2 messages on 1 topics" in capsys.readouterr().out
+    for factor in ("nan", "0", "-1"):  # nan passed the "> 0" check as "<= 0" is False, then time.sleep(nan)
+        assert main(["play", str(src), "--rate-factor", factor, "--topics", "/y"]) == 1
+        assert "--rate-factor must be > 0" in _error_line(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------------------------- exits

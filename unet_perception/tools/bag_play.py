@@ -58,7 +58,7 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from rosgraph_msgs.msg import Clock  # type: ignore[import-untyped]
 
-    if rate_factor <= 0:
+    if not rate_factor > 0:  # nan too
         raise BagError(f"--rate-factor must be > 0, got {rate_factor}")
     qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE) if reliable else qos_profile_sensor_data
     stats = PlayStats()
