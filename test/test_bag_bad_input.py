@@ -191,6 +191,9 @@ def test_from_images_bad_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
     _no_output(tmp_path, tmp_path / "out")
     with pytest.raises(BagError, match="--rate must be > 0"):
         bag.bag_from_images([], tmp_path / "out", rate=0)
+    for rate in ("nan", "inf"):
+        assert main(["from-images", str(tmp_path / "empty"), str(tmp_path / "out"), "--rate", rate]) == 1
+        assert "--rate must be > 0 Hz and finite" in capsys.readouterr().err
     # --limit 0 wrote every image and --limit -1 all but the last, each saying "wrote"
     (tmp_path / "empty" / "broken.png").unlink()
     for i in range(2):

@@ -229,8 +229,8 @@ def bag_from_images(images: Sequence[Path], out: Path, *, topic: str = "/camera/
     With ``compressed`` the topic gets a ``/compressed`` suffix (image_transport's rule) and the frames are
     ``fmt`` (jpeg or png) with an image_transport style format string.
     """
-    if rate <= 0:
-        raise BagError(f"--rate must be > 0 Hz, got {rate}")
+    if not 0 < rate < float("inf"):  # nan failed round(1e9 / rate) with a traceback, inf stamped every frame alike
+        raise BagError(f"--rate must be > 0 Hz and finite, got {rate}")
     if encoding not in ("rgb8", "bgr8"):
         raise BagError(f"--encoding must be rgb8 or bgr8, got '{encoding}'")
     if fmt not in FORMATS:
