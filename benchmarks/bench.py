@@ -183,8 +183,8 @@ def play(bench: Bench, cameras: int, rate: str, duration: float) -> None:
 def run_row(bench: Bench, pid: int, cameras: int, rate: str, duration: float) -> Row:
     before = [dict(bench.counters(k) or {}) for k in range(cameras)]
     sent0 = list(bench.sent)
-    for lat in bench.latencies:
-        lat.clear()
+    for per_camera in bench.latencies:
+        per_camera.clear()
     bench.row_start_ns = bench.node.get_clock().now().nanoseconds
     ticks0, t0 = cpu_ticks(pid), time.monotonic()
     play(bench, cameras, rate, duration)
@@ -299,7 +299,8 @@ def soak(model: Path, seconds: float, frames: list[np.ndarray], params: dict[str
             "fps_per_camera": [c.rate_out_hz for c in result.cameras]}
 
 
-LEVERS = [  # one row per lever, 1 camera at 60 Hz; each differs from the defaults in one setting
+# One row per lever, 1 camera at 60 Hz; each differs from the defaults in one setting.
+LEVERS: list[tuple[str, dict[str, Any]]] = [
     ("defaults (cpu: stages in turn, no spinning, threads 0)", {}),
     ("overlap always (three stage threads)", {"overlap": "always"}),
     ("spinning on (ONNX Runtime's default)", {"spinning": True}),
