@@ -8,6 +8,8 @@ publish either ("Failed to publish log message to rosout").
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 import subprocess
 import threading
 import time
@@ -31,11 +33,11 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "slow.onnx", input_hw=(320, 480), width=16)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_during_inference_ends_cleanly(slow_model: Path, signum: int) -> None:
-    proc = start_node_process({"model_path": str(slow_model), "image_topics": [f"{TOPIC}/image_raw"],
-                               "threads": 1})
+@contextmanager
+def inferring_node(model: Path, labels_before: int) -> Iterator[subprocess.Popen]:
+    """The node as a process, fed frames faster than it infers (so a stage is always inferring), yielded once
+    ``labels_before`` labels came back; the caller signals it and reads its output. Killed if still running."""
+    proc = start_node_process({"model_path": str(model), "image_topics": [f"{TOPIC}/image_raw"], "threads": 1})
     stop = threading.Event()
     try:
         with RosGraph() as graph:
@@ -43,7 +45,7 @@ def test_a_signal_during_inference_ends_cleanly(slow_model: Path, signum: int) -
             labels = graph.collect(Image, f"{TOPIC}/segmentation/labels")
             wait_matched(pub, [labels])
 
-            def stream() -> None:  # faster than the node: a frame always waits, so the worker is always busy
+            def stream() -> None:
                 i = 0
                 while not stop.wait(0.05):
                     pub.publish(image_message(synthetic_frame(160, 120, i)))
@@ -51,16 +53,25 @@ def test_a_signal_during_inference_ends_cleanly(slow_model: Path, signum: int) -
 
             streamer = threading.Thread(target=stream, daemon=True)
             streamer.start()
-            labels.wait_for(3)  # three batches done: it is in the middle of the next one
-            proc.send_signal(signum)
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            stop.set()
-            streamer.join()
+            labels.wait_for(labels_before)
+            try:
+                yield proc
+            finally:
+                stop.set()
+                streamer.join()
     finally:
         stop.set()
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_inference_ends_cleanly(slow_model: Path, signum: int) -> None:
+    with inferring_node(slow_model, labels_before=3) as proc:  # three batches done: in the middle of the next one
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 0, out
     bad = [line for line in out.splitlines()
            if any(word in line for word in ("[ERROR]", "[WARN]", "[FATAL]", "Traceback", "Failed to publish",
@@ -69,42 +80,17 @@ def test_a_signal_during_inference_ends_cleanly(slow_model: Path, signum: int) -
     assert "segmenting /shutdown/image_raw" in out
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_second_signal_during_the_clean_up_is_ignored(slow_model: Path, second: int) -> None:
     """Ctrl-C under ros2 launch: the terminal's SIGINT reaches the node, and launch sends its own SIGINT (then a
     SIGTERM if it is slow) while the node is still joining its stages. Before, that second signal was a
     KeyboardInterrupt inside destroy_node: a traceback, the context never shut down, exit 1."""
-    proc = start_node_process({"model_path": str(slow_model), "image_topics": [f"{TOPIC}/image_raw"],
-                               "threads": 1})
-    stop = threading.Event()
-    try:
-        with RosGraph() as graph:
-            pub = graph.publisher(Image, f"{TOPIC}/image_raw")
-            labels = graph.collect(Image, f"{TOPIC}/segmentation/labels")
-            wait_matched(pub, [labels])
-
-            def stream() -> None:  # faster than the node: the worker is always inferring
-                i = 0
-                while not stop.wait(0.05):
-                    pub.publish(image_message(synthetic_frame(160, 120, i)))
-                    i += 1
-
-            streamer = threading.Thread(target=stream, daemon=True)
-            streamer.start()
-            labels.wait_for(2)
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.1)  # the node is joining the stage that is inferring (0.6 s a frame)
-            proc.send_signal(second)
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            stop.set()
-            streamer.join()
-    finally:
-        stop.set()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    with inferring_node(slow_model, labels_before=2) as proc:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)  # the node is joining the stage that is inferring (0.6 s a frame)
+        proc.send_signal(second)
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "[ERROR]" not in out and "[WARN]" not in out, out
 
