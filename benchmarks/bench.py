@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,14 +32,13 @@ from typing import Any
 
 import numpy as np
 import rclpy
-from rclpy.executors import SingleThreadedExecutor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load  # noqa: E402  (benchmarks/load.py: the probe, RSS, waiting)
 import pipeline as stages  # noqa: E402  (benchmarks/pipeline.py: default model, CamVid folder)
 
 from unet_perception.backends.factory import BackendOptions, create_backend  # noqa: E402
-from unet_perception.launch_support import apply_node_env, node_command, node_env  # noqa: E402
+from unet_perception.launch_support import apply_node_env  # noqa: E402
 from unet_perception.model_contract import read_model_info  # noqa: E402
 from unet_perception.tools.camera_sim import load_frames, synthetic_frame  # noqa: E402
 
@@ -216,21 +214,10 @@ def run_node(model: Path, cameras: int, rates: list[str], duration: float, frame
     context = rclpy.Context()
     rclpy.init(context=context)
     bench = Bench(context, config, frames)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(bench.node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
     log = workdir / f"node_{cameras}.log"
     node_params = {"model_path": str(model), "image_topics": bench.topics, "max_batch": 4} | params
-    with log.open("w") as out:
-        node = subprocess.Popen(node_command(None, node_params), env=os.environ | node_env(), stdout=out,
-                                stderr=subprocess.STDOUT)
     rows = []
-    try:
-        load.wait_for(lambda: bench.connected() or node.poll() is not None, load.CONNECT_TIMEOUT_S,
-                      "the node's topics", log)
-        if node.poll() is not None:
-            raise RuntimeError(f"the node exited with {node.returncode}:\n{log.read_text()[-3000:]}")
+    with load.node_beside(bench, node_params, log) as node:
         play(bench, cameras, "max", 1.5)  # warm-up: first frames, DDS buffers, the node's first allocations
         seen = bench.diagnostics_received  # counters from after the warm-up: the first row starts from them
         load.wait_for(lambda: bench.diagnostics_received >= seen + 2 and bench.settled(), load.SETTLE_TIMEOUT_S,
@@ -240,16 +227,6 @@ def run_node(model: Path, cameras: int, rates: list[str], duration: float, frame
             row.settings = ", ".join(f"{k} {v}" for k, v in params.items()) or "defaults"
             rows.append(row)
             print(format_row(row), flush=True)
-    finally:
-        node.send_signal(2)
-        try:
-            node.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            node.kill()
-        executor.shutdown()
-        spinner.join(timeout=5)
-        bench.node.destroy_node()
-        rclpy.try_shutdown(context=context)
     return rows
 
 

@@ -26,7 +26,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -193,25 +194,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, log: Path
         time.sleep(0.05)
 
 
-def run_load(config: LoadConfig, model: Path, workdir: Path, model_label: str = "") -> LoadResult:
-    """Start the node, load it for ``config.duration`` s, stop it; the figures (``model_label`` names the model)."""
-    width, height = config.size
-    if stages.CAMVID_VAL.is_dir():
-        frames = load_frames(stages.CAMVID_VAL, width, height, limit=FRAMES_PER_CAMERA)
-    else:
-        frames = [synthetic_frame(width, height, i) for i in range(FRAMES_PER_CAMERA)]
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    probe = Probe(context, config, frames)
+@contextmanager
+def node_beside(probe: Probe, params: dict[str, Any], log: Path) -> Iterator[subprocess.Popen]:
+    """Spin ``probe`` (made in its own, initialised context) in a thread, start the node as a process with
+    ``params`` (its output in ``log``) and wait until their topics connect; afterwards Ctrl-C the node (kill it
+    after 15 s), stop the spinner, destroy the probe and shut its context down."""
+    context = probe.node.context
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(probe.node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
-    log = workdir / "node.log"
-    params = {"model_path": str(model), "image_topics": probe.topics, "backend": config.backend,
-              "max_batch": config.max_batch, "threads": config.threads}
-    result = LoadResult(config=asdict(config) | {"model": str(model)}, model=model_label or str(model),
-                        backend="", device="", cameras=[CameraResult(t) for t in probe.topics])
     with log.open("w") as out:
         node = subprocess.Popen(node_command(None, params), env=os.environ | node_env(), stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -219,10 +211,7 @@ def run_load(config: LoadConfig, model: Path, workdir: Path, model_label: str = 
         wait_for(lambda: probe.connected() or node.poll() is not None, CONNECT_TIMEOUT_S, "the node's topics", log)
         if node.poll() is not None:
             raise RuntimeError(f"the node exited with {node.returncode}:\n{log.read_text()[-3000:]}")
-        publish_load(probe, config, node.pid, result.rss_mb)
-        seen = probe.diagnostics_received  # counters from after the load, not a lucky moment during it
-        wait_for(lambda: probe.diagnostics_received >= seen + 2 and probe.settled(), SETTLE_TIMEOUT_S,
-                 "the node's counters to settle after the load", log)
+        yield node
     finally:
         node.send_signal(2)  # Ctrl-C
         try:
@@ -233,6 +222,28 @@ def run_load(config: LoadConfig, model: Path, workdir: Path, model_label: str = 
         spinner.join(timeout=5)  # before the node goes: a spin still in flight would touch destroyed handles
         probe.node.destroy_node()
         rclpy.try_shutdown(context=context)
+
+
+def run_load(config: LoadConfig, model: Path, workdir: Path, model_label: str = "") -> LoadResult:
+    """Start the node, load it for ``config.duration`` s, stop it; the figures (``model_label`` names the model)."""
+    width, height = config.size
+    if stages.CAMVID_VAL.is_dir():
+        frames = load_frames(stages.CAMVID_VAL, width, height, limit=FRAMES_PER_CAMERA)
+    else:
+        frames = [synthetic_frame(width, height, i) for i in range(FRAMES_PER_CAMERA)]
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    probe = Probe(context, config, frames)
+    log = workdir / "node.log"
+    params = {"model_path": str(model), "image_topics": probe.topics, "backend": config.backend,
+              "max_batch": config.max_batch, "threads": config.threads}
+    result = LoadResult(config=asdict(config) | {"model": str(model)}, model=model_label or str(model),
+                        backend="", device="", cameras=[CameraResult(t) for t in probe.topics])
+    with node_beside(probe, params, log) as node:
+        publish_load(probe, config, node.pid, result.rss_mb)
+        seen = probe.diagnostics_received  # counters from after the load, not a lucky moment during it
+        wait_for(lambda: probe.diagnostics_received >= seen + 2 and probe.settled(), SETTLE_TIMEOUT_S,
+                 "the node's counters to settle after the load", log)
     for k, cam in enumerate(result.cameras):
         v = probe.counters(k) or {}
         cam.sent = probe.sent[k]
