@@ -149,9 +149,10 @@ def test_keep_latest_slot_counts_drops(rig: Rig) -> None:
     """Frames that arrive while the worker is busy replace the waiting one and count as drops."""
     backend = rig.node._segmenter.backend
     real_infer = backend._infer
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
 
     def blocked(batch: np.ndarray) -> np.ndarray:
+        entered.set()
         release.wait(10)
         return real_infer(batch)
 
@@ -162,7 +163,8 @@ def test_keep_latest_slot_counts_drops(rig: Rig) -> None:
         for i in range(4):  # 1 goes to the (blocked) worker, then 3 into the slot: 2 replaced
             rig.pub[RAW].publish(image_message(synthetic_frame(64, 48, i)))
             if i == 0:
-                wait_until(lambda: rig.node._cameras[0].pending is None, what="the worker to take frame 0")
+                # (not "the slot is empty": it is before frame 0 arrives, and then all four may share the slot)
+                wait_until(entered.is_set, what="the worker to take frame 0 into (blocked) inference")
         wait_until(lambda: int(values(rig.status(RAW))["drops"]) == drops + 2, what="2 drops")
     finally:
         backend._infer = real_infer

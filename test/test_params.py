@@ -46,7 +46,8 @@ CLI_CASES = {
 }
 # in-process (faster): the same StartupError that main() turns into that FATAL line
 IN_PROCESS_CASES = {
-    "max_batch 0": ({"max_batch": 0}, "parameter 'max_batch' rejected: .*out of range"),
+    "max_batch -1": ({"max_batch": -1}, "parameter 'max_batch' rejected: .*out of range"),
+    "max_batch 65": ({"max_batch": 65}, "parameter 'max_batch' rejected: .*out of range"),
     "bad input qos": ({"input_qos": "sometimes"}, "parameter 'input_qos' is 'sometimes'.*best_effort"),
     "bad output qos": ({"output_qos": "latched"}, "parameter 'output_qos' is 'latched'.*reliable"),
     "unknown_threshold out of range": ({"unknown_threshold": 256}, "parameter 'unknown_threshold' rejected: "
@@ -90,7 +91,8 @@ def test_descriptors_ranges_and_read_only(tiny_model: Path) -> None:
             d = node.describe_parameter(spec.name)
             assert d.description, spec.name
             assert d.read_only == (spec.name != "overlay_alpha"), spec.name
-        assert node.describe_parameter("max_batch").integer_range[0].from_value == 1
+        assert node.describe_parameter("max_batch").integer_range[0].from_value == 0  # 0 = auto
+        assert node._segmenter.backend.max_batch == 1  # auto on device cpu: one frame per batch
         assert node.describe_parameter("class_colors").type == ParameterType.PARAMETER_STRING_ARRAY
         assert "best_effort" in node.describe_parameter("input_qos").additional_constraints
         assert node.get_parameter("output_qos").value == "reliable"  # rviz2 and best-effort tools both hear it

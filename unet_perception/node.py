@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 import numpy as np
@@ -54,6 +55,7 @@ from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo,
 from unet_perception.node_params import PARAMS, QOS_RELIABILITY, StartupError, parse_class_colors, validate
 from unet_perception.node_stats import CameraStats, check_stamp, stamp_ns
 from unet_perception.pipeline import Segmentation, Segmenter
+from unet_perception.receiver import FrameReceiver, TakenByReceiver
 from unet_perception.raw_cdr import RawCompressedImage, RawHeader, RawImage, image, parse_compressed, parse_image
 from unet_perception.topics import GROUND_GRID, LABEL_INFO, POINTS, camera_outputs, is_compressed_topic, output_kinds
 
@@ -68,6 +70,7 @@ RELIABILITY = dict(zip(QOS_RELIABILITY, (ReliabilityPolicy.BEST_EFFORT, Reliabil
 LOG_THROTTLE_S = 5.0          # at most one error line per camera and kind of error this often (all are counted)
 MAX_ERROR_CHARS = 500         # an error line longer than this is cut (a hostile string may be 4096 characters)
 IN_FLIGHT = 3  # overlapped stages: one batch resolving in publish, one waiting for it, one just submitted
+AUTO_BATCH_CUDA = 4           # max_batch 0 (auto) on a GPU: batching cameras raises throughput there
 SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
 
 
@@ -75,6 +78,13 @@ def overlapped(p: dict[str, Any]) -> bool:
     """Whether the stages run in their own threads: ``overlap`` always, or auto on a GPU (measured in
     docs/performance.md: on the 2-core CPU overlap added a batch of latency and no frames per second)."""
     return p["overlap"] == "always" or (p["overlap"] == "auto" and p["device"] == "cuda")
+
+
+def batch_limit(p: dict[str, Any]) -> int:
+    """``max_batch``, with 0 (auto) = 4 for device cuda, 1 for cpu: on the CPU a batch of N frames takes N inference
+    times (ONNX Runtime gains nothing from batching there), so one frame at a time, round robin over the cameras,
+    gives the lowest latency at the same throughput (docs/performance.md)."""
+    return int(p["max_batch"]) or (AUTO_BATCH_CUDA if p["device"] == "cuda" else 1)
 
 
 def _printable(text: str) -> str:
@@ -161,6 +171,7 @@ class SegmentationNode(GuardedLifecycleNode):
         self._lock = threading.Condition()
         self._stopping = False
         self._workers: list[threading.Thread] = []
+        self._receiver: FrameReceiver | None = None  # input_thread: takes the camera frames
         self._next_camera = 0  # round robin when more cameras wait than max_batch
         self._to_infer: Handoff[Work] = Handoff()
         self._to_publish: Handoff[Work] = Handoff()
@@ -255,7 +266,7 @@ class SegmentationNode(GuardedLifecycleNode):
                                "confidence output; re-export it with unet-export or set unknown_threshold to 0")
         classes = parse_class_colors(p["class_colors"], info.classes)
         ground = GroundSettings.from_params(p, list(info.classes.names)) if p["ground.enabled"] else None
-        options = BackendOptions(max_batch=p["max_batch"], threads=p["threads"], device=p["device"],
+        options = BackendOptions(max_batch=batch_limit(p), threads=p["threads"], device=p["device"],
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
                                  workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"],
                                  in_flight=IN_FLIGHT if overlapped(p) else 1, spinning=p["spinning"])
@@ -322,6 +333,12 @@ class SegmentationNode(GuardedLifecycleNode):
                              for t, prefix in self._config.inputs.items()]
         except (InvalidTopicNameException, ValueError) as exc:
             raise StartupError(f"parameter 'image_topics' is {list(self._config.inputs)}: {exc}") from exc
+        if p["input_thread"]:
+            cams = self._cameras
+            self._receiver = FrameReceiver(
+                self.context, [c.subscription for c in cams], [partial(self._on_image, c) for c in cams],
+                lambda i, reason: self._record_error(cams[i], f"receiving failed on {cams[i].topic}: {reason}"))
+            self._receiver.start()
         self._publish_label_info(info)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._last_diag = time.monotonic()
@@ -342,13 +359,16 @@ class SegmentationNode(GuardedLifecycleNode):
         self.get_logger().info(
             f"segmenting {', '.join(c.topic for c in self._cameras)} with {backend.name} on {backend.device}, "
             f"model '{self._model}' ({info.classes.num_classes} classes, input {info.input_hw[1]}x"
-            f"{info.input_hw[0]}), max_batch {p['max_batch']}; outputs {outputs}; QoS in {p['input_qos']}, "
+            f"{info.input_hw[0]}), max_batch {backend.max_batch}; outputs {outputs}; QoS in {p['input_qos']}, "
             f"out {p['output_qos']}, depth {p['qos_depth']}; stages {'overlapped' if overlapped(p) else 'in turn'}"
             + (f"; ground from {ground.source} in {ground.base_frame}" if ground is not None else ""))
 
     def _deactivate(self) -> None:
         """Stop and join the stages (batches in flight are finished), then remove subscriptions, publishers and
         the diagnostics timer."""
+        if self._receiver is not None:  # first: no frame arrives once the stages stop
+            self._receiver.stop()
+            self._receiver = None
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -413,9 +433,12 @@ class SegmentationNode(GuardedLifecycleNode):
                       else None for kind in kinds}
         compressed = is_compressed_topic(topic)
         cam = Camera(topic, publishers, parse=parse_compressed if compressed else parse_image)
-        # raw: the callback gets the CDR bytes; only the frames the worker takes are ever converted (raw_cdr)
+        # raw: the callback gets the CDR bytes; only the frames the worker takes are ever converted (raw_cdr).
+        # input_thread: the FrameReceiver takes them (TakenByReceiver keeps the executor off), else the executor.
+        group = TakenByReceiver() if p["input_thread"] else None
         sub = self.create_subscription(CompressedImage if compressed else Image, topic,
-                                       lambda data: self._on_image(cam, cast(bytes, data)), qos_in, raw=True)
+                                       lambda data: self._on_image(cam, cast(bytes, data)), qos_in, raw=True,
+                                       callback_group=group)
         cam.topic = sub.topic_name  # fully resolved, as users see it in `ros2 topic list`
         cam.subscription = sub
         if self._config.ground is not None:

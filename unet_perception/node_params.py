@@ -59,7 +59,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "else ONNX Runtime's CUDA provider.", choices=KINDS),
     ParamSpec("device", "cpu", "Where inference runs, for every backend: cpu or cuda (tensorrt: cuda only).",
               choices=DEVICES),
-    ParamSpec("max_batch", 4, "At most this many camera frames run as one batch.", int_range=(1, 64)),
+    ParamSpec("max_batch", 0, "At most this many camera frames run as one batch; 0 = auto: 1 on device cpu (a "
+              "batch there takes as long as its frames one by one, so frames go one at a time, round robin over the "
+              "cameras), 4 on cuda.", int_range=(0, 64)),
     ParamSpec("precision", "fp32", "fp32 = the model file as it is; fp16 = its float16 conversion; int8 = its "
               "Q/DQ twin (<model>_int8.onnx). torch: fp16 = autocast on cuda.", choices=PRECISIONS),
     ParamSpec("gpu_id", 0, "device cuda: CUDA device index.", int_range=(0, 63)),
@@ -72,6 +74,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "and overlap (TensorRT: copies and compute of 3 batches in flight); never: one thread, in turn (lowest "
               "latency when inference takes every core); auto: always for device cuda, never for cpu.",
               choices=OVERLAP),
+    ParamSpec("input_thread", True, "Camera frames are taken by a thread that waits on the image subscriptions "
+              "alone (about a third of the CPU per message of rclpy's executor); false = by the node's executor, "
+              "like its other callbacks."),
     ParamSpec("engine_cache_dir", "", "tensorrt: engine and timing cache folder (also the fp16 model); empty = "
               "~/.cache/unet_perception/engines. Refused when anyone but its owner (you or root) can write it "
               "(docs/tensorrt.md)."),
