@@ -1,7 +1,7 @@
 """``make bench``: the node at fixed camera rates and at its own maximum, in the style of ros2_benchmark / r2b.
 
     python benchmarks/bench.py [--duration 8] [--rates 10,20,30,60,max] [--cameras 1,4] [--json FILE]
-    python benchmarks/bench.py --levers            # one row per lever: 1 camera at 60 Hz, node settings in turns
+    python benchmarks/bench.py --levers            # one row per lever (1 camera at 60 Hz, 4 at 30 Hz), in turns
     python benchmarks/bench.py --soak 600          # RSS over 10 minutes at 4 cameras x 30 Hz, slope in MiB/min
 
 The node runs in its own process as the launch file starts it (benchmarks/load.py); this process is the separate
@@ -215,7 +215,7 @@ def run_node(model: Path, cameras: int, rates: list[str], duration: float, frame
     rclpy.init(context=context)
     bench = Bench(context, config, frames)
     log = workdir / f"node_{cameras}.log"
-    node_params = {"model_path": str(model), "image_topics": bench.topics, "max_batch": 4} | params
+    node_params = {"model_path": str(model), "image_topics": bench.topics} | params
     rows = []
     with load.node_beside(bench, node_params, log) as node:
         play(bench, cameras, "max", 1.5)  # warm-up: first frames, DDS buffers, the node's first allocations
@@ -247,9 +247,17 @@ def goals(rows: list[Row], raw_fps: float, raw_ms: float) -> list[str]:
     if (r := by.get((1, "60"))) is not None:
         out.append(_goal(sum(r.fps) >= 0.8 * raw_fps, f"1 camera at 60 Hz: {sum(r.fps):.1f} fps >= 0.8 x raw "
                                                         f"{raw_fps:.1f} = {0.8 * raw_fps:.1f}"))
-    if (r := by.get((1, "20"))) is not None:
-        out.append(_goal(r.p50_ms <= raw_ms + 6, f"1 camera at 20 Hz: latency p50 {r.p50_ms:.0f} ms <= raw "
-                                                  f"{raw_ms:.0f} + 6 ms"))
+    # The latency goal is set at 20 Hz, a rate the node keeps up with when raw inference is faster than 20 fps. On a
+    # machine where it is not, frames at 20 Hz wait behind each other, so it is judged at the fastest rate of the run
+    # the node keeps up with (camera rate <= 0.8 x raw fps), and the line says so.
+    fixed = sorted(float(rate) for c, rate in by if c == 1 and rate != "max")
+    kept_up = [rate for rate in fixed if rate <= 0.8 * raw_fps]
+    rate = 20.0 if 20.0 in kept_up else max(kept_up, default=None)
+    if rate is not None and (r := by.get((1, f"{rate:g}"))) is not None:
+        note = "" if rate == 20.0 else (f" (20 Hz is faster than 0.8 x raw {raw_fps:.1f} fps here: judged at the "
+                                        f"fastest rate the node keeps up with)")
+        out.append(_goal(r.p50_ms <= raw_ms + 6, f"1 camera at {rate:g} Hz: latency p50 {r.p50_ms:.0f} ms <= raw "
+                                                  f"{raw_ms:.0f} + 6 ms{note}"))
     if (r := by.get((4, "30"))) is not None:
         share = 0.85 * raw_fps / 4
         out.append(_goal(min(r.fps) >= share, f"4 cameras at 30 Hz: every camera {min(r.fps):.1f} fps or more "
@@ -265,8 +273,8 @@ def _goal(ok: bool, text: str) -> str:
 
 def soak(model: Path, seconds: float, frames: list[np.ndarray], params: dict[str, Any], workdir: Path) -> dict:
     """4 cameras x 30 Hz for ``seconds`` through load.py; RSS slope (MiB/min) after the first minute."""
-    config = load.LoadConfig(duration=seconds, cameras=4, rate=30.0, max_batch=4, outputs=("labels",),
-                             threads=int(params.get("threads", 0)))
+    config = load.LoadConfig(duration=seconds, cameras=4, rate=30.0, max_batch=int(params.get("max_batch", 0)),
+                             outputs=("labels",), threads=int(params.get("threads", 0)))
     result = load.run_load(config, model, workdir, str(model))
     samples = [(t, m) for t, m in result.rss_mb if t >= min(60.0, seconds / 2)]
     t, mib = np.array([s[0] for s in samples]), np.array([s[1] for s in samples])
@@ -276,14 +284,20 @@ def soak(model: Path, seconds: float, frames: list[np.ndarray], params: dict[str
             "fps_per_camera": [c.rate_out_hz for c in result.cameras]}
 
 
-# One row per lever, 1 camera at 60 Hz; each differs from the defaults in one setting.
-LEVERS: list[tuple[str, dict[str, Any]]] = [
-    ("defaults (cpu: stages in turn, no spinning, threads 0)", {}),
-    ("overlap always (three stage threads)", {"overlap": "always"}),
-    ("spinning on (ONNX Runtime's default)", {"spinning": True}),
-    ("threads 1", {"threads": 1}),
-    ("threads 2", {"threads": 2}),
+# One row per lever, each one setting away from the defaults: 1 camera at 60 Hz (the node's own cost per frame),
+# then 4 cameras at 30 Hz (120 frames/s in, most of them dropped: the cost of receiving, the batch size).
+LEVERS: list[tuple[int, str, dict[str, Any]]] = [
+    (1, "defaults (cpu: frames in their own thread, stages in turn, no spinning, threads 0, max_batch auto = 1)", {}),
+    (1, "input_thread false (rclpy's executor takes the frames)", {"input_thread": False}),
+    (1, "overlap always (three stage threads)", {"overlap": "always"}),
+    (1, "spinning on (ONNX Runtime's default)", {"spinning": True}),
+    (1, "threads 1", {"threads": 1}),
+    (4, "defaults", {}),
+    (4, "input_thread false", {"input_thread": False}),
+    (4, "max_batch 4 (the default before auto)", {"max_batch": 4}),
+    (4, "threads 1", {"threads": 1}),
 ]
+LEVER_RATE = {1: "60", 4: "30"}
 
 
 def _param(text: str) -> tuple[str, Any]:
@@ -304,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                    "synthetic frames when it is missing)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="node parameter for every row, e.g. --param overlap=always (repeatable)")
-    p.add_argument("--levers", action="store_true", help="rows of 1 camera at 60 Hz, one per lever, in turns")
+    p.add_argument("--levers", action="store_true", help="one row per lever (1 camera at 60 Hz, 4 at 30 Hz), in turns")
     p.add_argument("--repeat", type=int, default=2, help="--levers: rounds of the lever rows (default: 2)")
     p.add_argument("--soak", type=float, default=0.0, help="also run 4 x 30 Hz for this many seconds (RSS slope)")
     p.add_argument("--json", type=Path, help="write the figures to this JSON file")
@@ -332,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[Row] = []
         if args.levers:
             for _ in range(args.repeat):
-                for _name, lever in LEVERS:
-                    rows += run_node(model, 1, ["60"], args.duration, frames, params | lever, Path(tmp))
+                for cameras, _name, lever in LEVERS:
+                    rows += run_node(model, cameras, [LEVER_RATE[cameras]], args.duration, frames, params | lever,
+                                     Path(tmp))
         else:
             for cameras in (int(c) for c in args.cameras.split(",")):
                 rows += run_node(model, cameras, args.rates.split(","), args.duration, frames, params, Path(tmp))

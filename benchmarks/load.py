@@ -61,7 +61,7 @@ class LoadConfig:
     rate: float = 30.0
     size: tuple[int, int] = (640, 480)  # width, height
     backend: str = "auto"
-    max_batch: int = 4
+    max_batch: int = 0  # the node's default: auto (1 on the CPU)
     threads: int = 0
     outputs: tuple[str, ...] = OUTPUTS
 
@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"ONNX model (default: {stages.SHIPPED_MODEL} if present, else the seed-size U-Net "
                         "with random weights)")
     p.add_argument("--backend", default="auto", help="node parameter backend (default: auto)")
-    p.add_argument("--max-batch", type=int, default=4, help="node parameter max_batch (default: 4)")
+    p.add_argument("--max-batch", type=int, default=0, help="node parameter max_batch (default: 0 = auto, as the "
+                   "node's default)")
     p.add_argument("--threads", type=int, default=0, help="node parameter threads (default: 0, the library's)")
     p.add_argument("--outputs", type=_outputs, default=OUTPUTS,
                    help="outputs subscribed to, the node computes only these (default: labels,color,overlay)")

@@ -5,8 +5,8 @@ set, makes a task, runs it), and a camera node receives every frame, also those 
 that was a quarter of a core before any frame was inferred. ``FrameReceiver`` waits on the image subscriptions
 alone and takes each message as CDR bytes: 0.85 core-ms per 640x480 frame, Fast DDS's own work included
 (docs/performance.md). The subscriptions stay ordinary ones of the node (names, QoS, graph, destroy); their callback
-group, :class:`TakenByReceiver`, only keeps the executor from taking their messages. Their QoS event handlers
-(incompatible QoS, ...) still run in the executor.
+group, :class:`TakenByReceiver`, only keeps the executor away from them. Their QoS event handlers (rclpy's default
+ones warn of a publisher with incompatible QoS) run in the receiver's thread.
 
 The wait set is rclpy's own (``_rclpy.WaitSet``, the one ``rclpy.wait_for_message`` uses): private API of rclpy,
 checked against the Jazzy wheels by the tests.
@@ -17,13 +17,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from rclpy.callback_groups import CallbackGroup
 from rclpy.context import Context
+from rclpy.event_handler import EventHandler
 from rclpy.guard_condition import GuardCondition
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
-from rclpy.event_handler import EventHandler
 from rclpy.subscription import Subscription
 
 ERROR_PAUSE_S = 0.05  # after a take fails: the subscription stays ready, so retrying at once would spin a core
@@ -51,7 +51,8 @@ class FrameReceiver:
     passes each message's bytes to its handler, one message per ready subscription per wake, so a camera that
     floods the node does not keep the others waiting. ``on_error(index, reason)`` hears a failed take (the
     thread goes on) or, for every subscription, why the thread ended on its own (a subscription destroyed under
-    it); a context shut down ends it quietly. Handlers must not raise (the node's catch everything a hostile message could cause)."""
+    it); a context shut down ends it quietly. Handlers must not raise (the node's catch whatever a hostile message
+    could cause)."""
 
     def __init__(self, context: Context, subscriptions: Sequence[Subscription],
                  handlers: Sequence[Callable[[bytes], None]], on_error: Callable[[int, str], None],
@@ -86,7 +87,9 @@ class FrameReceiver:
 
     def _run(self) -> None:
         subs = self._subs
-        events = [(i, handler) for i, sub in enumerate(subs) for handler in sub.event_handlers]
+        # a list, which rclpy's annotation (EventHandler) misnames
+        events = [(i, handler) for i, sub in enumerate(subs)
+                  for handler in cast(list[EventHandler], sub.event_handlers)]
         wait_set = _rclpy.WaitSet(len(subs), 1, 0, 0, 0, len(events), self._context.handle)
         while not self._stop and self._context.ok():
             try:
