@@ -46,6 +46,7 @@ WINDOW = 2                # max rate: frames in flight per camera
 LOST_S = 3.0              # max rate: no label for this long means a frame was lost before the node
 SETTLE_S = 0.5            # after a row: the last labels and the node's counters
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RAW_ROUNDS_PER_ROW = 15   # raw inference just before each row
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Row:
     core_ms: float = float("nan")   # node CPU time per output frame (robust to a shared machine: no wall time)
     peak_rss_mib: float = 0.0
     settings: str = ""
+    raw_ms: float = float("nan")    # raw inference timed just before the row (the machine's speed drifts)
 
 
 def raw_inference(model: Path, threads: int, spinning: bool, rounds: int = 40) -> tuple[float, float, float]:
@@ -223,7 +225,12 @@ def run_node(model: Path, cameras: int, rates: list[str], duration: float, frame
         load.wait_for(lambda: bench.diagnostics_received >= seen + 2 and bench.settled(), load.SETTLE_TIMEOUT_S,
                       "the node's counters after the warm-up", log)
         for rate in rates:
+            # Raw inference again just before the row, the node idle: on a shared VM the speed of the cores drifts
+            # (66 to 92 ms per frame within half an hour here), and each row's goal is judged against its own.
+            _, raw_ms, _ = raw_inference(model, int(params.get("threads", 0)), bool(params.get("spinning", False)),
+                                         rounds=RAW_ROUNDS_PER_ROW)
             row = run_row(bench, node.pid, cameras, rate, duration)
+            row.raw_ms = raw_ms
             row.settings = ", ".join(f"{k} {v}" for k, v in params.items()) or "defaults"
             rows.append(row)
             print(format_row(row), flush=True)
@@ -232,21 +239,28 @@ def run_node(model: Path, cameras: int, rates: list[str], duration: float, frame
 
 def format_row(r: Row) -> str:
     fps = " / ".join(f"{f:.1f}" for f in r.fps)
-    return (f"| {r.cameras} | {r.rate} | {r.settings} | {sum(r.fps):.1f} | {fps} | {r.p50_ms:.0f} | {r.p99_ms:.0f} "
-            f"| {r.drops} of {r.sent} | {r.cpu_pct:.0f} | {r.core_ms:.0f} | {r.peak_rss_mib:.0f} |")
+    return (f"| {r.cameras} | {r.rate} | {r.settings} | {r.raw_ms:.0f} | {sum(r.fps):.1f} | {fps} | {r.p50_ms:.0f} "
+            f"| {r.p99_ms:.0f} | {r.drops} of {r.sent} | {r.cpu_pct:.0f} | {r.core_ms:.0f} | {r.peak_rss_mib:.0f} |")
 
 
-HEADER = ("| cameras | rate Hz | node settings | output fps | per camera | latency p50 ms | p99 ms | drops | "
-          "node CPU % | core-ms / frame out | peak RSS MiB |\n|--:|--:|---|--:|---|--:|--:|--:|--:|--:|--:|")
+HEADER = ("| cameras | rate Hz | node settings | raw ms before | output fps | per camera | latency p50 ms | p99 ms | "
+          "drops | node CPU % | core-ms / frame out | peak RSS MiB |\n"
+          "|--:|--:|---|--:|--:|---|--:|--:|--:|--:|--:|--:|")
 
 
 def goals(rows: list[Row], raw_fps: float, raw_ms: float) -> list[str]:
-    """Issue 16's goals against this run's raw inference figure."""
+    """Issue 16's goals, each row against the raw inference timed just before it (``raw_ms`` of the row), or
+    against this run's first figure where a row has none."""
     out = []
     by = {(r.cameras, r.rate): r for r in rows}
+
+    def raw(r: Row) -> tuple[float, float]:  # (fps, ms)
+        return (1000.0 / r.raw_ms, r.raw_ms) if r.raw_ms == r.raw_ms else (raw_fps, raw_ms)
+
     if (r := by.get((1, "60"))) is not None:
-        out.append(_goal(sum(r.fps) >= 0.8 * raw_fps, f"1 camera at 60 Hz: {sum(r.fps):.1f} fps >= 0.8 x raw "
-                                                        f"{raw_fps:.1f} = {0.8 * raw_fps:.1f}"))
+        fps, _ = raw(r)
+        out.append(_goal(sum(r.fps) >= 0.8 * fps, f"1 camera at 60 Hz: {sum(r.fps):.1f} fps >= 0.8 x raw "
+                                                    f"{fps:.1f} = {0.8 * fps:.1f}"))
     # The latency goal is set at 20 Hz, a rate the node keeps up with when raw inference is faster than 20 fps. On a
     # machine where it is not, frames at 20 Hz wait behind each other, so it is judged at the fastest rate of the run
     # the node keeps up with (camera rate <= 0.8 x raw fps), and the line says so.
@@ -254,16 +268,17 @@ def goals(rows: list[Row], raw_fps: float, raw_ms: float) -> list[str]:
     kept_up = [rate for rate in fixed if rate <= 0.8 * raw_fps]
     rate = 20.0 if 20.0 in kept_up else max(kept_up, default=None)
     if rate is not None and (r := by.get((1, f"{rate:g}"))) is not None:
+        _, ms = raw(r)
         note = "" if rate == 20.0 else (f" (20 Hz is faster than 0.8 x raw {raw_fps:.1f} fps here: judged at the "
                                         f"fastest rate the node keeps up with)")
-        out.append(_goal(r.p50_ms <= raw_ms + 6, f"1 camera at {rate:g} Hz: latency p50 {r.p50_ms:.0f} ms <= raw "
-                                                  f"{raw_ms:.0f} + 6 ms{note}"))
+        out.append(_goal(r.p50_ms <= ms + 6, f"1 camera at {rate:g} Hz: latency p50 {r.p50_ms:.0f} ms <= raw "
+                                              f"{ms:.0f} + 6 ms{note}"))
     if (r := by.get((4, "30"))) is not None:
-        share = 0.85 * raw_fps / 4
+        fps, ms = raw(r)
+        share = 0.85 * fps / 4
         out.append(_goal(min(r.fps) >= share, f"4 cameras at 30 Hz: every camera {min(r.fps):.1f} fps or more "
                                               f">= 0.85 x raw / 4 = {share:.1f}"))
-        out.append(_goal(r.p99_ms <= 3 * raw_ms, f"4 cameras at 30 Hz: p99 {r.p99_ms:.0f} ms <= 3 x raw "
-                                                  f"{raw_ms:.0f} ms"))
+        out.append(_goal(r.p99_ms <= 3 * ms, f"4 cameras at 30 Hz: p99 {r.p99_ms:.0f} ms <= 3 x raw {ms:.0f} ms"))
     return out
 
 

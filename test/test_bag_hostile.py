@@ -273,3 +273,29 @@ def test_compressed_bombs_in_a_bag_are_refused_before_decoding(tmp_path: Path, t
     for (name, _, _), line, (_, _, phrase) in zip(payloads, lines, hostile.CLASSES.values(), strict=True):
         assert phrase in line, (name, line)
     assert _count(out)["/camera/segmentation/labels"] == 2
+
+
+def test_frames_with_an_invalid_stamp_are_skipped_as_in_the_node(tmp_path: Path, tiny_model: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """nanosec >= 1e9 (or a negative sec) is not a time: the node refuses such a frame as bad input, and so does
+    `unet-bag label` (before, it labelled it and wrote the invalid stamp into every output)."""
+    store = typestore()
+    src = tmp_path / "in"
+    frame = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    stamps = [(1, 0), (2, 1_000_000_000), (-3, 5), (4, 999_999_999)]
+    with Writer(src, version=8) as w:
+        conn = w.add_connection("/camera/image_raw", IMAGE, typestore=store)
+        for i, (sec, nanosec) in enumerate(stamps):
+            stamp = store.types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec)
+            header = store.types["std_msgs/msg/Header"](stamp=stamp, frame_id="c")
+            w.write(conn, START + i, store.serialize_cdr(bag.image_message(store, frame, "rgb8", header), IMAGE))
+    out = tmp_path / "out"
+    assert _label(src, out, tiny_model) == 0
+    report = capsys.readouterr()
+    skipped = [line for line in (report.out + report.err).splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 2 and all("is not a valid time" in line for line in skipped), skipped
+    assert "sec=2 nanosec=1000000000" in skipped[0] and "sec=-3 nanosec=5" in skipped[1]
+    with Reader(out) as reader:
+        labels = [store.deserialize_cdr(raw, c.msgtype).header.stamp for c, _, raw in reader.messages()
+                  if c.topic == "/camera/segmentation/labels"]
+    assert [(s.sec, s.nanosec) for s in labels] == [(1, 0), (4, 999_999_999)]

@@ -169,3 +169,35 @@ def test_a_failed_warm_up_frees_the_backend(tiny_model: Any, monkeypatch: Any) -
     with RosGraph() as graph, pytest.raises(StartupError, match="simulated warm-up failure"):
         graph.segmentation_node(model_path=str(tiny_model), image_topics=["/warm/image_raw"])
     assert len(created) == 1 and not created[0].active
+
+
+def test_a_camera_failing_in_activate_leaves_no_io_behind(tiny_model: Any, monkeypatch: Any) -> None:
+    """The second camera's subscription fails (as rmw may): activate fails, and the first camera's publishers and
+    subscription are gone with it (they were created before the failure); a second activate then works."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    from unet_perception.node import SegmentationNode
+
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/la/image_raw", "/lb/image_raw"],
+                                       autostart=False)
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        before_pubs, before_subs = {p.topic_name for p in node.publishers}, {s.topic_name for s in node.subscriptions}
+        calls = []
+        real = SegmentationNode.create_subscription
+
+        def second_fails(self: Any, msg_type: Any, topic: str, *args: Any, **kwargs: Any) -> Any:
+            calls.append(topic)
+            if len(calls) == 2:
+                raise RuntimeError("rmw: could not create the subscription")
+            return real(self, msg_type, topic, *args, **kwargs)
+
+        monkeypatch.setattr(SegmentationNode, "create_subscription", second_fails)
+        assert node.trigger_activate() == TransitionCallbackReturn.FAILURE
+        assert calls == ["/la/image_raw", "/lb/image_raw"]
+        assert {p.topic_name for p in node.publishers} == before_pubs
+        assert {s.topic_name for s in node.subscriptions} == before_subs
+        assert node._cameras == [] and node._receiver is None
+        monkeypatch.undo()
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert {"/la/segmentation/labels", "/lb/segmentation/labels"} <= {p.topic_name for p in node.publishers}

@@ -14,6 +14,8 @@ from typing import Any
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.lifecycle import LifecycleNode
 
+REFUSED_LOG_THROTTLE_S = 5.0  # at most one line this often for refused requests (each is still answered)
+
 
 class GuardedLifecycleNode(LifecycleNode):
     """A LifecycleNode whose ``change_state`` service checks the request against the current state first."""
@@ -27,15 +29,16 @@ class GuardedLifecycleNode(LifecycleNode):
         asked = ascii(label[:40]) if label else str(tid)  # any client may call: escaped and short in the log
         if (label not in available.values()) if label else (tid not in available):
             choices = ", ".join(f"{name} ({i})" for i, name in available.items()) or "none"
-            self.get_logger().warning(
+            self.get_logger().warning(  # throttled: any client may send thousands
                 f"change_state: transition {asked} is not available from state "
-                f"'{state}'; available: {choices}")
+                f"'{state}'; available: {choices}", throttle_duration_sec=REFUSED_LOG_THROTTLE_S)
             resp.success = False
             return resp
         try:
             return super()._LifecycleNodeMixin__on_change_state(req, resp)  # type: ignore[misc]
         except _rclpy.RCLError as exc:  # belt and braces: whatever rcl refuses is an answer, not the node's end
             self.get_logger().error(f"change_state: transition {asked} from state "
-                                    f"'{state}' ({state_id}) failed: {str(exc).split(', at ')[0]}")
+                                    f"'{state}' ({state_id}) failed: {str(exc).split(', at ')[0]}",
+                                    throttle_duration_sec=REFUSED_LOG_THROTTLE_S)
             resp.success = False
             return resp

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
@@ -328,9 +329,10 @@ class SegmentationNode(GuardedLifecycleNode):
         ground = self._config.ground
         if ground is not None and ground.source == "tf":
             self._tf = TfSource(self, ground.base_frame)
+        self._cameras = []
         try:
-            self._cameras = [self._add_camera(t, prefix, qos_in, qos_out, p)
-                             for t, prefix in self._config.inputs.items()]
+            for topic, prefix in self._config.inputs.items():
+                self._add_camera(topic, prefix, qos_in, qos_out, p)
         except (InvalidTopicNameException, ValueError) as exc:
             raise StartupError(f"parameter 'image_topics' is {list(self._config.inputs)}: {exc}") from exc
         if p["input_thread"]:
@@ -426,25 +428,26 @@ class SegmentationNode(GuardedLifecycleNode):
         return values
 
     def _add_camera(self, topic: str, prefix: str, qos_in: QoSProfile, qos_out: QoSProfile,
-                    p: dict[str, Any]) -> Camera:
+                    p: dict[str, Any]) -> None:
+        """The camera's publishers, subscription and ground projection, in ``self._cameras`` from the start, so
+        that a failure half way leaves nothing that ``_deactivate`` does not destroy."""
         assert self._config is not None
-        kinds = output_kinds(self._config.info.has_confidence)
-        publishers = {kind: self.create_publisher(Image, f"{prefix}/{kind}", qos_out) if p[f"publish_{kind}"]
-                      else None for kind in kinds}
         compressed = is_compressed_topic(topic)
-        cam = Camera(topic, publishers, parse=parse_compressed if compressed else parse_image)
+        cam = Camera(topic, {}, parse=parse_compressed if compressed else parse_image)
+        self._cameras.append(cam)
+        for kind in output_kinds(self._config.info.has_confidence):
+            cam.publishers[kind] = (self.create_publisher(Image, f"{prefix}/{kind}", qos_out)
+                                    if p[f"publish_{kind}"] else None)
         # raw: the callback gets the CDR bytes; only the frames the worker takes are ever converted (raw_cdr).
         # input_thread: the FrameReceiver takes them (TakenByReceiver keeps the executor off), else the executor.
         group = TakenByReceiver() if p["input_thread"] else None
-        sub = self.create_subscription(CompressedImage if compressed else Image, topic,
-                                       lambda data: self._on_image(cam, cast(bytes, data)), qos_in, raw=True,
-                                       callback_group=group)
-        cam.topic = sub.topic_name  # fully resolved, as users see it in `ros2 topic list`
-        cam.subscription = sub
+        cam.subscription = self.create_subscription(
+            CompressedImage if compressed else Image, topic, lambda data: self._on_image(cam, cast(bytes, data)),
+            qos_in, raw=True, callback_group=group)
+        cam.topic = cam.subscription.topic_name  # fully resolved, as users see it in `ros2 topic list`
         if self._config.ground is not None:
             cam.ground = GroundCamera(self, cam.topic, prefix, self._config.ground, qos_in, qos_out,
                                       self._tf.ground if self._tf else None, lambda m: self._record_error(cam, m))
-        return cam
 
     def _on_parameters_set(self, params: list[Parameter]) -> None:
         for param in params:
@@ -659,7 +662,7 @@ class SegmentationNode(GuardedLifecycleNode):
         super().destroy_node()
 
 
-def _wake_spin_on_signals(node: SegmentationNode) -> None:
+def _wake_spin_on_signals(node: SegmentationNode) -> Callable[[], None]:
     """Let a signal reach the main thread while ``rclpy.spin`` waits in rcl: Python writes a byte to its wake-up fd
     when a signal arrives, and a small thread turns that byte into a guard condition that ends the wait, so the
     main thread returns to Python and raises KeyboardInterrupt there."""
@@ -668,14 +671,22 @@ def _wake_spin_on_signals(node: SegmentationNode) -> None:
     guard = node.create_guard_condition(lambda: None)
 
     def relay() -> None:
-        while os.read(read_fd, 64):
-            try:
+        try:
+            while os.read(read_fd, 64):  # b"": the write end was closed (done() below)
                 guard.trigger()
-            except Exception:  # noqa: BLE001 - the node is already destroyed: the main thread is ending anyway
-                return
+        except Exception:  # noqa: BLE001 - the node is already destroyed: the main thread is ending anyway
+            pass
+        finally:
+            os.close(read_fd)
+
+    def done() -> None:
+        """Stop relaying (the relay thread ends and closes its end of the pipe)."""
+        signal.set_wakeup_fd(-1)
+        os.close(write_fd)
 
     threading.Thread(target=relay, name="signal_wakeup", daemon=True).start()
     signal.set_wakeup_fd(write_fd)
+    return done
 
 
 def main(args: list[str] | None = None) -> int:
@@ -694,10 +705,11 @@ def main(args: list[str] | None = None) -> int:
     if not profile:
         rclpy.logging.get_logger(NODE_NAME).warning(missing_profile_note())
     node: SegmentationNode | None = None
+    stop_relay: Callable[[], None] | None = None
     try:
         node = SegmentationNode()  # a signal during start-up abandons it: KeyboardInterrupt out of configure
         node.get_logger().debug(f"Fast DDS profile: {profile or 'none'}")
-        _wake_spin_on_signals(node)
+        stop_relay = _wake_spin_on_signals(node)
         rclpy.spin(node)
     except StartupError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
@@ -710,7 +722,8 @@ def main(args: list[str] | None = None) -> int:
         # Launch, docker and systemd escalate to SIGKILL if it ever hangs.
         for signum in signals:
             signal.signal(signum, signal.SIG_IGN)
-        signal.set_wakeup_fd(-1)
+        if stop_relay is not None:
+            stop_relay()
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()

@@ -40,6 +40,7 @@ from rosbags.typesys.store import Typestore
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from unet_perception.image_files import IMAGE_SUFFIXES, list_image_files
+from unet_perception.node_stats import check_stamp
 from unet_perception.tools.bag_preflight import (BagError, ReadableBag, check_output, check_read, check_sqlite_read,
                                                  check_sqlite_write, compare_counts, readable_bag, remove_dead_runs,
                                                  run_prefix)
@@ -472,6 +473,7 @@ def label_bag(src: Path, out: Path, segmenter: Any, *, topics: Sequence[str] | N
                         continue
                     try:
                         msg: Any = store.deserialize_cdr(raw, conn.msgtype)
+                        check_stamp(msg.header.stamp)  # as the node: outputs would carry an invalid time
                         rgb = decode(msg, max_pixels)
                     except Exception as exc:  # noqa: BLE001 - CodecError, or anything a corrupt CDR payload raises
                         line = f"skipped {conn.topic} at {timestamp}: {type(exc).__name__}: {exc}"
