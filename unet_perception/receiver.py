@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import ExitStack
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -90,18 +91,31 @@ class FrameReceiver:
         # a list, which rclpy's annotation (EventHandler) misnames
         events = [(i, handler) for i, sub in enumerate(subs)
                   for handler in cast(list[EventHandler], sub.event_handlers)]
-        wait_set = _rclpy.WaitSet(len(subs), 1, 0, 0, 0, len(events), self._context.handle)
+        context_handle = self._context.handle
+        if context_handle is None:  # the context was shut down before the thread started: nobody waits
+            return
+        wait_set = _rclpy.WaitSet(len(subs), 1, 0, 0, 0, len(events), context_handle)
         while not self._stop and self._context.ok():
             try:
-                wait_set.clear_entities()
-                for sub in subs:
-                    wait_set.add_subscription(sub.handle)
-                for _, handler in events:
-                    handler.add_to_wait_set(wait_set)
-                wait_set.add_guard_condition(self._wake.handle)
-                wait_set.wait(POLL_NS)
-                ready = set(wait_set.get_ready_entities("subscription"))
-                fired = [(i, handler) for i, handler in events if handler.is_ready(wait_set)]
+                # Every handle the wait uses is held for the wait (rclpy's executor does the same): a subscription
+                # destroyed from another thread meanwhile then raises here, instead of freeing what rcl_wait reads.
+                with ExitStack() as held:
+                    held.enter_context(context_handle)
+                    held.enter_context(self._wake.handle)
+                    for sub in subs:
+                        held.enter_context(sub.handle)
+                    for _, handler in events:
+                        held.enter_context(handler)
+                    wait_set.clear_entities()
+                    for sub in subs:
+                        wait_set.add_subscription(sub.handle)
+                    for _, handler in events:
+                        handler.add_to_wait_set(wait_set)
+                    wait_set.add_guard_condition(self._wake.handle)
+                    wait_set.wait(POLL_NS)
+                    ready = set(wait_set.get_ready_entities("subscription"))
+                    taken = [(i, sub) for i, sub in enumerate(subs) if sub.handle.pointer in ready]
+                    fired = [(i, handler) for i, handler in events if handler.is_ready(wait_set)]
             except Exception as exc:  # noqa: BLE001 - a destroyed subscription, the context shut down meanwhile
                 if not self._stop and self._context.ok():  # else nobody waits for frames any more
                     for i in range(len(subs)):
@@ -109,11 +123,10 @@ class FrameReceiver:
                 return
             for i, handler in fired:
                 self._event(i, handler)
-            for i, sub in enumerate(subs):
+            for i, sub in taken:
                 if self._stop:
                     return
-                if sub.handle.pointer in ready:
-                    self._take(i, sub)
+                self._take(i, sub)
 
     def _event(self, index: int, handler: EventHandler) -> None:
         """A QoS event (incompatible QoS, ...): its callback, as the executor would have run it (rclpy's default
