@@ -20,13 +20,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from unet_perception import __version__
+from unet_perception.atomic_file import replacing
 from unet_perception.class_table import ClassTable, load_class_table
 from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, ModelError, make_metadata, read_model_bytes
 from unet_perception.tools.import_graph import (
@@ -196,27 +196,13 @@ def check_target(source: Path, out: Path) -> None:
 
 
 def write_model(out: Path, blob: bytes) -> None:
-    """``blob`` at ``out`` via a fresh temporary file beside it (O_EXCL: never an existing file or link), renamed
-    into place; an OSError is an ImportFailure with nothing left behind."""
-    tmp: Path | None = None
+    """``blob`` at ``out``, whole or not at all (atomic_file); an OSError is an ImportFailure with nothing left
+    behind."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, out)
+        with replacing(out) as tmp:
+            tmp.write_bytes(blob)
     except OSError as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
         raise ImportFailure(f"cannot write '{out}': {exc.strerror or exc}; nothing written") from exc
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def build_parser() -> argparse.ArgumentParser:

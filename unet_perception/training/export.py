@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from unet_perception import __version__
+from unet_perception.atomic_file import replacing
 from unet_perception.class_table import ClassTable
 from unet_perception.contract_graph import make_tensorrt_ready
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, make_metadata
@@ -38,27 +39,25 @@ def export_onnx(model: nn.Module, path: str | Path, table: ClassTable, input_hw:
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ContractWrapper(model).cpu().eval()  # eval the wrapper: export restores its mode onto model
     example = torch.zeros(1, *input_hw, 3, dtype=torch.uint8)
-    tmp = path.with_name(path.name + ".tmp")
-    with torch.inference_mode():
-        torch.onnx.export(wrapper, (example,), str(tmp), input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME, CONFIDENCE_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
-                                        CONFIDENCE_NAME: {0: "batch"}},
-                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    proto = make_tensorrt_ready(onnx.load(str(tmp)))  # constant Resize scales, static output H and W
-    del proto.metadata_props[:]
-    for key, value in make_metadata(table, input_hw, metrics=metrics, training=training,
-                                    version=__version__).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.producer_name = "unet_perception"
-    onnx.checker.check_model(proto)
-    problems = check_tensorrt_rules(proto)
-    if problems:  # every model we write must build in TensorRT; a graph it refuses is an export bug
-        tmp.unlink()
-        raise RuntimeError("the exported graph breaks TensorRT's ONNX rules: " + "; ".join(problems))
-    onnx.save(proto, str(tmp))
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        with torch.inference_mode():
+            torch.onnx.export(wrapper, (example,), str(tmp), input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME, CONFIDENCE_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
+                                            CONFIDENCE_NAME: {0: "batch"}},
+                              opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        proto = make_tensorrt_ready(onnx.load(str(tmp)))  # constant Resize scales, static output H and W
+        del proto.metadata_props[:]
+        for key, value in make_metadata(table, input_hw, metrics=metrics, training=training,
+                                        version=__version__).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        proto.producer_name = "unet_perception"
+        onnx.checker.check_model(proto)
+        problems = check_tensorrt_rules(proto)
+        if problems:  # every model we write must build in TensorRT; a graph it refuses is an export bug
+            raise RuntimeError("the exported graph breaks TensorRT's ONNX rules: " + "; ".join(problems))
+        onnx.save(proto, str(tmp))
     return path
 
 

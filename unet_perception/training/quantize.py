@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from unet_perception.atomic_file import replacing
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, ModelError, read_model_info
 from unet_perception.onnx_rules import check_tensorrt_rules
 from unet_perception.pipeline import preprocess
@@ -119,10 +120,8 @@ def quantize(fp32: str | Path, out: str | Path, calibration: list[np.ndarray]) -
     problems = check_tensorrt_rules(model)
     if problems:
         raise RuntimeError("the quantized graph breaks TensorRT's ONNX rules: " + "; ".join(problems))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    onnx.save(model, str(tmp_out))
-    tmp_out.replace(out)
+    with replacing(out) as tmp_out:
+        onnx.save(model, str(tmp_out))
     return out
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unet_perception.atomic_file import replacing
 from unet_perception.contract_graph import make_tensorrt_ready
 from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, ModelError, read_model_info
 from unet_perception.onnx_rules import check_tensorrt_rules
@@ -34,9 +35,8 @@ def retrofit(src: str | Path, dst: str | Path) -> Path:
     if problems:
         raise RuntimeError(f"'{src}' still breaks TensorRT's rules after surgery: " + "; ".join(problems))
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(dst)
+    with replacing(dst) as tmp:
+        onnx.save(model, str(tmp))
     return dst
 
 

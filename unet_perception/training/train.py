@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from unet_perception.atomic_file import replacing
 from unet_perception.class_table import ClassTable, load_class_table
 from unet_perception.training.data import SegmentationDataset, hold_out, pairs_of_splits, train_transform
 from unet_perception.training.ema import ModelEMA
@@ -134,9 +135,8 @@ def write_frames(path: Path, train_set: SegmentationDataset, eval_set: Segmentat
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    with replacing(path) as tmp:  # never a half-written checkpoint under the real name
+        torch.save(state, tmp)
 
 
 def resume(path: Path, steps: int, model: torch.nn.Module, ema: ModelEMA | None, optimizer: torch.optim.Optimizer,
