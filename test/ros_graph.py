@@ -10,7 +10,8 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,20 @@ def start_node_process(params: dict[str, Any], params_file: str | Path | None = 
     """The real CLI (``python -m unet_perception.node --ros-args --params-file ... -p ...``) as a subprocess."""
     return subprocess.Popen(node_command(params_file, params), env=env or (os.environ | node_env()),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@contextmanager
+def output_on_failure(proc: subprocess.Popen) -> Iterator[None]:
+    """Around a test body that talks to ``proc``: a failure stops the process and carries its output, so a node
+    that died or hung at start shows why, not only as a service or topic that never appeared."""
+    try:
+        yield
+    except BaseException as exc:
+        try:
+            out = stop_process(proc)
+        except AssertionError as stop_error:
+            out = str(stop_error)
+        raise AssertionError(f"{exc}\n--- the node process (exit {proc.returncode}) printed ---\n{out}") from exc
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> str:

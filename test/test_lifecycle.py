@@ -8,7 +8,8 @@ from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from sensor_msgs.msg import Image
 
-from ros_graph import TIMEOUT_S, RosGraph, publish_until, start_node_process, stop_process, wait_matched, wait_until
+from ros_graph import (TIMEOUT_S, RosGraph, output_on_failure, publish_until, start_node_process, stop_process,
+                       wait_matched, wait_until)
 from unet_perception.tools.camera_sim import image_message, synthetic_frame
 
 NODE = "/segmentation_node"
@@ -130,7 +131,7 @@ def test_cli_with_autostart_false_waits_for_a_manager(tiny_model) -> None:  # ty
     proc = start_node_process({"model_path": str(tiny_model), "image_topics": ["/cli_lc/image_raw"],
                                "autostart": False})
     try:
-        with RosGraph() as graph:
+        with output_on_failure(proc), RosGraph() as graph:
             lc = Lifecycle(graph)
             assert lc.state() == "unconfigured" and io_count(graph, "/cli_lc") == 0
             assert lc.change(Transition.TRANSITION_CONFIGURE) and lc.change(Transition.TRANSITION_ACTIVATE)

@@ -16,7 +16,7 @@ from typing import Any
 from lifecycle_msgs.msg import Transition
 from sensor_msgs.msg import Image
 
-from ros_graph import RosGraph, start_node_process, stop_process, wait_matched
+from ros_graph import RosGraph, output_on_failure, start_node_process, stop_process, wait_matched
 from test_lifecycle import Lifecycle
 from unet_perception.tools.camera_sim import image_message, synthetic_frame
 
@@ -109,7 +109,7 @@ def test_a_manager_configuring_an_autostarted_node_does_not_end_it(tiny_model: A
     topic = "/lcproc"
     proc = start_node_process({"model_path": str(tiny_model), "image_topics": [f"{topic}/image_raw"]})
     try:
-        with RosGraph() as graph:
+        with output_on_failure(proc), RosGraph() as graph:
             lc = Lifecycle(graph)
             labels = graph.collect(Image, f"{topic}/segmentation/labels")
             with streaming(graph, f"{topic}/image_raw"):
