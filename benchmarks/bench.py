@@ -59,6 +59,7 @@ class Row:
     p99_ms: float = float("nan")
     drops: int = 0
     cpu_pct: float = 0.0
+    publisher_cpu_pct: float = 0.0  # this process (publisher and probe), on the same cores as the node
     core_ms: float = float("nan")   # node CPU time per output frame (robust to a shared machine: no wall time)
     peak_rss_mib: float = 0.0
     settings: str = ""
@@ -186,15 +187,17 @@ def run_row(bench: Bench, pid: int, cameras: int, rate: str, duration: float) ->
     for per_camera in bench.latencies:
         per_camera.clear()
     bench.row_start_ns = bench.node.get_clock().now().nanoseconds
-    ticks0, t0 = cpu_ticks(pid), time.monotonic()
+    ticks0, own0, t0 = cpu_ticks(pid), time.process_time(), time.monotonic()
     play(bench, cameras, rate, duration)
     wall = time.monotonic() - t0
     cpu = 100.0 * (cpu_ticks(pid) - ticks0) / CLK_TCK / wall
+    publisher_cpu = 100.0 * (time.process_time() - own0) / wall
     time.sleep(SETTLE_S)
     seen = bench.diagnostics_received
     load.wait_for(lambda: bench.diagnostics_received >= seen + 2 and bench.settled(), load.SETTLE_TIMEOUT_S,
                   "the node's counters to settle after the row", Path("/dev/null"))
-    row = Row(cameras, rate, sent=sum(bench.sent) - sum(sent0), cpu_pct=cpu, peak_rss_mib=peak_rss_mib(pid))
+    row = Row(cameras, rate, sent=sum(bench.sent) - sum(sent0), cpu_pct=cpu, publisher_cpu_pct=publisher_cpu,
+              peak_rss_mib=peak_rss_mib(pid))
     lat = np.concatenate([np.asarray(x) for x in bench.latencies]) if any(bench.latencies) else np.array([])
     row.fps = [len(x) / wall for x in bench.latencies]
     out = sum(len(x) for x in bench.latencies)
@@ -240,12 +243,13 @@ def run_node(model: Path, cameras: int, rates: list[str], duration: float, frame
 def format_row(r: Row) -> str:
     fps = " / ".join(f"{f:.1f}" for f in r.fps)
     return (f"| {r.cameras} | {r.rate} | {r.settings} | {r.raw_ms:.0f} | {sum(r.fps):.1f} | {fps} | {r.p50_ms:.0f} "
-            f"| {r.p99_ms:.0f} | {r.drops} of {r.sent} | {r.cpu_pct:.0f} | {r.core_ms:.0f} | {r.peak_rss_mib:.0f} |")
+            f"| {r.p99_ms:.0f} | {r.drops} of {r.sent} | {r.cpu_pct:.0f} | {r.publisher_cpu_pct:.0f} | {r.core_ms:.0f} "
+            f"| {r.peak_rss_mib:.0f} |")
 
 
 HEADER = ("| cameras | rate Hz | node settings | raw ms before | output fps | per camera | latency p50 ms | p99 ms | "
-          "drops | node CPU % | core-ms / frame out | peak RSS MiB |\n"
-          "|--:|--:|---|--:|--:|---|--:|--:|--:|--:|--:|--:|")
+          "drops | node CPU % | publisher CPU % | core-ms / frame out | peak RSS MiB |\n"
+          "|--:|--:|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|")
 
 
 def goals(rows: list[Row], raw_fps: float, raw_ms: float) -> list[str]:
