@@ -95,6 +95,52 @@ def test_a_subscription_destroyed_under_it_is_reported_for_every_camera(round_: 
         receiver.stop()
 
 
+def test_a_handler_that_raises_is_reported_and_the_frames_go_on() -> None:
+    """A bug in one camera's handler is heard through on_error; that camera's next frames and the other camera's
+    still arrive (before, the exception ended the thread: every camera silent, nothing counted or logged)."""
+    with RosGraph() as graph:
+        group = TakenByReceiver()
+        topics = ("/rx/h1", "/rx/h2")
+        subs = [graph.node.create_subscription(Image, t, lambda _: None, RELIABLE, raw=True, callback_group=group)
+                for t in topics]
+        pubs = [graph.publisher(Image, t, RELIABLE) for t in topics]
+        for pub in pubs:
+            wait_until(lambda pub=pub: pub.get_subscription_count() == 1, what="subscription matched")
+        inbox, errors = Inbox(), []
+        good = inbox.handler("h1")
+
+        def flaky(data: bytes) -> None:
+            if deserialize_message(data, Image).header.stamp.sec == 0:
+                raise ValueError("handler bug")
+            good(data)
+
+        receiver = FrameReceiver(graph.context, subs, [flaky, inbox.handler("h2")],
+                                 lambda i, reason: errors.append((i, reason)))
+        receiver.start()
+        for sec in range(3):
+            pubs[0].publish(stamped(sec))
+            pubs[1].publish(stamped(10 + sec))
+        wait_until(lambda: len(inbox["h1"]) == 2 and len(inbox["h2"]) == 3, what="the frames after the failure")
+        assert inbox["h1"] == [1, 2] and inbox["h2"] == [10, 11, 12]
+        assert len(errors) == 1 and errors[0][0] == 0 and "handler bug" in errors[0][1]
+        receiver.stop()
+
+
+def test_a_receiver_started_on_a_shut_down_context_ends_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    crashes: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    graph = RosGraph()
+    sub = graph.node.create_subscription(Image, "/rx/late", lambda _: None, RELIABLE, raw=True,
+                                         callback_group=TakenByReceiver())
+    errors: list[tuple[int, str]] = []
+    receiver = FrameReceiver(graph.context, [sub], [lambda _: None], lambda i, r: errors.append((i, r)))
+    graph.close()  # the context is shut down
+    receiver.start()
+    receiver._thread.join(5.0)
+    assert not receiver._thread.is_alive() and crashes == [] and errors == []
+    receiver.stop()  # and stopping it afterwards is harmless
+
+
 def test_qos_events_of_its_subscriptions_reach_their_callbacks() -> None:
     """A best-effort publisher on a reliable subscription: the incompatible-QoS event (rclpy's default callback
     logs the warning users rely on) runs in the receiver, since the executor may not wait on it."""

@@ -53,7 +53,7 @@ class FrameReceiver:
     floods the node does not keep the others waiting. ``on_error(index, reason)`` hears a failed take (the
     thread goes on) or, for every subscription, why the thread ended on its own (a subscription destroyed under
     it); a context shut down ends it quietly. Handlers must not raise (the node's catch whatever a hostile message
-    could cause)."""
+    could cause); one that raises anyway is reported through ``on_error`` and the thread goes on."""
 
     def __init__(self, context: Context, subscriptions: Sequence[Subscription],
                  handlers: Sequence[Callable[[bytes], None]], on_error: Callable[[int, str], None],
@@ -92,9 +92,15 @@ class FrameReceiver:
         events = [(i, handler) for i, sub in enumerate(subs)
                   for handler in cast(list[EventHandler], sub.event_handlers)]
         context_handle = self._context.handle
-        if context_handle is None:  # the context was shut down before the thread started: nobody waits
+        try:
+            if context_handle is None:
+                raise RuntimeError("the context has no handle")
+            wait_set = _rclpy.WaitSet(len(subs), 1, 0, 0, 0, len(events), context_handle)
+        except Exception as exc:  # noqa: BLE001 - the context shut down before the thread started, or rcl refused
+            if not self._stop and self._context.ok():
+                for i in range(len(subs)):
+                    self._on_error(i, f"the frame receiver could not start: {exc}")
             return
-        wait_set = _rclpy.WaitSet(len(subs), 1, 0, 0, 0, len(events), context_handle)
         while not self._stop and self._context.ok():
             try:
                 # Every handle the wait uses is held for the wait (rclpy's executor does the same): a subscription
@@ -146,5 +152,9 @@ class FrameReceiver:
             self._on_error(index, str(exc))
             time.sleep(ERROR_PAUSE_S)
             return
-        if taken is not None:  # None: the message was gone by the time we took it (another reader, a lost sample)
+        if taken is None:  # the message was gone by the time we took it (another reader, a lost sample)
+            return
+        try:
             self._handlers[index](taken[0])
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not end every camera's frames unheard
+            self._on_error(index, f"frame handler failed: {exc!r}")
