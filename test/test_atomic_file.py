@@ -2,30 +2,50 @@
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from unet_perception.atomic_file import replacing
+from unet_perception.atomic_file import replacing, umask
 
 
-def test_the_target_is_replaced_whole_with_an_ordinary_files_mode(tmp_path: Path) -> None:
+def test_a_new_target_appears_whole_with_the_mode_open_gives(tmp_path: Path) -> None:
     target = tmp_path / "models" / "m.onnx"  # the folder is created
-    with replacing(target) as tmp:
-        assert tmp.parent == target.parent and tmp != target and not target.exists()
-        tmp.write_bytes(b"new")
+    with replacing(target) as f:
+        f.write(b"new")
+        assert not target.exists()
     assert target.read_bytes() == b"new" and list(target.parent.iterdir()) == [target]
-    mask = os.umask(0o022)
-    os.umask(mask)
-    assert target.stat().st_mode & 0o777 == 0o644 & ~mask  # not mkstemp's 0600: the node's user must read it
+    reference = tmp_path / "reference"
+    reference.write_bytes(b"")  # what an ordinary open gives under this umask (not mkstemp's 0600)
+    assert target.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+
+def test_an_existing_target_keeps_its_mode(tmp_path: Path) -> None:
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    with replacing(target) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_umask_is_read_without_changing_it() -> None:
+    """Read, not set and set back: setting it, even for a moment, would let another thread create a file with a
+    mode nobody asked for."""
+    code = ("import os; os.umask(0o027); from unet_perception.atomic_file import umask; "
+            "print(oct(umask()), oct(os.umask(0o027)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0o27", "0o27"]
+    assert umask() == umask()
 
 
 def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "m.onnx"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="graph refused"), replacing(target) as tmp:
-        tmp.write_bytes(b"half")
+    with pytest.raises(RuntimeError, match="graph refused"), replacing(target) as f:
+        f.write(b"half")
         raise RuntimeError("graph refused")
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
@@ -38,7 +58,24 @@ def test_two_writers_of_one_target_never_share_a_temporary_nor_follow_a_planted_
     victim.write_bytes(b"untouched")
     (tmp_path / "m.onnx.tmp").symlink_to(victim)
     with replacing(target) as first, replacing(target) as second:
-        assert first != second and not first.is_symlink() and not second.is_symlink()
-        first.write_bytes(b"first")
-        second.write_bytes(b"second")
+        assert first.name != second.name
+        first.write(b"first")
+        second.write(b"second")
     assert target.read_bytes() == b"first" and victim.read_bytes() == b"untouched"
+
+
+def test_a_link_swapped_in_for_the_temporary_never_receives_the_bytes(tmp_path: Path) -> None:
+    """Someone who can write to the folder replaces the temporary with a link while the model is written: the
+    bytes go to the file that was created (through its descriptor), never through the link, and the link is not
+    renamed onto the target."""
+    target = tmp_path / "m.onnx"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"secret")
+    victim.chmod(0o600)
+    with pytest.raises(OSError, match="replaced by someone else"), replacing(target) as f:
+        (temporary,) = (p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx."))
+        temporary.unlink()
+        temporary.symlink_to(victim)
+        f.write(b"model")
+    assert victim.read_bytes() == b"secret" and victim.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]

@@ -199,8 +199,8 @@ def write_model(out: Path, blob: bytes) -> None:
     """``blob`` at ``out``, whole or not at all (atomic_file); an OSError is an ImportFailure with nothing left
     behind."""
     try:
-        with replacing(out) as tmp:
-            tmp.write_bytes(blob)
+        with replacing(out) as f:
+            f.write(blob)
     except OSError as exc:
         raise ImportFailure(f"cannot write '{out}': {exc.strerror or exc}; nothing written") from exc
 

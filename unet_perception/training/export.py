@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,25 +40,26 @@ def export_onnx(model: nn.Module, path: str | Path, table: ClassTable, input_hw:
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ContractWrapper(model).cpu().eval()  # eval the wrapper: export restores its mode onto model
     example = torch.zeros(1, *input_hw, 3, dtype=torch.uint8)
-    with replacing(path) as tmp:
-        with torch.inference_mode():
-            torch.onnx.export(wrapper, (example,), str(tmp), input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME, CONFIDENCE_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
-                                            CONFIDENCE_NAME: {0: "batch"}},
-                              opset_version=OPSET, do_constant_folding=True, dynamo=False)
-        proto = make_tensorrt_ready(onnx.load(str(tmp)))  # constant Resize scales, static output H and W
-        del proto.metadata_props[:]
-        for key, value in make_metadata(table, input_hw, metrics=metrics, training=training,
-                                        version=__version__).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.producer_name = "unet_perception"
-        onnx.checker.check_model(proto)
-        problems = check_tensorrt_rules(proto)
-        if problems:  # every model we write must build in TensorRT; a graph it refuses is an export bug
-            raise RuntimeError("the exported graph breaks TensorRT's ONNX rules: " + "; ".join(problems))
-        onnx.save(proto, str(tmp))
+    with tempfile.TemporaryDirectory() as private, torch.inference_mode():  # a 0700 folder of our own
+        traced = Path(private) / "traced.onnx"
+        torch.onnx.export(wrapper, (example,), str(traced), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME, CONFIDENCE_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
+                                        CONFIDENCE_NAME: {0: "batch"}},
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        proto = make_tensorrt_ready(onnx.load(str(traced)))  # constant Resize scales, static output H and W
+    del proto.metadata_props[:]
+    for key, value in make_metadata(table, input_hw, metrics=metrics, training=training,
+                                    version=__version__).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "unet_perception"
+    onnx.checker.check_model(proto)
+    problems = check_tensorrt_rules(proto)
+    if problems:  # every model we write must build in TensorRT; a graph it refuses is an export bug
+        raise RuntimeError("the exported graph breaks TensorRT's ONNX rules: " + "; ".join(problems))
+    with replacing(path) as f:
+        f.write(proto.SerializeToString())
     return path
 
 

@@ -120,8 +120,8 @@ def quantize(fp32: str | Path, out: str | Path, calibration: list[np.ndarray]) -
     problems = check_tensorrt_rules(model)
     if problems:
         raise RuntimeError("the quantized graph breaks TensorRT's ONNX rules: " + "; ".join(problems))
-    with replacing(out) as tmp_out:
-        onnx.save(model, str(tmp_out))
+    with replacing(out) as f:
+        f.write(model.SerializeToString())
     return out
 
 

@@ -12,9 +12,7 @@ thing: 100% equal) and at the default level (which fuses int8 Resize differently
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +23,8 @@ from unet_perception.model_contract import INPUT_NAME, OUTPUT_NAME, ModelError, 
 from unet_perception.onnx_rules import check_tensorrt_rules
 
 
-def retrofit(src: str | Path, dst: str | Path) -> Path:
-    """Write the TensorRT-ready version of ``src`` to ``dst`` (metadata kept); raises RuntimeError on a rule."""
+def retrofitted(src: str | Path) -> bytes:
+    """The TensorRT-ready version of ``src`` (metadata kept), serialised; raises RuntimeError on a rule."""
     import onnx
 
     model = make_tensorrt_ready(onnx.load(str(src)))
@@ -34,19 +32,25 @@ def retrofit(src: str | Path, dst: str | Path) -> Path:
     problems = check_tensorrt_rules(model)
     if problems:
         raise RuntimeError(f"'{src}' still breaks TensorRT's rules after surgery: " + "; ".join(problems))
-    dst = Path(dst)
-    with replacing(dst) as tmp:
-        onnx.save(model, str(tmp))
-    return dst
+    return model.SerializeToString()
 
 
-def labels_of(path: Path, frames: np.ndarray, basic: bool) -> np.ndarray:
+def retrofit(src: str | Path, dst: str | Path) -> Path:
+    """Write the TensorRT-ready version of ``src`` to ``dst``, whole or not at all."""
+    blob = retrofitted(src)
+    with replacing(dst) as f:
+        f.write(blob)
+    return Path(dst)
+
+
+def labels_of(model: Path | bytes, frames: np.ndarray, basic: bool) -> np.ndarray:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if basic:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: frames[i:i + 4]})[0]
                            for i in range(0, len(frames), 4)])
 
@@ -60,22 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import onnx
 
-    dst, staged = Path(args.output), None
     try:
-        # a fresh name beside OUT (was OUT.new, overwritten and deleted whatever that was)
-        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".retrofit.onnx", dir=dst.parent)
-        os.close(fd)
-        staged = Path(name)
-        return _retrofit_checked(Path(args.source), dst, staged, args.check_data)
+        return _retrofit_checked(Path(args.source), Path(args.output), args.check_data)
     except (ModelError, RuntimeError, OSError, onnx.checker.ValidationError) as exc:
         print(f"error: retrofit: {' | '.join(str(exc).splitlines())}; nothing written", file=sys.stderr)
         return 1
-    finally:
-        if staged is not None:
-            staged.unlink(missing_ok=True)  # ours; renamed to OUT on success
 
 
-def _retrofit_checked(src: Path, dst: Path, staged: Path, check_data: str | None) -> int:
+def _retrofit_checked(src: Path, dst: Path, check_data: str | None) -> int:
     info = read_model_info(src)
     if check_data:
         from unet_perception.training.quantize import frames_of
@@ -85,14 +81,15 @@ def _retrofit_checked(src: Path, dst: Path, staged: Path, check_data: str | None
         frames = np.random.default_rng(0).integers(0, 256, (8, *info.input_hw, 3), dtype=np.uint8)
         what = "random frames"
     old = {basic: labels_of(src, frames, basic) for basic in (True, False)}
-    retrofit(src, staged)
-    equal = {basic: float((labels_of(staged, frames, basic) == old[basic]).mean()) for basic in (True, False)}
+    blob = retrofitted(src)  # checked in memory, written (atomic_file) only when it computes the same
+    equal = {basic: float((labels_of(blob, frames, basic) == old[basic]).mean()) for basic in (True, False)}
     print(f"{src} -> {dst}: labels equal to the old file on {len(frames)} {what}: {equal[True]:.5%} with ONNX "
           f"Runtime's basic graph optimizations, {equal[False]:.5%} with its default ones")
     if equal[True] < 1.0:
         print("error: the surgery changed what the graph computes; nothing written", file=sys.stderr)
         return 1
-    staged.replace(dst)
+    with replacing(dst) as f:
+        f.write(blob)
     return 0
 
 

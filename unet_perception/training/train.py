@@ -135,8 +135,8 @@ def write_frames(path: Path, train_set: SegmentationDataset, eval_set: Segmentat
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with replacing(path) as tmp:  # never a half-written checkpoint under the real name
-        torch.save(state, tmp)
+    with replacing(path) as f:  # never a half-written checkpoint under the real name
+        torch.save(state, f)
 
 
 def resume(path: Path, steps: int, model: torch.nn.Module, ema: ModelEMA | None, optimizer: torch.optim.Optimizer,
