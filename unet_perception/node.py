@@ -190,7 +190,13 @@ class SegmentationNode(GuardedLifecycleNode):
         self._alpha = p["overlay_alpha"]
         self.add_post_set_parameters_callback(self._on_parameters_set)
         if p["autostart"]:
-            self._autostart()
+            try:
+                self._autostart()
+            except BaseException:
+                # the caller never gets this half-built node to destroy: do it here, before the context goes,
+                # rather than leave its rcl and DDS entities to garbage collection at interpreter exit
+                self.destroy_node()
+                raise
 
     def _autostart(self) -> None:
         """configure + activate now; a failure raises the StartupError that main() turns into one FATAL line."""
