@@ -265,18 +265,19 @@ def goals(rows: list[Row], raw_fps: float, raw_ms: float) -> list[str]:
         fps, _ = raw(r)
         out.append(_goal(sum(r.fps) >= 0.8 * fps, f"1 camera at 60 Hz: {sum(r.fps):.1f} fps >= 0.8 x raw "
                                                     f"{fps:.1f} = {0.8 * fps:.1f}"))
-    # The latency goal is set at 20 Hz, a rate the node keeps up with when raw inference is faster than 20 fps. On a
-    # machine where it is not, frames at 20 Hz wait behind each other, so it is judged at the fastest rate of the run
-    # the node keeps up with (camera rate <= 0.8 x raw fps), and the line says so.
-    fixed = sorted(float(rate) for c, rate in by if c == 1 and rate != "max")
-    kept_up = [rate for rate in fixed if rate <= 0.8 * raw_fps]
-    rate = 20.0 if 20.0 in kept_up else max(kept_up, default=None)
-    if rate is not None and (r := by.get((1, f"{rate:g}"))) is not None:
+    # The latency goal is set at 20 Hz, a rate the node keeps up with when raw inference is faster than 20 fps. It
+    # is judged there as written; where 20 Hz is faster than 0.8 x raw fps (frames then wait behind each other),
+    # an INFO line adds the same comparison at the fastest rate of the run the node keeps up with.
+    if (r := by.get((1, "20"))) is not None:
         _, ms = raw(r)
-        note = "" if rate == 20.0 else (f" (20 Hz is faster than 0.8 x raw {raw_fps:.1f} fps here: judged at the "
-                                        f"fastest rate the node keeps up with)")
-        out.append(_goal(r.p50_ms <= ms + 6, f"1 camera at {rate:g} Hz: latency p50 {r.p50_ms:.0f} ms <= raw "
-                                              f"{ms:.0f} + 6 ms{note}"))
+        out.append(_goal(r.p50_ms <= ms + 6,
+                         f"1 camera at 20 Hz: latency p50 {r.p50_ms:.0f} ms <= raw {ms:.0f} + 6 ms"))
+    kept_up = sorted(float(rate) for c, rate in by if c == 1 and rate != "max" and float(rate) <= 0.8 * raw_fps)
+    if kept_up and kept_up[-1] < 20.0 and (r := by.get((1, f"{kept_up[-1]:g}"))) is not None:
+        _, ms = raw(r)
+        out.append(f"INFO  1 camera at {kept_up[-1]:g} Hz: latency p50 {r.p50_ms:.0f} ms against raw {ms:.0f} + 6 ms "
+                   f"(20 Hz is faster than 0.8 x raw {raw_fps:.1f} fps here; this is the fastest rate the node keeps "
+                   "up with)")
     if (r := by.get((4, "30"))) is not None:
         fps, ms = raw(r)
         share = 0.85 * fps / 4

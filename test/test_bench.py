@@ -33,14 +33,14 @@ def test_bench_rows_and_json(tiny_model: Path, tmp_path: Path) -> None:
     # two frames in flight: the closed loop does not flood the node (a flood drops nearly every frame, as the 20 Hz
     # rows of a slow model do); the tiny model answers within milliseconds, so a few frames still meet a full slot
     assert rows[(1, "max")]["drops"] < rows[(1, "max")]["sent"] / 2
-    assert [g.split()[0] for g in report["goals"]] and all(g[:4] in ("PASS", "MISS") for g in report["goals"])
+    assert [g.split()[0] for g in report["goals"]] and all(g[:4] in ("PASS", "MISS", "INFO") for g in report["goals"])
     assert "| cameras | rate Hz |" in out.stdout
 
 
 def test_goals_are_judged_against_a_fair_raw_figure() -> None:
-    """Latency at 20 Hz when raw inference is faster than 25 fps; on a machine where it is slower, 20 Hz floods the
-    node and the goal is judged at the fastest rate of the run within 0.8 x raw fps, said in the line. A row that
-    timed raw inference just before it is judged against that figure."""
+    """Latency is judged at 20 Hz, as the goal is written; on a machine where raw inference is slower than 25 fps
+    (20 Hz then floods the node) an INFO line, never a PASS, adds the fastest rate of the run within 0.8 x raw
+    fps. A row that timed raw inference just before it is judged against that figure."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import bench
@@ -49,8 +49,10 @@ def test_goals_are_judged_against_a_fair_raw_figure() -> None:
     rows = [bench.Row(1, "10", p50_ms=70.0), bench.Row(1, "20", p50_ms=30.0), bench.Row(1, "max", p50_ms=20.0)]
     fast = [g for g in bench.goals(rows, raw_fps=40.0, raw_ms=25.0) if "latency" in g]
     assert fast == ["PASS  1 camera at 20 Hz: latency p50 30 ms <= raw 25 + 6 ms"]
+    rows[1].p50_ms = 110.0
     slow = [g for g in bench.goals(rows, raw_fps=14.8, raw_ms=67.0) if "latency" in g]
-    assert len(slow) == 1 and slow[0].startswith("PASS  1 camera at 10 Hz: latency p50 70 ms <= raw 67 + 6 ms (20 Hz")
+    assert slow[0] == "MISS  1 camera at 20 Hz: latency p50 110 ms <= raw 67 + 6 ms" and len(slow) == 2
+    assert slow[1].startswith("INFO  1 camera at 10 Hz: latency p50 70 ms against raw 67 + 6 ms (20 Hz")
     assert not [g for g in bench.goals(rows[2:], raw_fps=14.8, raw_ms=67.0) if "latency" in g]
     # a row with its own raw figure (timed just before it) is judged against that one
     row = bench.Row(4, "30", fps=[3.0, 3.0, 3.0, 3.0], p99_ms=140.0, raw_ms=50.0)
