@@ -4,7 +4,8 @@ The temporary file is made by ``tempfile.mkstemp`` (O_EXCL: never an existing fi
 two runs writing the same target never share it) and written through the descriptor mkstemp opened, never
 reopened by name, so nobody who can write to the folder can redirect the bytes through a link swapped in
 meanwhile (and a name swapped for another file is noticed before the rename). It gets the mode the target has,
-or for a new file the one an ordinary ``open`` would give (0666 less the umask, not mkstemp's 0600), is flushed
+or for a new file 0644 less the umask (readable by the node's user, never group- or world-writable; not
+mkstemp's 0600), is flushed
 to disk, and replaces the target in one rename: a reader (the node, TensorRT's builder, a resumed training run)
 sees the old file or the new one, never half of one.
 """
@@ -38,8 +39,8 @@ def _mode_for(target: Path) -> int:
     try:
         st = os.lstat(target)
     except FileNotFoundError:
-        return 0o666 & ~umask()
-    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else 0o666 & ~umask()
+        return 0o644 & ~umask()
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else 0o644 & ~umask()
 
 
 @contextmanager

@@ -194,8 +194,12 @@ class SegmentationNode(GuardedLifecycleNode):
                 self._autostart()
             except BaseException:
                 # the caller never gets this half-built node to destroy: do it here, before the context goes,
-                # rather than leave its rcl and DDS entities to garbage collection at interpreter exit
-                self.destroy_node()
+                # rather than leave its rcl and DDS entities to garbage collection at interpreter exit; a failure
+                # (or a second signal) in that clean-up must not hide why start-up failed
+                try:
+                    self.destroy_node()
+                except BaseException:  # noqa: BLE001
+                    pass
                 raise
 
     def _autostart(self) -> None:
