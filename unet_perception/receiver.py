@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import ExitStack
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any, cast
 
 from rclpy.callback_groups import CallbackGroup

@@ -37,7 +37,6 @@ def export_onnx(model: nn.Module, path: str | Path, table: ClassTable, input_hw:
     import onnx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ContractWrapper(model).cpu().eval()  # eval the wrapper: export restores its mode onto model
     example = torch.zeros(1, *input_hw, 3, dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as private, torch.inference_mode():  # a 0700 folder of our own
