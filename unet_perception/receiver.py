@@ -97,9 +97,7 @@ class FrameReceiver:
                 raise RuntimeError("the context has no handle")
             wait_set = _rclpy.WaitSet(len(subs), 1, 0, 0, 0, len(events), context_handle)
         except Exception as exc:  # noqa: BLE001 - the context shut down before the thread started, or rcl refused
-            if not self._stop and self._context.ok():
-                for i in range(len(subs)):
-                    self._on_error(i, f"the frame receiver could not start: {exc}")
+            self._ended(f"the frame receiver could not start: {exc}")
             return
         while not self._stop and self._context.ok():
             try:
@@ -123,9 +121,7 @@ class FrameReceiver:
                     taken = [(i, sub) for i, sub in enumerate(subs) if sub.handle.pointer in ready]
                     fired = [(i, handler) for i, handler in events if handler.is_ready(wait_set)]
             except Exception as exc:  # noqa: BLE001 - a destroyed subscription, the context shut down meanwhile
-                if not self._stop and self._context.ok():  # else nobody waits for frames any more
-                    for i in range(len(subs)):
-                        self._on_error(i, f"the frame receiver stopped: {exc}")
+                self._ended(f"the frame receiver stopped: {exc}")
                 return
             for i, handler in fired:
                 self._event(i, handler)
@@ -133,6 +129,13 @@ class FrameReceiver:
                 if self._stop:
                     return
                 self._take(i, sub)
+
+    def _ended(self, reason: str) -> None:
+        """The thread ends on its own: every camera hears why, unless it was stopped or the context shut down
+        (then nobody waits for frames any more)."""
+        if not self._stop and self._context.ok():
+            for i in range(len(self._subs)):
+                self._on_error(i, reason)
 
     def _event(self, index: int, handler: EventHandler) -> None:
         """A QoS event (incompatible QoS, ...): its callback, as the executor would have run it (rclpy's default
