@@ -307,7 +307,8 @@ def soak(model: Path, seconds: float, frames: list[np.ndarray], params: dict[str
 # One row per lever, each one setting away from the defaults: 1 camera at 60 Hz (the node's own cost per frame),
 # then 4 cameras at 30 Hz (120 frames/s in, most of them dropped: the cost of receiving, the batch size).
 LEVERS: list[tuple[int, str, dict[str, Any]]] = [
-    (1, "defaults (cpu: frames in their own thread, stages in turn, no spinning, threads 0, max_batch auto = 1)", {}),
+    (1, "defaults (cpu: frames in their own thread, stages in turn, no spinning, threads 0, max_batch auto = 1, "
+        "workers auto = 1 per camera up to the cores)", {}),
     (1, "input_thread false (rclpy's executor takes the frames)", {"input_thread": False}),
     (1, "overlap always (three stage threads)", {"overlap": "always"}),
     (1, "spinning on (ONNX Runtime's default)", {"spinning": True}),
@@ -315,7 +316,7 @@ LEVERS: list[tuple[int, str, dict[str, Any]]] = [
     (4, "defaults", {}),
     (4, "input_thread false", {"input_thread": False}),
     (4, "max_batch 4 (the default before auto)", {"max_batch": 4}),
-    (4, "threads 1", {"threads": 1}),
+    (4, "workers 1 (one frame at a time on every thread; the default before auto)", {"workers": 1}),
 ]
 LEVER_RATE = {1: "60", 4: "30"}
 

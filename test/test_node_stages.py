@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 
 import numpy as np
 from builtin_interfaces.msg import Time
@@ -102,11 +103,11 @@ def test_outputs_in_order_once_each_under_load(tiny_model) -> None:  # type: ign
 
 
 def test_more_cameras_than_max_batch_take_turns(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    """max_batch 1, three cameras waiting: batches go round robin from the camera after the last one served, and
-    the frames left out stay in their slots (no batch is queued for them)."""
+    """max_batch 1, one worker, three cameras waiting: batches go round robin from the camera after the last one
+    served, and the frames left out stay in their slots (no batch is queued for them)."""
     topics = [f"/rr{k}/image_raw" for k in range(3)]
     with RosGraph() as graph:
-        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, max_batch=1)
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, max_batch=1, workers=1)
         pubs = [graph.publisher(Image, t) for t in topics]
         outs = [graph.collect(Image, f"/rr{k}/segmentation/labels") for k in range(3)]
         for pub, out in zip(pubs, outs):
@@ -137,3 +138,51 @@ def test_more_cameras_than_max_batch_take_turns(tiny_model) -> None:  # type: ig
             release.set()
         wait_until(lambda: len(served) == 4, what="four batches")
     assert served == [topics[0], topics[1], topics[2], topics[0]]
+
+
+def test_workers_infer_other_cameras_at_once_and_each_camera_in_order(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """workers 2: while camera a's frame is held in inference, camera b's frames go through; a's next frame waits
+    for a's first (no second worker takes it), then both come out in stamp order."""
+    topics = ["/wk_a/image_raw", "/wk_b/image_raw"]
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, workers=2)
+        pubs = [graph.publisher(Image, t) for t in topics]
+        outs = [graph.collect(Image, t.replace("image_raw", "segmentation/labels")) for t in topics]
+        for pub, out in zip(pubs, outs):
+            wait_matched(pub, [out])
+        assert [w.name for w in node._workers] == ["segmentation_worker_0", "segmentation_worker_1"]
+        backend = node._segmenter.backend
+        real_infer = backend._infer
+        held, release = threading.Event(), threading.Event()
+        runs = {"a": 0, "b": 0}
+        lock = threading.Lock()
+
+        def holding_a(batch: np.ndarray):  # type: ignore[no-untyped-def]
+            cam = "a" if batch[0, 0, 0, 0] == 0 else "b"  # camera a sends black frames, b white ones
+            with lock:
+                runs[cam] += 1
+                first_of_a = cam == "a" and runs["a"] == 1
+            if first_of_a:
+                held.set()
+                release.wait(4 * TIMEOUT_S)  # longer than the waits below: only the test lets it go
+            return real_infer(batch)
+
+        black, white = np.zeros((48, 64, 3), np.uint8), np.full((48, 64, 3), 255, np.uint8)
+        backend._infer = holding_a
+        try:
+            pubs[0].publish(image_message(black, "rgb8", stamp=Time(sec=1)))
+            assert held.wait(TIMEOUT_S), "camera a's frame never reached inference"
+            pubs[0].publish(image_message(black, "rgb8", stamp=Time(sec=2)))
+            wait_until(lambda: node._cameras[0].pending is not None, what="a's second frame in its slot")
+            for sec in (1, 2):  # the other worker serves b meanwhile, and never takes a's waiting frame
+                pubs[1].publish(image_message(white, "rgb8", stamp=Time(sec=sec)))
+                wait_until(partial(lambda n: len(outs[1]) == n, sec), what=f"b's frame {sec} while a's is held")
+            assert runs["a"] == 1 and node._cameras[0].pending is not None, \
+                "a's second frame was taken while its first was still being processed"
+        finally:
+            release.set()
+        wait_until(lambda: len(outs[0]) == 2, what="a's two frames")
+        backend._infer = real_infer
+    assert [m.header.stamp.sec for m in outs[0].messages] == [1, 2]
+    assert [m.header.stamp.sec for m in outs[1].messages] == [1, 2]
+    assert runs == {"a": 2, "b": 2}

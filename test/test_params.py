@@ -57,6 +57,11 @@ IN_PROCESS_CASES = {
     "unknown class colour": ({"class_colors": ["Lava=1,2,3"]}, "class_colors: .*Lava"),
     "empty topic list": ({"image_topics": ["/"]}, "parameter 'image_topics'"),
     "invalid topic name": ({"image_topics": ["cam 1/image_raw"]}, "parameter 'image_topics'.*cam 1"),
+    "workers 65": ({"workers": 65}, "parameter 'workers' rejected: .*out of range"),
+    "workers on cuda": ({"workers": 2, "device": "cuda"}, "parameter 'workers' is 2 with device 'cuda'.*set "
+                        "workers to 0 or 1"),
+    "workers with overlap": ({"workers": 2, "overlap": "always"}, "parameter 'workers' is 2 with overlap "
+                             "'always'.*overlap to never or auto"),
     "no outputs": ({"publish_labels": False, "publish_confidence": False, "publish_color": False,
                     "publish_overlay": False}, "switch at least one output on"),
 }
@@ -147,3 +152,21 @@ def test_docs_list_every_parameter_with_its_default() -> None:
         default = "[]" if spec.default is Parameter.Type.STRING_ARRAY else json.dumps(spec.default)
         assert rows.get(spec.name) == (default, "no" if spec.read_only else "yes"), spec.name
     assert set(rows) == {spec.name for spec in PARAMS}
+
+
+def test_auto_workers_one_per_camera_up_to_the_cores_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """workers 0: one per camera up to the usable cores on the cpu with stages in turn, else 1; threads 0 shares
+    the cores among them (one worker keeps the library's default)."""
+    from unet_perception import node
+
+    defaults = {spec.name: spec.default for spec in PARAMS}
+    monkeypatch.setattr(node, "usable_cores", lambda: 2)
+    assert [node.worker_count(defaults, cams) for cams in (1, 2, 4)] == [1, 2, 2]
+    assert node.worker_count(defaults | {"device": "cuda"}, 4) == 1
+    assert node.worker_count(defaults | {"overlap": "always"}, 4) == 1
+    assert node.worker_count(defaults | {"workers": 3}, 1) == 3
+    assert [node.inference_threads(defaults, w) for w in (1, 2)] == [0, 1]
+    assert node.inference_threads(defaults | {"threads": 3}, 2) == 3
+    monkeypatch.setattr(node, "usable_cores", lambda: 8)
+    assert node.worker_count(defaults, 4) == 4 and node.inference_threads(defaults, 4) == 2
+    assert node.inference_threads(defaults, 3) == 2  # 8 // 3: no core given twice

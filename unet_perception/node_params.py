@@ -65,8 +65,15 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("precision", "fp32", "fp32 = the model file as it is; fp16 = its float16 conversion; int8 = its "
               "Q/DQ twin (<model>_int8.onnx). torch: fp16 = autocast on cuda.", choices=PRECISIONS),
     ParamSpec("gpu_id", 0, "device cuda: CUDA device index.", int_range=(0, 63)),
-    ParamSpec("threads", 0, "device cpu: ONNX Runtime / torch threads; 0 = the library's default.",
+    ParamSpec("threads", 0, "device cpu: ONNX Runtime / torch threads of each inference; 0 = the library's "
+              "default with one worker, else the cores this process may use shared among the workers.",
               int_range=(0, 256)),
+    ParamSpec("workers", 0, "How many frames are inferred at the same time, each by a thread of its own (one "
+              "camera's frames never at once, so its outputs keep their order); 0 = auto: on device cpu one per "
+              "camera up to the cores this process may use (4 cameras on 2 cores: 2 frames at once on a thread "
+              "each, which spends fewer core-ms per frame than 2 threads on one frame when other work shares the "
+              "cores), 1 on cuda. More than 1 needs device cpu and stages in turn (overlap never or auto).",
+              int_range=(0, 64)),
     ParamSpec("spinning", False, "device cpu, onnxruntime: idle inference threads spin waiting for the next run "
               "(ONNX Runtime's own default; faster runs on an idle machine, but they hold cores that the node's other "
               "threads and other processes need)."),
@@ -168,6 +175,13 @@ def validate(p: dict[str, Any]) -> list[str]:
     if not topics or any(not t.strip("/") for t in topics):
         raise StartupError(f"parameter 'image_topics' is {topics}; give one or more topic names, "
                            "e.g. ['camera/image_raw']")
+    if p["workers"] > 1 and p["device"] != "cpu":
+        raise StartupError(f"parameter 'workers' is {p['workers']} with device '{p['device']}'; more than one "
+                           "worker needs device cpu (on a GPU, overlap and batches keep it busy): set workers to 0 "
+                           "or 1")
+    if p["workers"] > 1 and p["overlap"] == "always":
+        raise StartupError(f"parameter 'workers' is {p['workers']} with overlap 'always'; workers run the stages "
+                           "in turn: set overlap to never or auto, or workers to 0 or 1")
     if not any(p[f"publish_{kind}"] for kind in output_kinds(has_confidence=True)):
         raise StartupError("publish_labels, publish_confidence, publish_color and publish_overlay are all "
                            "false; switch at least one output on")
