@@ -113,6 +113,20 @@ def test_cache_files_are_written_with_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "a" / "c.engine").stat().st_mode) == 0o600
 
 
+def test_cache_files_lose_a_group_write_bit_they_had(tmp_path: Path) -> None:
+    """A cache file someone made group-writable (which read_trusted refuses) is rewritten 0644 less the umask,
+    not with the mode it had (atomic_file.replacing's default for other files)."""
+    target = tmp_path / "a" / "b.engine"
+    ec.atomic_write(target, b"old")
+    target.chmod(0o664)
+    old = os.umask(0o022)
+    try:
+        ec.atomic_write(target, b"new")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644 and target.read_bytes() == b"new"
+
+
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "a.engine"
     ec.atomic_write(target, b"old")

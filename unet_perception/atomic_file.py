@@ -44,9 +44,11 @@ def _mode_for(target: Path) -> int:
 
 
 @contextmanager
-def replacing(target: str | Path) -> Iterator[BinaryIO]:
+def replacing(target: str | Path, mode: int | None = None) -> Iterator[BinaryIO]:
     """A fresh, empty temporary file beside ``target``, open for binary writing; it replaces ``target`` when the
-    block ends and is removed when the block raises (the target is then untouched). Creates the parent folder."""
+    block ends and is removed when the block raises (the target is then untouched). Creates the parent folder.
+    ``mode``: the new file's permission bits as given (the umask is not applied); None = the target's, or for a new
+    file 0644 less the umask."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -55,7 +57,7 @@ def replacing(target: str | Path) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fchmod(f.fileno(), _mode_for(target))
+            os.fchmod(f.fileno(), _mode_for(target) if mode is None else mode)
             os.fsync(f.fileno())
             written = os.fstat(f.fileno())
         now = os.lstat(tmp)

@@ -17,10 +17,10 @@ label, so a file in the cache is trusted only when nobody but the running user o
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from pathlib import Path
 
+from unet_perception.atomic_file import replacing, umask
 from unet_perception.backends.base import BackendError
 
 FOLDER_MODE = 0o755  # folders this package makes (less the umask): never group/other-writable
@@ -148,24 +148,11 @@ def read_trusted(path: Path, max_bytes: int | None = None) -> bytes:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a fresh temporary file in the same folder (mode 0644 less the umask), then rename into place.
+    """Write through ``atomic_file.replacing`` into a folder made by ``make_folder``, mode 0644 less the umask
+    whatever the file had (never group-writable, which the trust check would refuse on reading).
 
     Readers never see half a file; a crash leaves at most a ``.<name>.<random>.tmp`` file, never a half engine.
     """
     make_folder(path.parent)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(path, mode=FILE_MODE & ~umask()) as f:
+        f.write(data)
