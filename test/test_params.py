@@ -10,7 +10,7 @@ import pytest
 from rcl_interfaces.msg import ParameterType
 from rclpy.parameter import Parameter
 
-from ros_graph import RosGraph
+from ros_graph import RosGraph, wait_until
 from unet_perception.launch_support import node_command, node_env
 from unet_perception.node_params import PARAMS, StartupError
 
@@ -170,3 +170,19 @@ def test_auto_workers_one_per_camera_up_to_the_cores_on_the_cpu(monkeypatch: pyt
     monkeypatch.setattr(node, "usable_cores", lambda: 8)
     assert node.worker_count(defaults, 4) == 4 and node.inference_threads(defaults, 4) == 2
     assert node.inference_threads(defaults, 3) == 2  # 8 // 3: no core given twice
+
+
+def test_a_node_whose_autostart_fails_leaves_the_graph(tiny_model: Path) -> None:
+    """The caller never gets the half-built node to destroy, so it destroys itself: its name, services and
+    publishers are gone from the graph before the StartupError reaches the caller."""
+    with RosGraph() as graph:
+        graph.segmentation_node(namespace="/alive", model_path=str(tiny_model), image_topics=["/alive/image_raw"])
+        wait_until(lambda: ("segmentation_node", "/alive") in graph.node.get_node_names_and_namespaces(),
+                   what="the control node in the graph")  # the graph query sees nodes of this process
+        with pytest.raises(StartupError, match="input_qos"):
+            graph.segmentation_node(namespace="/doomed", model_path=str(tiny_model), input_qos="sometimes")
+        wait_until(lambda: ("segmentation_node", "/doomed") not in graph.node.get_node_names_and_namespaces(),
+                   what="the failed node to leave the graph")
+        # rclpy's own ~/get_type_description outlives any destroyed node in the graph (a plain rclpy Node's too)
+        wait_until(lambda: not [name for name, _ in graph.node.get_service_names_and_types() if name.startswith(
+            "/doomed/") and not name.endswith("/get_type_description")], what="the failed node's services to go")

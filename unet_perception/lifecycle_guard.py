@@ -18,7 +18,15 @@ REFUSED_LOG_THROTTLE_S = 5.0  # at most one line this often for refused requests
 
 
 class GuardedLifecycleNode(LifecycleNode):
-    """A LifecycleNode whose ``change_state`` service checks the request against the current state first."""
+    """A LifecycleNode whose ``change_state`` service checks the request against the current state first, and
+    whose ``destroy_node`` takes the node out of the graph at once."""
+
+    def destroy_node(self) -> None:
+        """``Node.destroy_node``, then the lifecycle state machine. Jazzy's rclpy leaves the state machine to
+        garbage collection, and it holds the rcl node: a destroyed node kept its name and its lifecycle services in
+        the graph for as long as anything referred to the Python object (a traceback, a cycle)."""
+        super().destroy_node()
+        self._state_machine.destroy_when_not_in_use()
 
     # rclpy registers the service with ``self.__on_change_state``, i.e. this name-mangled attribute, so defining
     # it here is what the service calls (test_lifecycle_ids fails if a new rclpy stops doing so).
