@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="node parameter for every row, e.g. --param overlap=always (repeatable)")
     p.add_argument("--levers", action="store_true", help="one row per lever (1 camera at 60 Hz, 4 at 30 Hz), in turns")
     p.add_argument("--repeat", type=int, default=2, help="--levers: rounds of the lever rows (default: 2)")
+    p.add_argument("--lever-cameras", default="1,4", help="--levers: the rows of these camera counts (default: 1,4)")
     p.add_argument("--soak", type=float, default=0.0, help="also run 4 x 30 Hz for this many seconds (RSS slope)")
     p.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -368,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.levers:
             for _ in range(args.repeat):
                 for cameras, _name, lever in LEVERS:
+                    if str(cameras) not in args.lever_cameras.split(","):
+                        continue
                     rows += run_node(model, cameras, [LEVER_RATE[cameras]], args.duration, frames, params | lever,
                                      Path(tmp))
         else:

@@ -3,6 +3,9 @@ messages that say how to fix it."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from unet_perception.class_table import load_class_table
 from unet_perception.model_contract import make_metadata, read_model_info
 
 RNG = np.random.default_rng(2)
+TIMEOUT_S = 20.0
 
 
 def frames(n: int, hw: tuple[int, int] = (32, 48)) -> np.ndarray:
@@ -32,14 +36,33 @@ def test_infer_matches_a_plain_session(tiny_model: Path) -> None:
     with create(info, BackendOptions(max_batch=3, threads=1)) as backend:
         assert isinstance(backend, OnnxRuntimeBackend)
         assert (backend.name, backend.device, backend.input_hw) == ("onnxruntime", "cpu", (32, 48))
-        assert backend._session.get_session_options().intra_op_num_threads == 1
+        assert [x.get_session_options().intra_op_num_threads for x in backend.sessions] == [1]
         got = backend.infer(batch).labels
         assert got.dtype == np.uint8 and got.shape == (3, 32, 48)
         np.testing.assert_array_equal(got, expected)
         np.testing.assert_array_equal(backend.infer(batch[1:2]).labels[0], expected[1])
-    assert not backend.active and backend._session is None
+    assert not backend.active and backend.sessions == []
     np.testing.assert_array_equal(backend.infer(batch[:1]).labels[0], expected[0])  # re-activates on demand
     backend.close()
+
+
+@pytest.mark.parametrize("threads, sessions", [(1, 1), (2, 3)])
+def test_concurrent_callers_get_sessions_of_their_own_unless_one_thread(tiny_model: Path, threads: int,
+                                                                        sessions: int) -> None:
+    """concurrent 3 (the node's workers): three sessions of ``threads`` each, or with one thread a single session that
+    the callers share (it runs on the calling thread); runs from three threads at once give a plain session's labels."""
+    batches = [frames(1) for _ in range(24)]
+    plain = ort.InferenceSession(str(tiny_model), providers=["CPUExecutionProvider"])
+    expected = [plain.run(["labels"], {"image": b})[0] for b in batches]
+    with create(read_model_info(tiny_model), BackendOptions(max_batch=1, threads=threads, concurrent=3)) as backend:
+        assert [x.get_session_options().intra_op_num_threads for x in backend.sessions] == [threads] * sessions
+        together = threading.Barrier(3, timeout=TIMEOUT_S)  # broken unless three runs are in progress at once
+        for session in backend.sessions:
+            session.run = partial(lambda real, *a, **k: (together.wait(), real(*a, **k))[1], session.run)
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda b: backend.infer(b).labels, batches))
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
 
 
 @pytest.mark.parametrize("batch, match", [

@@ -186,3 +186,31 @@ def test_workers_infer_other_cameras_at_once_and_each_camera_in_order(tiny_model
     assert [m.header.stamp.sec for m in outs[0].messages] == [1, 2]
     assert [m.header.stamp.sec for m in outs[1].messages] == [1, 2]
     assert runs == {"a": 2, "b": 2}
+
+
+def test_a_worker_that_fails_mid_frame_reports_it_and_frees_the_camera(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """workers 2: an exception no step catches is a counted error on that camera, the worker goes on, and the camera
+    is free again: its next frame comes out."""
+    topics = ["/wf_a/image_raw", "/wf_b/image_raw"]
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, workers=2)
+        pub = graph.publisher(Image, topics[0])
+        out = graph.collect(Image, "/wf_a/segmentation/labels")
+        wait_matched(pub, [out])
+        real_decode, calls = node._decode, []
+
+        def failing_once(cam, frame):  # type: ignore[no-untyped-def]
+            calls.append(frame.header.stamp.sec)
+            if len(calls) == 1:
+                raise RuntimeError("planted")
+            return real_decode(cam, frame)
+
+        node._decode = failing_once
+        cam = node._cameras[0]
+        pub.publish(image_message(synthetic_frame(64, 48, 0), "rgb8", stamp=Time(sec=1)))
+        wait_until(lambda: cam.stats.errors == 1, what="the failure counted")
+        assert cam.stats.last_error == "processing failed on /wf_a/image_raw: RuntimeError: planted"
+        pub.publish(image_message(synthetic_frame(64, 48, 1), "rgb8", stamp=Time(sec=2)))
+        out.wait_for(1)
+        node._decode = real_decode
+    assert [m.header.stamp.sec for m in out.messages] == [2] and calls == [1, 2]

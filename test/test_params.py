@@ -164,7 +164,8 @@ def test_auto_workers_one_per_camera_up_to_the_cores_on_the_cpu(monkeypatch: pyt
     assert [node.worker_count(defaults, cams) for cams in (1, 2, 4)] == [1, 2, 2]
     assert node.worker_count(defaults | {"device": "cuda"}, 4) == 1
     assert node.worker_count(defaults | {"overlap": "always"}, 4) == 1
-    assert node.worker_count(defaults | {"workers": 3}, 1) == 3
+    assert node.worker_count(defaults | {"workers": 3}, 4) == 3
+    assert node.worker_count(defaults | {"workers": 3}, 1) == 1  # never more than the cameras
     assert [node.inference_threads(defaults, w) for w in (1, 2)] == [0, 1]
     assert node.inference_threads(defaults | {"threads": 3}, 2) == 3
     monkeypatch.setattr(node, "usable_cores", lambda: 8)
@@ -179,10 +180,11 @@ def test_a_node_whose_autostart_fails_leaves_the_graph(tiny_model: Path) -> None
         graph.segmentation_node(namespace="/alive", model_path=str(tiny_model), image_topics=["/alive/image_raw"])
         wait_until(lambda: ("segmentation_node", "/alive") in graph.node.get_node_names_and_namespaces(),
                    what="the control node in the graph")  # the graph query sees nodes of this process
-        with pytest.raises(StartupError, match="input_qos"):
+        with pytest.raises(StartupError, match="input_qos") as raised:  # its traceback keeps the node object alive
             graph.segmentation_node(namespace="/doomed", model_path=str(tiny_model), input_qos="sometimes")
         wait_until(lambda: ("segmentation_node", "/doomed") not in graph.node.get_node_names_and_namespaces(),
                    what="the failed node to leave the graph")
         # rclpy's own ~/get_type_description outlives any destroyed node in the graph (a plain rclpy Node's too)
         wait_until(lambda: not [name for name, _ in graph.node.get_service_names_and_types() if name.startswith(
             "/doomed/") and not name.endswith("/get_type_description")], what="the failed node's services to go")
+        assert raised.traceback  # held until here

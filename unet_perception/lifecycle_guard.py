@@ -31,6 +31,14 @@ class GuardedLifecycleNode(LifecycleNode):
     # rclpy registers the service with ``self.__on_change_state``, i.e. this name-mangled attribute, so defining
     # it here is what the service calls (test_lifecycle_ids fails if a new rclpy stops doing so).
     def _LifecycleNodeMixin__on_change_state(self, req: Any, resp: Any) -> Any:
+        try:
+            with self._state_machine:  # in use while answering: destroy_node then waits rather than free it under us
+                return self._answer_change_state(req, resp)
+        except _rclpy.InvalidHandle:  # destroyed before the request was served
+            resp.success = False
+            return resp
+
+    def _answer_change_state(self, req: Any, resp: Any) -> Any:
         state_id, state = self._state_machine.current_state
         available = {t[0]: t[1] for t in self._state_machine.available_transitions}  # id -> label
         label, tid = req.transition.label, req.transition.id

@@ -98,11 +98,12 @@ def usable_cores() -> int:
 
 
 def worker_count(p: dict[str, Any], cameras: int) -> int:
-    """``workers``, with 0 (auto) = one per camera up to the usable cores on device cpu with stages in turn, else
-    1: two frames on one thread each spent 9 % fewer core-ms than one frame on two threads with a quarter of a
-    core busy elsewhere, and infer 13 % more frames (docs/performance.md); one camera keeps every thread."""
+    """``workers``, never more than the cameras (a camera's frames are processed one at a time); 0 (auto) = one per
+    camera up to the usable cores on device cpu with stages in turn, else 1: on 2 shared cores two frames on one
+    thread each spent 9 % fewer core-ms than one frame on two threads (docs/performance.md); one camera keeps every
+    thread for its frame."""
     if p["workers"]:
-        return int(p["workers"])
+        return min(int(p["workers"]), cameras)
     if p["device"] != "cpu" or overlapped(p):
         return 1
     return max(1, min(cameras, usable_cores()))
@@ -110,7 +111,8 @@ def worker_count(p: dict[str, Any], cameras: int) -> int:
 
 def inference_threads(p: dict[str, Any], workers: int) -> int:
     """Threads of each inference: ``threads``, or 0 (the library's default) for one worker, else the usable cores
-    shared among the workers (ONNX Runtime runs a one-thread session on the calling thread)."""
+    shared among the workers (the backend gives each worker a session of its own unless that is one thread: ONNX
+    Runtime runs a one-thread session on the calling thread, so the workers share it)."""
     if p["threads"] or workers == 1:
         return int(p["threads"])
     return max(1, usable_cores() // workers)
@@ -311,6 +313,7 @@ class SegmentationNode(GuardedLifecycleNode):
         ground = GroundSettings.from_params(p, list(info.classes.names)) if p["ground.enabled"] else None
         workers = worker_count(p, len(inputs))
         options = BackendOptions(max_batch=batch_limit(p), threads=inference_threads(p, workers), device=p["device"],
+                                 concurrent=workers,
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
                                  workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"],
                                  in_flight=IN_FLIGHT if overlapped(p) else 1, spinning=p["spinning"])
@@ -575,6 +578,8 @@ class SegmentationNode(GuardedLifecycleNode):
                 ready = self._take_frames()
             try:
                 self._process(ready, overlap)
+            except Exception as exc:  # noqa: BLE001 - the steps report their own failures; a worker never dies
+                self._batch_failed(ready, "processing", exc)
             finally:
                 if self._exclusive:
                     with self._lock:

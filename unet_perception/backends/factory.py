@@ -44,6 +44,7 @@ class BackendOptions:
     workspace_mb: int = 1024          # tensorrt: builder workspace limit
     checkpoint: str = ""              # torch: training checkpoint (default: the model's .pt beside the ONNX)
     in_flight: int = 1                # tensorrt: batches submitted at once, each with its own context and stream
+    concurrent: int = 1               # onnxruntime, torch: threads that may call infer at once (the node's workers)
 
     def validate(self) -> None:
         if self.max_batch < 1:
@@ -54,6 +55,8 @@ class BackendOptions:
             raise BackendError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         if self.threads < 0:
             raise BackendError(f"threads must be >= 0, got {self.threads}")
+        if self.concurrent < 1:
+            raise BackendError(f"concurrent must be >= 1, got {self.concurrent}")
         if self.in_flight < 1:
             raise BackendError(f"in_flight must be >= 1, got {self.in_flight}")
         if self.workspace_mb < 16:

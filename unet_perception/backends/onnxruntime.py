@@ -8,6 +8,7 @@ runs through the tensorrt backend, not ONNX Runtime's TensorRT provider. ``onnxr
 
 from __future__ import annotations
 
+import queue
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,8 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnxruntime backend: {reason}")
         self.options = options
         self._providers = _providers(options)
-        self._session: Any = None
+        self.sessions: list[Any] = []  # InferenceSessions: ``concurrent`` of them, or 1 shared by one-thread runs
+        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()  # each run takes one and gives it back
         self._fetch = [OUTPUT_NAME]
         self._precision = options.precision  # the precision the model file runs at, known once active
 
@@ -76,9 +78,13 @@ class OnnxRuntimeBackend(Backend):
         path, self._precision = onnx_for_precision(self.info.path, self.options.precision,
                                                    cache_dir_for(self.options.engine_cache_dir))
         try:
-            session = ort.InferenceSession(str(path), so, providers=self._providers)
+            # Concurrent runs of one session share its intra-op pool, so each caller gets a session of its own,
+            # except with one thread: ONNX Runtime then runs on the calling thread and the callers share one.
+            sessions = [ort.InferenceSession(str(path), so, providers=self._providers)
+                        for _ in range(1 if self.options.threads == 1 else self.options.concurrent)]
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BackendError(f"onnxruntime cannot load '{path}': {exc}") from exc
+        session = sessions[0]
         wanted = DEVICES[self.options.device]
         if wanted not in session.get_providers():
             # ORT silently drops a provider whose libraries fail to load; running on CPU unasked would hide it.
@@ -92,7 +98,9 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"'{path}' has no '{CONFIDENCE_NAME}' output but '{self.info.path}' "
                                "has; re-create it from that model (unet-quantize, or delete the fp16 cache)")
         self._fetch = [OUTPUT_NAME, CONFIDENCE_NAME] if has_confidence else [OUTPUT_NAME]
-        self._session = session
+        self.sessions, self._free = sessions, queue.SimpleQueue()
+        for i in range(self.options.concurrent):  # a shared one-thread session is in the queue once per caller
+            self._free.put(sessions[i % len(sessions)])
 
     def _check_io(self, session: Any) -> None:
         """The session's tensors must be the contract's: uint8 image [N, H, W, 3] -> uint8 labels [N, H, W]."""
@@ -121,11 +129,15 @@ class OnnxRuntimeBackend(Backend):
                                    "dynamic batch axis (unet-export does), or use max_batch 1 with a batch-1 model")
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = self._session.run(self._fetch, {INPUT_NAME: batch})
+        session = self._free.get()  # one is there whenever no more than ``concurrent`` callers run
+        try:
+            outputs = session.run(self._fetch, {INPUT_NAME: batch})
+        finally:
+            self._free.put(session)
         return outputs[0], outputs[1] if len(outputs) > 1 else None
 
     def _deactivate(self) -> None:
-        self._session = None
+        self.sessions, self._free = [], queue.SimpleQueue()
 
 
 def unavailable_reason(options: BackendOptions) -> str | None:
