@@ -60,6 +60,8 @@ IN_PROCESS_CASES = {
     "workers 65": ({"workers": 65}, "parameter 'workers' rejected: .*out of range"),
     "workers on cuda": ({"workers": 2, "device": "cuda"}, "parameter 'workers' is 2 with device 'cuda'.*set "
                         "workers to 0 or 1"),
+    "workers with batches": ({"workers": 2, "max_batch": 4}, "parameter 'workers' is 2 with max_batch 4; choose "
+                             "one way"),
     "workers with overlap": ({"workers": 2, "overlap": "always"}, "parameter 'workers' is 2 with overlap "
                              "'always'.*overlap to never or auto"),
     "no outputs": ({"publish_labels": False, "publish_confidence": False, "publish_color": False,
@@ -164,6 +166,8 @@ def test_auto_workers_one_per_camera_up_to_the_cores_on_the_cpu(monkeypatch: pyt
     assert [node.worker_count(defaults, cams) for cams in (1, 2, 4)] == [1, 2, 2]
     assert node.worker_count(defaults | {"device": "cuda"}, 4) == 1
     assert node.worker_count(defaults | {"overlap": "always"}, 4) == 1
+    assert node.worker_count(defaults | {"max_batch": 4}, 4) == 1
+    assert node.worker_count(defaults | {"max_batch": 1}, 4) == 2
     assert node.worker_count(defaults | {"workers": 3}, 4) == 3
     assert node.worker_count(defaults | {"workers": 3}, 1) == 1  # never more than the cameras
     assert [node.inference_threads(defaults, w) for w in (1, 2)] == [0, 1]

@@ -99,12 +99,12 @@ def usable_cores() -> int:
 
 def worker_count(p: dict[str, Any], cameras: int) -> int:
     """``workers``, never more than the cameras (a camera's frames are processed one at a time); 0 (auto) = one per
-    camera up to the usable cores on device cpu with stages in turn, else 1: on 2 shared cores two frames on one
-    thread each spent 9 % fewer core-ms than one frame on two threads (docs/performance.md); one camera keeps every
-    thread for its frame."""
+    camera up to the usable cores on device cpu with stages in turn and batches of one frame, else 1: on 2 shared
+    cores two frames on one thread each spent 9 % fewer core-ms than one frame on two threads (docs/performance.md);
+    one camera keeps every thread for its frame."""
     if p["workers"]:
         return min(int(p["workers"]), cameras)
-    if p["device"] != "cpu" or overlapped(p):
+    if p["device"] != "cpu" or overlapped(p) or batch_limit(p) > 1:
         return 1
     return max(1, min(cameras, usable_cores()))
 

@@ -72,8 +72,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "camera's frames never at once, so its outputs keep their order; never more than the cameras); 0 = "
               "auto: on device cpu one per camera up to the cores this process may use (4 cameras on 2 cores: 2 "
               "frames at once on a thread each: more frames per second when other work shares the cores, each one "
-              "slower), 1 on cuda. 1 = lowest latency. More than 1 needs device cpu and stages in turn (overlap "
-              "never or auto).", int_range=(0, 64)),
+              "slower), 1 on cuda or with max_batch above 1. 1 = lowest latency. More than 1 needs device cpu, "
+              "stages in turn (overlap never or auto) and max_batch 0 or 1.", int_range=(0, 64)),
     ParamSpec("spinning", False, "device cpu, onnxruntime: idle inference threads spin waiting for the next run "
               "(ONNX Runtime's own default; faster runs on an idle machine, but they hold cores that the node's other "
               "threads and other processes need)."),
@@ -179,6 +179,10 @@ def validate(p: dict[str, Any]) -> list[str]:
         raise StartupError(f"parameter 'workers' is {p['workers']} with device '{p['device']}'; more than one "
                            "worker needs device cpu (on a GPU, overlap and batches keep it busy): set workers to 0 "
                            "or 1")
+    if p["workers"] > 1 and p["max_batch"] > 1:
+        raise StartupError(f"parameter 'workers' is {p['workers']} with max_batch {p['max_batch']}; choose one way "
+                           "to serve several cameras at once: workers with max_batch 0 or 1 (on the cpu), or batches "
+                           "with workers 0 or 1 (a worker free while another runs a batch kept serving one camera)")
     if p["workers"] > 1 and p["overlap"] == "always":
         raise StartupError(f"parameter 'workers' is {p['workers']} with overlap 'always'; workers run the stages "
                            "in turn: set overlap to never or auto, or workers to 0 or 1")
