@@ -32,7 +32,7 @@ class GuardedLifecycleNode(LifecycleNode):
     # it here is what the service calls (test_lifecycle_ids fails if a new rclpy stops doing so).
     def _LifecycleNodeMixin__on_change_state(self, req: Any, resp: Any) -> Any:
         try:
-            with self._state_machine:  # in use while answering: destroy_node then waits rather than free it under us
+            with self._state_machine:  # in use while answering: a destroy meanwhile frees it only once this is done
                 return self._answer_change_state(req, resp)
         except _rclpy.InvalidHandle:  # destroyed before the request was served
             resp.success = False

@@ -321,7 +321,8 @@ class SegmentationNode(GuardedLifecycleNode):
         try:
             backend = create_backend(p["backend"], info, options, log=self.get_logger().info)
             backend.activate()
-            backend.infer(np.zeros((1, *info.input_hw, 3), np.uint8))  # warm-up: the first frame is not slow
+            for _ in range(workers):  # warm-up, each session once (their queue is first in, first out)
+                backend.infer(np.zeros((1, *info.input_hw, 3), np.uint8))  # the first frame is not slow
         except Exception as exc:
             if backend is not None:  # a manager may retry configure: free what activate allocated (GPU memory) now
                 backend.close()

@@ -44,7 +44,7 @@ class BackendOptions:
     workspace_mb: int = 1024          # tensorrt: builder workspace limit
     checkpoint: str = ""              # torch: training checkpoint (default: the model's .pt beside the ONNX)
     in_flight: int = 1                # tensorrt: batches submitted at once, each with its own context and stream
-    concurrent: int = 1               # onnxruntime, torch: threads that may call infer at once (the node's workers)
+    concurrent: int = 1               # onnxruntime: threads that may call infer at once (the node's workers)
 
     def validate(self) -> None:
         if self.max_batch < 1:

@@ -8,6 +8,7 @@ runs through the tensorrt backend, not ONNX Runtime's TensorRT provider. ``onnxr
 
 from __future__ import annotations
 
+import os
 import queue
 from typing import Any
 
@@ -72,6 +73,8 @@ class OnnxRuntimeBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.options.threads > 0:
             so.intra_op_num_threads = self.options.threads
+        elif self.options.concurrent > 1:  # the library's default (a thread per core) for each would oversubscribe
+            so.intra_op_num_threads = max(1, (os.cpu_count() or 1) // self.options.concurrent)
         # Spinning pool threads start the next parallel section sooner but hold a core after each run, which the
         # node's other threads (decode, publish, the executor) then wait for (docs/performance.md).
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spinning else "0")
@@ -129,11 +132,12 @@ class OnnxRuntimeBackend(Backend):
                                    "dynamic batch axis (unet-export does), or use max_batch 1 with a batch-1 model")
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        session = self._free.get()  # one is there whenever no more than ``concurrent`` callers run
+        free = self._free  # the queue this session came from, even if the backend is closed meanwhile
+        session = free.get()  # one is there whenever no more than ``concurrent`` callers run
         try:
             outputs = session.run(self._fetch, {INPUT_NAME: batch})
         finally:
-            self._free.put(session)
+            free.put(session)
         return outputs[0], outputs[1] if len(outputs) > 1 else None
 
     def _deactivate(self) -> None:
