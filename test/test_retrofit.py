@@ -41,3 +41,38 @@ def test_an_unreadable_model_is_one_line(tmp_path: Path, content: bytes | None,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: retrofit: ") and "old.onnx" in err, err
     assert os.listdir(tmp_path) == ([] if content is None else ["old.onnx"])
+
+
+def test_an_output_that_cannot_be_written_is_said_before_the_check(tiny_model: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import unet_perception.training.retrofit as retrofit
+
+    def no_check(*_: object) -> np.ndarray:
+        raise AssertionError("the label check ran before the output was found unwritable")
+
+    monkeypatch.setattr(retrofit, "labels_of", no_check)
+    (tmp_path / "a_file").write_bytes(b"")
+    assert main([str(tiny_model), str(tmp_path / "a_file" / "new.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: retrofit: ") and "a_file" in err and err.endswith("nothing written"), err
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_a_surgery_that_changes_the_labels_writes_nothing(tiny_model: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import unet_perception.training.retrofit as retrofit
+
+    real = retrofit.labels_of
+
+    def changed(model: Path | bytes, frames: np.ndarray, basic: bool) -> np.ndarray:
+        got = real(model, frames, basic)
+        return got + 1 if isinstance(model, bytes) else got  # the new graph (in memory) labels differently
+
+    monkeypatch.setattr(retrofit, "labels_of", changed)
+    out = tmp_path / "new.onnx"
+    assert main([str(tiny_model), str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: retrofit: the surgery changed what the graph computes; nothing written", err
+    assert os.listdir(tmp_path) == []

@@ -73,25 +73,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _retrofit_checked(src: Path, dst: Path, check_data: str | None) -> int:
     info = read_model_info(src)
-    if check_data:
-        from unet_perception.training.quantize import frames_of
+    with replacing(dst) as f:  # opened first: an output that cannot be written is said before the slow check
+        if check_data:
+            from unet_perception.training.quantize import frames_of
 
-        frames, what = np.stack(frames_of(check_data, "val", info.input_hw, None)), "val frames"
-    else:
-        frames = np.random.default_rng(0).integers(0, 256, (8, *info.input_hw, 3), dtype=np.uint8)
-        what = "random frames"
-    old = {basic: labels_of(src, frames, basic) for basic in (True, False)}
-    blob = retrofitted(src)  # checked in memory, written (atomic_file) only when it computes the same
-    equal = {basic: float((labels_of(blob, frames, basic) == old[basic]).mean()) for basic in (True, False)}
-    print(f"{src} -> {dst}: labels equal to the old file on {len(frames)} {what}: {equal[True]:.5%} with ONNX "
-          f"Runtime's basic graph optimizations, {equal[False]:.5%} with its default ones")
-    if equal[True] < 1.0:
-        print("error: the surgery changed what the graph computes; nothing written", file=sys.stderr)
-        return 1
-    with replacing(dst) as f:
+            frames, what = np.stack(frames_of(check_data, "val", info.input_hw, None)), "val frames"
+        else:
+            frames = np.random.default_rng(0).integers(0, 256, (8, *info.input_hw, 3), dtype=np.uint8)
+            what = "random frames"
+        old = {basic: labels_of(src, frames, basic) for basic in (True, False)}
+        blob = retrofitted(src)  # checked in memory, written only when it computes the same
+        equal = {basic: float((labels_of(blob, frames, basic) == old[basic]).mean()) for basic in (True, False)}
+        print(f"{src} -> {dst}: labels equal to the old file on {len(frames)} {what}: {equal[True]:.5%} with ONNX "
+              f"Runtime's basic graph optimizations, {equal[False]:.5%} with its default ones")
+        if equal[True] < 1.0:
+            raise RuntimeError("the surgery changed what the graph computes")  # the temporary file is removed
         f.write(blob)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
