@@ -19,7 +19,7 @@ RAW, COMPRESSED = "/bad/image_raw", "/bad_c/image_raw/compressed"
 MAX_PIXELS = 100 * 100
 DIAG_KEYS = {"rate_in_hz", "rate_out_hz", "frames_in", "frames_out", "drops", "latency_mean_ms",
              "latency_p99_ms", "backend", "device", "model", "errors", "last_error", "camera_rate_hz",
-             "frames_missing"}
+             "frames_missing", "wait_mean_ms", "inference_mean_ms"}
 
 
 class Rig:
@@ -170,6 +170,32 @@ def test_keep_latest_slot_counts_drops(rig: Rig) -> None:
         backend._infer = real_infer
         release.set()
     rig.labels[RAW].wait_for(done + 2)  # the blocked frame and the latest one
+
+
+def test_diagnostics_split_the_latency_into_wait_and_inference(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """An inference made 80 ms slow shows in inference_mean_ms; a frame that arrives meanwhile waits in the slot,
+    which shows in wait_mean_ms; each frame's latency holds both."""
+    slow_s = 0.08
+    with RosGraph() as graph:
+        rig = Rig(graph, str(tiny_model))
+        backend = rig.node._segmenter.backend
+        real_infer, entered = backend._infer, threading.Event()
+
+        def slow(batch: np.ndarray) -> np.ndarray:
+            entered.set()
+            time.sleep(slow_s)
+            return real_infer(batch)
+
+        backend._infer = slow
+        rig.pub[RAW].publish(image_message(synthetic_frame(64, 48, 0)))
+        wait_until(entered.is_set, what="the worker to take frame 0 into (slow) inference")
+        rig.pub[RAW].publish(image_message(synthetic_frame(64, 48, 1)))  # waits for frame 0's inference to end
+        rig.labels[RAW].wait_for(2)
+        wait_until(lambda: int(values(rig.status(RAW))["frames_out"]) == 2, what="the diagnostics of both frames")
+        v = {k: float(x) for k, x in values(rig.status(RAW)).items() if k.endswith("_ms")}
+    assert v["inference_mean_ms"] >= 1000 * slow_s, v
+    assert v["wait_mean_ms"] >= 1000 * slow_s / 4, v  # frame 1 waited most of 80 ms, frame 0 about none
+    assert v["latency_mean_ms"] >= v["wait_mean_ms"] + v["inference_mean_ms"], v
 
 
 def test_error_lines_are_one_line_each_and_throttled_per_camera_and_kind(tiny_model) -> None:  # type: ignore[no-untyped-def]

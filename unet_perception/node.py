@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
@@ -137,6 +137,7 @@ class Frame:
 
     msg: RawImage | RawCompressedImage  # its pixels are a view of the received bytes until decoded
     received: float  # time.monotonic() when the callback got it
+    taken: float = 0.0  # when a worker took it from the slot
     _rgb: np.ndarray | None = None
 
     def decode(self, max_pixels: int) -> None:
@@ -183,6 +184,8 @@ class Work:
     items: list[tuple[Camera, Frame]]
     inputs: np.ndarray
     pending: Pending | None = None  # submitted to the backend (the infer stage); collected by the publish stage
+    submitted: float = 0.0          # time.monotonic() at the submit
+    inference_s: float = 0.0        # submit to result, seconds (CPU: the run; GPU: queued, computed, copied)
 
 
 @dataclass(frozen=True)
@@ -615,6 +618,9 @@ class SegmentationNode(GuardedLifecycleNode):
         if taken:
             self._next_camera = (self._cameras.index(taken[-1]) + 1) % n
         ready = [(c, c.pending) for c in taken if c.pending is not None]
+        now = time.monotonic()
+        for _, frame in ready:
+            frame.taken = now
         for c in taken:
             c.pending = None
             c.busy = self._exclusive
@@ -633,6 +639,7 @@ class SegmentationNode(GuardedLifecycleNode):
         """Submit the batch: the CPU backends compute here, TensorRT on its own stream while the stages go on."""
         assert self._segmenter is not None
         try:
+            work.submitted = time.monotonic()
             work.pending = self._segmenter.backend.submit(work.inputs)
         except Exception as exc:  # noqa: BLE001 - a failed batch (backend error, OOM) must not stop the node
             self._batch_failed(work.items, "inference", exc)
@@ -647,17 +654,18 @@ class SegmentationNode(GuardedLifecycleNode):
         assert self._segmenter is not None and work.pending is not None
         try:  # the prediction (waits for a GPU batch), the class-id check, labels at each frame's size
             prediction = self._segmenter.collect(work.pending)
+            work.inference_s = time.monotonic() - work.submitted
             results = self._segmenter.finish([frame.rgb for _, frame in work.items], prediction)
         except Exception as exc:  # noqa: BLE001 - as in _infer; ids outside the table are refused here
             self._batch_failed(work.items, "inference", exc)
             return
         for (cam, frame), seg in zip(work.items, results):
             try:
-                self._publish(cam, frame, seg)
+                self._publish(cam, frame, seg, work.inference_s)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame, or every camera stops
                 self._record_error(cam, f"publishing failed on {cam.topic}: {type(exc).__name__}: {exc}")
 
-    def _publish(self, cam: Camera, frame: Frame, seg: Segmentation) -> None:
+    def _publish(self, cam: Camera, frame: Frame, seg: Segmentation, inference_s: float) -> None:
         """Render what is subscribed (nothing else) and publish it as CDR written from the arrays."""
         assert self._segmenter is not None
         wanted = {k: pub for k, pub in cam.publishers.items() if pub is not None and pub.get_subscription_count()}
@@ -673,6 +681,8 @@ class SegmentationNode(GuardedLifecycleNode):
         with self._lock:
             cam.stats.frames_out += 1
             cam.stats.latencies.append(time.monotonic() - frame.received)
+            cam.stats.waits.append(frame.taken - frame.received)
+            cam.stats.inference.append(inference_s)
 
     # -- diagnostics ---------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -718,6 +728,7 @@ class SegmentationNode(GuardedLifecycleNode):
             "frames_in": str(s.frames_in), "frames_out": str(s.frames_out), "drops": str(s.drops),
             "latency_mean_ms": f"{lat_ms.mean():.2f}" if lat_ms.size else "nan",
             "latency_p99_ms": f"{np.percentile(lat_ms, 99):.2f}" if lat_ms.size else "nan",
+            "wait_mean_ms": _mean_ms(s.waits), "inference_mean_ms": _mean_ms(s.inference),
             "backend": backend, "device": device, "model": self._model,
             "errors": str(s.errors), "last_error": s.last_error,
         }
@@ -731,6 +742,10 @@ class SegmentationNode(GuardedLifecycleNode):
         self._deactivate()
         self._release()
         super().destroy_node()
+
+
+def _mean_ms(seconds: Collection[float]) -> str:
+    return f"{1000.0 * sum(seconds) / len(seconds):.2f}" if seconds else "nan"
 
 
 def _wake_spin_on_signals(node: SegmentationNode) -> Callable[[], None]:

@@ -101,7 +101,9 @@ class CameraStats:
     drops: int = 0
     errors: int = 0
     last_error: str = ""
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # receipt to publish
+    waits: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))      # receipt to taken
+    inference: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # its batch's run
     stamps: StampRate = field(default_factory=StampRate)
     # the counters at the previous diagnostics message, for rates and "recent" levels
     prev: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
