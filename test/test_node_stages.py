@@ -214,3 +214,59 @@ def test_a_worker_that_fails_mid_frame_reports_it_and_frees_the_camera(tiny_mode
         out.wait_for(1)
         node._decode = real_decode
     assert [m.header.stamp.sec for m in out.messages] == [2] and calls == [1, 2]
+
+
+def test_more_workers_than_cameras_overlap_a_cameras_frames_and_publish_them_in_order(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """workers 2, one camera: while frame 1 is held in inference the other worker infers frame 2, which waits and
+    comes out after frame 1; a held frame that then fails is counted, and the frame behind it still comes out."""
+    topic = "/wo/image_raw"
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=[topic], workers=2)
+        pub = graph.publisher(Image, topic)
+        out = graph.collect(Image, "/wo/segmentation/labels")
+        wait_matched(pub, [out])
+        assert len(node._workers) == 2
+        backend, cam = node._segmenter.backend, node._cameras[0]
+        real_infer = backend._infer
+        held, release, inferred = threading.Event(), threading.Event(), []
+        hold = {"value": 10, "fail": False}
+
+        def holding(batch: np.ndarray):  # type: ignore[no-untyped-def]
+            value = int(batch[0, 0, 0, 0])  # each frame is one flat value: 10 x its stamp
+            if value == hold["value"]:
+                held.set()
+                release.wait(4 * TIMEOUT_S)  # longer than the waits below: only the test lets it go
+                if hold["fail"]:
+                    raise RuntimeError("planted")
+            result = real_infer(batch)
+            inferred.append(value)
+            return result
+
+        def send(sec: int) -> None:
+            pub.publish(image_message(np.full((48, 64, 3), 10 * sec, np.uint8), "rgb8", stamp=Time(sec=sec)))
+
+        backend._infer = holding
+        try:
+            send(1)
+            assert held.wait(TIMEOUT_S), "frame 1 never reached inference"
+            send(2)
+            wait_until(lambda: inferred == [20], what="frame 2 inferred by the other worker while frame 1 is held")
+            time.sleep(0.3)  # frame 2 is ready to publish; it must wait for frame 1
+            assert len(out) == 0, "frame 2 was published before frame 1"
+            release.set()
+            out.wait_for(2)
+            held.clear()
+            release.clear()
+            hold.update(value=30, fail=True)
+            send(3)
+            assert held.wait(TIMEOUT_S), "frame 3 never reached inference"
+            send(4)
+            wait_until(lambda: inferred[-1:] == [40], what="frame 4 inferred while frame 3 is held")
+            release.set()
+            wait_until(lambda: len(out) == 3 and cam.stats.errors == 1, what="frame 4 out after frame 3 failed")
+        finally:
+            release.set()
+            backend._infer = real_infer
+    assert [m.header.stamp.sec for m in out.messages] == [1, 2, 4], stats([cam])
+    assert cam.stats.last_error == "inference failed on /wo/image_raw: RuntimeError: planted"
+    assert (cam.in_flight, cam.taken, cam.finished, cam.done_early) == (0, 4, 4, set())

@@ -169,7 +169,7 @@ def test_auto_workers_one_per_camera_up_to_the_cores_on_the_cpu(monkeypatch: pyt
     assert node.worker_count(defaults | {"max_batch": 4}, 4) == 1
     assert node.worker_count(defaults | {"max_batch": 1}, 4) == 2
     assert node.worker_count(defaults | {"workers": 3}, 4) == 3
-    assert node.worker_count(defaults | {"workers": 3}, 1) == 1  # never more than the cameras
+    assert node.worker_count(defaults | {"workers": 3}, 1) == 3  # more than the cameras: a camera's frames overlap
     assert [node.inference_threads(defaults, w) for w in (1, 2)] == [0, 1]
     assert node.inference_threads(defaults | {"threads": 3}, 2) == 3
     monkeypatch.setattr(node, "usable_cores", lambda: 8)

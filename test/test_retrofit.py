@@ -43,7 +43,8 @@ def test_an_unreadable_model_is_one_line(tmp_path: Path, content: bytes | None,
     assert os.listdir(tmp_path) == ([] if content is None else ["old.onnx"])
 
 
-def test_an_output_that_cannot_be_written_is_said_before_the_check(tiny_model: Path, tmp_path: Path,
+@pytest.mark.parametrize("out", ["a_file/new.onnx", "a_folder"])
+def test_an_output_that_cannot_be_written_is_said_before_the_check(tiny_model: Path, tmp_path: Path, out: str,
                                                                     monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     import unet_perception.training.retrofit as retrofit
@@ -53,10 +54,11 @@ def test_an_output_that_cannot_be_written_is_said_before_the_check(tiny_model: P
 
     monkeypatch.setattr(retrofit, "labels_of", no_check)
     (tmp_path / "a_file").write_bytes(b"")
-    assert main([str(tiny_model), str(tmp_path / "a_file" / "new.onnx")]) == 1
+    (tmp_path / "a_folder").mkdir()
+    assert main([str(tiny_model), str(tmp_path / out)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: retrofit: ") and "a_file" in err and err.endswith("nothing written"), err
-    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+    assert err.startswith("error: retrofit: ") and out.split("/")[0] in err and err.endswith("nothing written"), err
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder"] and not os.listdir(tmp_path / "a_folder")
 
 
 def test_a_surgery_that_changes_the_labels_writes_nothing(tiny_model: Path, tmp_path: Path,
@@ -71,7 +73,7 @@ def test_a_surgery_that_changes_the_labels_writes_nothing(tiny_model: Path, tmp_
         return got + 1 if isinstance(model, bytes) else got  # the new graph (in memory) labels differently
 
     monkeypatch.setattr(retrofit, "labels_of", changed)
-    out = tmp_path / "new.onnx"
+    out = tmp_path / "made" / "for_it" / "new.onnx"  # the folders made for the output go again too
     assert main([str(tiny_model), str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: retrofit: the surgery changed what the graph computes; nothing written", err

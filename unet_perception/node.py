@@ -98,12 +98,12 @@ def usable_cores() -> int:
 
 
 def worker_count(p: dict[str, Any], cameras: int) -> int:
-    """``workers``, never more than the cameras (a camera's frames are processed one at a time); 0 (auto) = one per
-    camera up to the usable cores on device cpu with stages in turn and batches of one frame, else 1: on 2 shared
-    cores two frames on one thread each spent 9 % fewer core-ms than one frame on two threads (docs/performance.md);
-    one camera keeps every thread for its frame."""
+    """``workers`` as set (more than the cameras: several frames of a camera at once, published in order); 0 (auto)
+    = one per camera up to the usable cores on device cpu with stages in turn and batches of one frame, else 1: on 2
+    shared cores two frames on one thread each spent 9 % fewer core-ms than one frame on two threads
+    (docs/performance.md); one camera keeps every thread for its frame, which is the lowest latency."""
     if p["workers"]:
-        return min(int(p["workers"]), cameras)
+        return int(p["workers"])
     if p["device"] != "cpu" or overlapped(p) or batch_limit(p) > 1:
         return 1
     return max(1, min(cameras, usable_cores()))
@@ -138,6 +138,7 @@ class Frame:
     msg: RawImage | RawCompressedImage  # its pixels are a view of the received bytes until decoded
     received: float  # time.monotonic() when the callback got it
     taken: float = 0.0  # when a worker took it from the slot
+    seq: int = 0        # its camera's count of frames taken when it was taken (workers > 1: publishing order)
     _rgb: np.ndarray | None = None
 
     def decode(self, max_pixels: int) -> None:
@@ -171,7 +172,11 @@ class Camera:
     publishers: dict[str, Any]
     stats: CameraStats = field(default_factory=CameraStats)
     pending: Frame | None = None
-    busy: bool = False  # workers > 1: a frame of it is being processed, so its next one waits (outputs in order)
+    # workers > 1: frames of it being processed (at most the node's per-camera limit) and its publishing order
+    in_flight: int = 0
+    taken: int = 0          # frames taken so far: the next one gets seq taken + 1
+    finished: int = 0       # frames 1..finished are published or failed; frame seq publishes once finished is seq - 1
+    done_early: set[int] = field(default_factory=set)  # finished while an earlier one was still in progress
     subscription: Any = None
     ground: GroundCamera | None = None  # ground.enabled: camera_info in, points and ground_grid out
     parse: Any = parse_image  # raw_cdr.parse_image or parse_compressed, by the topic's type
@@ -184,8 +189,7 @@ class Work:
     items: list[tuple[Camera, Frame]]
     inputs: np.ndarray
     pending: Pending | None = None  # submitted to the backend (the infer stage); collected by the publish stage
-    submitted: float = 0.0          # time.monotonic() at the submit
-    inference_s: float = 0.0        # submit to result, seconds (CPU: the run; GPU: queued, computed, copied)
+    inference_s: float = 0.0        # in submit plus waiting for the result, s (CPU: the run; GPU: at least the run)
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,7 @@ class SegmentationNode(GuardedLifecycleNode):
         self._stopping = False
         self._workers: list[threading.Thread] = []  # prepare (or the whole step in turn), one per worker
         self._stages: list[threading.Thread] = []   # overlap: infer, then publish
-        self._exclusive = False  # workers > 1: a camera's frames are processed one at a time
+        self._per_camera = 0  # workers > 1: frames of one camera processed at once (0: one worker, no limit)
         self._receiver: FrameReceiver | None = None  # input_thread: takes the camera frames
         self._next_camera = 0  # round robin when more cameras wait than max_batch
         self._to_infer: Handoff[Work] = Handoff()
@@ -399,7 +403,8 @@ class SegmentationNode(GuardedLifecycleNode):
             self._stopping = False
         self._to_infer, self._to_publish = Handoff(), Handoff()
         workers = self._config.workers
-        self._exclusive = workers > 1
+        # More workers than cameras process several frames of a camera at once, and publish them in stamp order.
+        self._per_camera = -(-workers // len(self._cameras)) if workers > 1 else 0
         self._workers = [threading.Thread(target=self._work, daemon=True,
                                           name="segmentation_prepare" if workers == 1 else f"segmentation_worker_{i}")
                          for i in range(workers)]
@@ -567,16 +572,15 @@ class SegmentationNode(GuardedLifecycleNode):
     # -- stages: prepare (decode, resize), infer, publish; in their own threads with overlap ----------------
     def _work(self) -> None:
         """The prepare stage: take the latest frame of every camera that is free, decode, batch; then infer and
-        publish in turn (``overlap`` never) or hand the batch on. With workers > 1 several run this at once, and a
-        camera stays busy from its frame's taking to its publishing."""
+        publish in turn (``overlap`` never) or hand the batch on. With workers > 1 several run this at once, each
+        camera with at most ``_per_camera`` frames between taking and publishing, published in the order taken."""
         assert self._config is not None
         overlap = overlapped(self._config.params)
         while True:
             if overlap:  # take frames only once the next stage can take the batch: none ages in between
                 self._to_infer.wait_free()
             with self._lock:
-                self._lock.wait_for(lambda: self._stopping or any(c.pending is not None and not c.busy
-                                                                  for c in self._cameras))
+                self._lock.wait_for(lambda: self._stopping or any(self._free(c) for c in self._cameras))
                 if self._stopping:
                     return
                 ready = self._take_frames()
@@ -585,11 +589,19 @@ class SegmentationNode(GuardedLifecycleNode):
             except Exception as exc:  # noqa: BLE001 - the steps report their own failures; a worker never dies
                 self._batch_failed(ready, "processing", exc)
             finally:
-                if self._exclusive:
+                if self._per_camera:
                     with self._lock:
-                        for cam, _ in ready:
-                            cam.busy = False
+                        for cam, frame in ready:
+                            cam.in_flight -= 1
+                            cam.done_early.add(frame.seq)
+                            while cam.finished + 1 in cam.done_early:
+                                cam.done_early.remove(cam.finished + 1)
+                                cam.finished += 1
                         self._lock.notify_all()
+
+    def _free(self, cam: Camera) -> bool:
+        """Whether a worker may take the camera's waiting frame (under the lock)."""
+        return cam.pending is not None and (not self._per_camera or cam.in_flight < self._per_camera)
 
     def _process(self, ready: list[tuple[Camera, Frame]], overlap: bool) -> None:
         assert self._segmenter is not None
@@ -614,16 +626,18 @@ class SegmentationNode(GuardedLifecycleNode):
         assert self._segmenter is not None
         n = len(self._cameras)
         order = [self._cameras[(self._next_camera + i) % n] for i in range(n)]
-        taken = [c for c in order if c.pending is not None and not c.busy][:self._segmenter.backend.max_batch]
+        taken = [c for c in order if self._free(c)][:self._segmenter.backend.max_batch]
         if taken:
             self._next_camera = (self._cameras.index(taken[-1]) + 1) % n
         ready = [(c, c.pending) for c in taken if c.pending is not None]
         now = time.monotonic()
         for _, frame in ready:
             frame.taken = now
-        for c in taken:
+        for c, frame in ready:
             c.pending = None
-            c.busy = self._exclusive
+            c.taken += 1
+            frame.seq = c.taken
+            c.in_flight += self._per_camera > 0
         return ready
 
     def _infer_loop(self) -> None:
@@ -639,8 +653,9 @@ class SegmentationNode(GuardedLifecycleNode):
         """Submit the batch: the CPU backends compute here, TensorRT on its own stream while the stages go on."""
         assert self._segmenter is not None
         try:
-            work.submitted = time.monotonic()
+            start = time.monotonic()
             work.pending = self._segmenter.backend.submit(work.inputs)
+            work.inference_s = time.monotonic() - start
         except Exception as exc:  # noqa: BLE001 - a failed batch (backend error, OOM) must not stop the node
             self._batch_failed(work.items, "inference", exc)
             return False
@@ -653,13 +668,17 @@ class SegmentationNode(GuardedLifecycleNode):
     def _publish_batch(self, work: Work) -> None:
         assert self._segmenter is not None and work.pending is not None
         try:  # the prediction (waits for a GPU batch), the class-id check, labels at each frame's size
+            start = time.monotonic()
             prediction = self._segmenter.collect(work.pending)
-            work.inference_s = time.monotonic() - work.submitted
+            work.inference_s += time.monotonic() - start  # not the time the batch waited between the stages
             results = self._segmenter.finish([frame.rgb for _, frame in work.items], prediction)
         except Exception as exc:  # noqa: BLE001 - as in _infer; ids outside the table are refused here
             self._batch_failed(work.items, "inference", exc)
             return
         for (cam, frame), seg in zip(work.items, results):
+            if self._per_camera > 1:  # a later frame of the camera waits until the earlier ones are out
+                with self._lock:
+                    self._lock.wait_for(lambda: cam.finished == frame.seq - 1)  # noqa: B023 - waited on here
             try:
                 self._publish(cam, frame, seg, work.inference_s)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame, or every camera stops

@@ -12,6 +12,7 @@ thing: 100% equal) and at the default level (which fuses int8 Resize differently
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -73,13 +74,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _retrofit_checked(src: Path, dst: Path, check_data: str | None) -> int:
     info = read_model_info(src)
+    if dst.is_dir():
+        raise OSError(f"'{dst}' is a folder; give the ONNX file to write")
+    made = [d for d in (dst.parent, *dst.parent.parents) if not d.exists()]  # deepest first
+    try:
+        _check_and_write(src, dst, info.input_hw, check_data)
+    except BaseException:
+        for folder in made:  # the folders made for the output go again, if still empty: nothing is left behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return 0
+
+
+def _check_and_write(src: Path, dst: Path, input_hw: tuple[int, int], check_data: str | None) -> None:
     with replacing(dst) as f:  # opened first: an output that cannot be written is said before the slow check
         if check_data:
             from unet_perception.training.quantize import frames_of
 
-            frames, what = np.stack(frames_of(check_data, "val", info.input_hw, None)), "val frames"
+            frames, what = np.stack(frames_of(check_data, "val", input_hw, None)), "val frames"
         else:
-            frames = np.random.default_rng(0).integers(0, 256, (8, *info.input_hw, 3), dtype=np.uint8)
+            frames = np.random.default_rng(0).integers(0, 256, (8, *input_hw, 3), dtype=np.uint8)
             what = "random frames"
         old = {basic: labels_of(src, frames, basic) for basic in (True, False)}
         blob = retrofitted(src)  # checked in memory, written only when it computes the same
@@ -89,7 +104,7 @@ def _retrofit_checked(src: Path, dst: Path, check_data: str | None) -> int:
         if equal[True] < 1.0:
             raise RuntimeError("the surgery changed what the graph computes")  # the temporary file is removed
         f.write(blob)
-    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
