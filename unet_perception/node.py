@@ -403,8 +403,11 @@ class SegmentationNode(GuardedLifecycleNode):
             self._stopping = False
         self._to_infer, self._to_publish = Handoff(), Handoff()
         workers = self._config.workers
-        # More workers than cameras process several frames of a camera at once, and publish them in stamp order.
+        # More workers than cameras process several frames of a camera at once, published in the order taken.
         self._per_camera = -(-workers // len(self._cameras)) if workers > 1 else 0
+        if workers > len(self._cameras):
+            self.get_logger().info(f"workers {workers} for {len(self._cameras)} camera(s): up to {self._per_camera} "
+                                   "frames of a camera at once, published in the order they arrived")
         self._workers = [threading.Thread(target=self._work, daemon=True,
                                           name="segmentation_prepare" if workers == 1 else f"segmentation_worker_{i}")
                          for i in range(workers)]
@@ -540,7 +543,11 @@ class SegmentationNode(GuardedLifecycleNode):
             if cam.pending is not None:
                 cam.stats.drops += 1
             cam.pending = Frame(msg, received)
-            self._lock.notify()
+            # a worker waiting for its turn to publish (workers above the cameras) must not take the only wake-up
+            if self._per_camera > 1:
+                self._lock.notify_all()
+            else:
+                self._lock.notify()
 
     def _decode(self, cam: Camera, frame: Frame) -> bool:
         """Decode a frame taken from its slot; one that does not decode cleanly is counted bad input."""
@@ -676,9 +683,6 @@ class SegmentationNode(GuardedLifecycleNode):
             self._batch_failed(work.items, "inference", exc)
             return
         for (cam, frame), seg in zip(work.items, results):
-            if self._per_camera > 1:  # a later frame of the camera waits until the earlier ones are out
-                with self._lock:
-                    self._lock.wait_for(lambda: cam.finished == frame.seq - 1)  # noqa: B023 - waited on here
             try:
                 self._publish(cam, frame, seg, work.inference_s)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame, or every camera stops
@@ -690,6 +694,9 @@ class SegmentationNode(GuardedLifecycleNode):
         wanted = {k: pub for k, pub in cam.publishers.items() if pub is not None and pub.get_subscription_count()}
         images = self._segmenter.render(frame.rgb, seg, wanted, alpha=self._alpha,
                                         overlay_encoding=overlay_encoding(frame.encoding))
+        if self._per_camera > 1:  # rendered alongside; published once the camera's earlier frames are out
+            with self._lock:
+                self._lock.wait_for(lambda: cam.finished >= frame.seq - 1)
         for kind, (array, encoding) in images.items():
             wanted[kind].publish(image(array, encoding, frame.header))
         if cam.ground is not None:

@@ -69,11 +69,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               "default with one worker, else the cores this process may use shared among the workers.",
               int_range=(0, 256)),
     ParamSpec("workers", 0, "How many frames are inferred at the same time, each by a thread of its own; each "
-              "camera's outputs keep their stamp order; more workers than cameras infer several frames of a camera at "
-              "once. 0 = auto: on device cpu one per camera up to the cores this process may use (4 cameras on 2 "
-              "cores: 2 frames at once on a thread each: more frames per second when other work shares the cores, "
-              "each one slower), 1 on cuda or with max_batch above 1. 1 = lowest latency. More than 1 needs device "
-              "cpu, stages in turn (overlap never or auto) and max_batch 0 or 1.", int_range=(0, 64)),
+              "camera's outputs keep the order the frames arrived in; more workers than cameras infer several frames "
+              "of a camera at once. 0 = auto: on device cpu one per camera up to the cores this process may use (4 "
+              "cameras on 2 cores: 2 frames at once on a thread each: more frames per second when other work shares "
+              "the cores, each one slower), 1 on cuda or with max_batch above 1. 1 = lowest latency. More than 1 "
+              "needs device cpu, stages in turn (overlap never or auto) and max_batch 0 or 1.", int_range=(0, 64)),
     ParamSpec("spinning", False, "device cpu, onnxruntime: idle inference threads spin waiting for the next run "
               "(ONNX Runtime's own default; faster runs on an idle machine, but they hold cores that the node's other "
               "threads and other processes need)."),

@@ -76,11 +76,18 @@ def _retrofit_checked(src: Path, dst: Path, check_data: str | None) -> int:
     info = read_model_info(src)
     if dst.is_dir():
         raise OSError(f"'{dst}' is a folder; give the ONNX file to write")
-    made = [d for d in (dst.parent, *dst.parent.parents) if not d.exists()]  # deepest first
+    made: list[Path] = []  # the folders this run makes for the output, outermost first
     try:
+        for folder in reversed([dst.parent, *dst.parent.parents]):
+            if not folder.exists():
+                try:
+                    folder.mkdir()
+                    made.append(folder)
+                except FileExistsError:  # made by someone else meanwhile: theirs
+                    pass
         _check_and_write(src, dst, info.input_hw, check_data)
     except BaseException:
-        for folder in made:  # the folders made for the output go again, if still empty: nothing is left behind
+        for folder in reversed(made):  # they go again, if still empty: nothing is left behind
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
