@@ -270,3 +270,55 @@ def test_more_workers_than_cameras_overlap_a_cameras_frames_and_publish_them_in_
     assert [m.header.stamp.sec for m in out.messages] == [1, 2, 4], stats([cam])
     assert cam.stats.last_error == "inference failed on /wo/image_raw: RuntimeError: planted"
     assert (cam.in_flight, cam.taken, cam.finished, cam.done_early) == (0, 4, 4, set())
+
+
+def test_deactivate_with_a_cameras_frames_in_flight_finishes_them_in_order(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """workers 2, one camera: deactivate while frame 1 is held in inference and frame 2 waits for its turn to
+    publish: deactivate waits for both, they come out in order, and the node activates again and serves."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    topic = "/wd/image_raw"
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=[topic], workers=2)
+        pub = graph.publisher(Image, topic)
+        out = graph.collect(Image, "/wd/segmentation/labels")
+        wait_matched(pub, [out])
+        backend, cam = node._segmenter.backend, node._cameras[0]
+        real_infer = backend._infer
+        held, release, inferred = threading.Event(), threading.Event(), []
+
+        def holding(batch: np.ndarray):  # type: ignore[no-untyped-def]
+            if int(batch[0, 0, 0, 0]) == 10:
+                held.set()
+                release.wait(4 * TIMEOUT_S)
+            result = real_infer(batch)
+            inferred.append(int(batch[0, 0, 0, 0]))
+            return result
+
+        def send(sec: int) -> None:
+            pub.publish(image_message(np.full((48, 64, 3), 10 * sec, np.uint8), "rgb8", stamp=Time(sec=sec)))
+
+        backend._infer = holding
+        results: list[TransitionCallbackReturn] = []
+        stopper = threading.Thread(target=lambda: results.append(node.trigger_deactivate()))
+        try:
+            send(1)
+            assert held.wait(TIMEOUT_S), "frame 1 never reached inference"
+            send(2)
+            wait_until(lambda: inferred == [20], what="frame 2 inferred while frame 1 is held")
+            stopper.start()
+            time.sleep(0.3)
+            assert stopper.is_alive(), "deactivate returned with frames of the camera still in flight"
+        finally:
+            release.set()
+        stopper.join(TIMEOUT_S)
+        assert not stopper.is_alive(), "deactivate hung with a frame waiting for its turn"
+        assert results == [TransitionCallbackReturn.SUCCESS]
+        assert (cam.stats.frames_out, cam.stats.errors) == (2, 0)  # both published before deactivate returned
+        wait_until(lambda: len(out) == 2, what="frames 1 and 2")  # delivered a moment later
+        assert [m.header.stamp.sec for m in out.messages] == [1, 2]
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        wait_matched(pub, [out])
+        send(3)
+        wait_until(lambda: [m.header.stamp.sec for m in out.messages] == [1, 2, 3], what="frame 3 after re-activation")
+        backend._infer = real_infer
