@@ -216,58 +216,70 @@ def test_a_worker_that_fails_mid_frame_reports_it_and_frees_the_camera(tiny_mode
     assert [m.header.stamp.sec for m in out.messages] == [2] and calls == [1, 2]
 
 
+class HeldCamera:
+    """One camera of a node with workers 2 whose inference of a chosen frame is held until the test releases it
+    (and then fails, if asked). Each frame is one flat value, 10 x its stamp, so the hold can tell them apart."""
+
+    def __init__(self, graph: RosGraph, model: str, name: str) -> None:
+        topic = f"/{name}/image_raw"
+        self.node = graph.segmentation_node(model_path=model, image_topics=[topic], workers=2)
+        self.pub = graph.publisher(Image, topic)
+        self.out = graph.collect(Image, f"/{name}/segmentation/labels")
+        wait_matched(self.pub, [self.out])
+        self.backend, self.cam = self.node._segmenter.backend, self.node._cameras[0]
+        self.real_infer = self.backend._infer
+        self.held, self.release = threading.Event(), threading.Event()
+        self.inferred: list[int] = []
+        self.hold_value, self.fail = 10, False
+        self.backend._infer = self._holding
+
+    def _holding(self, batch: np.ndarray):  # type: ignore[no-untyped-def]
+        value = int(batch[0, 0, 0, 0])
+        if value == self.hold_value:
+            self.held.set()
+            self.release.wait(4 * TIMEOUT_S)  # longer than the waits of the tests: only the test lets it go
+            if self.fail:
+                raise RuntimeError("planted")
+        result = self.real_infer(batch)
+        self.inferred.append(value)
+        return result
+
+    def send(self, sec: int) -> None:
+        self.pub.publish(image_message(np.full((48, 64, 3), 10 * sec, np.uint8), "rgb8", stamp=Time(sec=sec)))
+
+    def stamps(self) -> list[int]:
+        return [m.header.stamp.sec for m in self.out.messages]
+
+
 def test_more_workers_than_cameras_overlap_a_cameras_frames_and_publish_them_in_order(tiny_model) -> None:  # type: ignore[no-untyped-def]
     """workers 2, one camera: while frame 1 is held in inference the other worker infers frame 2, which waits and
     comes out after frame 1; a held frame that then fails is counted, and the frame behind it still comes out."""
-    topic = "/wo/image_raw"
     with RosGraph() as graph:
-        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=[topic], workers=2)
-        pub = graph.publisher(Image, topic)
-        out = graph.collect(Image, "/wo/segmentation/labels")
-        wait_matched(pub, [out])
-        assert len(node._workers) == 2
-        backend, cam = node._segmenter.backend, node._cameras[0]
-        real_infer = backend._infer
-        held, release, inferred = threading.Event(), threading.Event(), []
-        hold = {"value": 10, "fail": False}
-
-        def holding(batch: np.ndarray):  # type: ignore[no-untyped-def]
-            value = int(batch[0, 0, 0, 0])  # each frame is one flat value: 10 x its stamp
-            if value == hold["value"]:
-                held.set()
-                release.wait(4 * TIMEOUT_S)  # longer than the waits below: only the test lets it go
-                if hold["fail"]:
-                    raise RuntimeError("planted")
-            result = real_infer(batch)
-            inferred.append(value)
-            return result
-
-        def send(sec: int) -> None:
-            pub.publish(image_message(np.full((48, 64, 3), 10 * sec, np.uint8), "rgb8", stamp=Time(sec=sec)))
-
-        backend._infer = holding
+        h = HeldCamera(graph, str(tiny_model), "wo")
+        assert len(h.node._workers) == 2
+        cam = h.cam
         try:
-            send(1)
-            assert held.wait(TIMEOUT_S), "frame 1 never reached inference"
-            send(2)
-            wait_until(lambda: inferred == [20], what="frame 2 inferred by the other worker while frame 1 is held")
+            h.send(1)
+            assert h.held.wait(TIMEOUT_S), "frame 1 never reached inference"
+            h.send(2)
+            wait_until(lambda: h.inferred == [20], what="frame 2 inferred by the other worker while frame 1 is held")
             time.sleep(0.3)  # frame 2 is ready to publish; it must wait for frame 1
-            assert len(out) == 0, "frame 2 was published before frame 1"
-            release.set()
-            out.wait_for(2)
-            held.clear()
-            release.clear()
-            hold.update(value=30, fail=True)
-            send(3)
-            assert held.wait(TIMEOUT_S), "frame 3 never reached inference"
-            send(4)
-            wait_until(lambda: inferred[-1:] == [40], what="frame 4 inferred while frame 3 is held")
-            release.set()
-            wait_until(lambda: len(out) == 3 and cam.stats.errors == 1, what="frame 4 out after frame 3 failed")
+            assert len(h.out) == 0, "frame 2 was published before frame 1"
+            h.release.set()
+            h.out.wait_for(2)
+            h.held.clear()
+            h.release.clear()
+            h.hold_value, h.fail = 30, True
+            h.send(3)
+            assert h.held.wait(TIMEOUT_S), "frame 3 never reached inference"
+            h.send(4)
+            wait_until(lambda: h.inferred[-1:] == [40], what="frame 4 inferred while frame 3 is held")
+            h.release.set()
+            wait_until(lambda: len(h.out) == 3 and cam.stats.errors == 1, what="frame 4 out after frame 3 failed")
         finally:
-            release.set()
-            backend._infer = real_infer
-    assert [m.header.stamp.sec for m in out.messages] == [1, 2, 4], stats([cam])
+            h.release.set()
+            h.backend._infer = h.real_infer
+    assert h.stamps() == [1, 2, 4], stats([cam])
     assert cam.stats.last_error == "inference failed on /wo/image_raw: RuntimeError: planted"
     assert (cam.in_flight, cam.taken, cam.finished, cam.done_early) == (0, 4, 4, set())
 
@@ -277,48 +289,28 @@ def test_deactivate_with_a_cameras_frames_in_flight_finishes_them_in_order(tiny_
     publish: deactivate waits for both, they come out in order, and the node activates again and serves."""
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    topic = "/wd/image_raw"
     with RosGraph() as graph:
-        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=[topic], workers=2)
-        pub = graph.publisher(Image, topic)
-        out = graph.collect(Image, "/wd/segmentation/labels")
-        wait_matched(pub, [out])
-        backend, cam = node._segmenter.backend, node._cameras[0]
-        real_infer = backend._infer
-        held, release, inferred = threading.Event(), threading.Event(), []
-
-        def holding(batch: np.ndarray):  # type: ignore[no-untyped-def]
-            if int(batch[0, 0, 0, 0]) == 10:
-                held.set()
-                release.wait(4 * TIMEOUT_S)
-            result = real_infer(batch)
-            inferred.append(int(batch[0, 0, 0, 0]))
-            return result
-
-        def send(sec: int) -> None:
-            pub.publish(image_message(np.full((48, 64, 3), 10 * sec, np.uint8), "rgb8", stamp=Time(sec=sec)))
-
-        backend._infer = holding
+        h = HeldCamera(graph, str(tiny_model), "wd")
         results: list[TransitionCallbackReturn] = []
-        stopper = threading.Thread(target=lambda: results.append(node.trigger_deactivate()))
+        stopper = threading.Thread(target=lambda: results.append(h.node.trigger_deactivate()))
         try:
-            send(1)
-            assert held.wait(TIMEOUT_S), "frame 1 never reached inference"
-            send(2)
-            wait_until(lambda: inferred == [20], what="frame 2 inferred while frame 1 is held")
+            h.send(1)
+            assert h.held.wait(TIMEOUT_S), "frame 1 never reached inference"
+            h.send(2)
+            wait_until(lambda: h.inferred == [20], what="frame 2 inferred while frame 1 is held")
             stopper.start()
             time.sleep(0.3)
             assert stopper.is_alive(), "deactivate returned with frames of the camera still in flight"
         finally:
-            release.set()
+            h.release.set()
         stopper.join(TIMEOUT_S)
         assert not stopper.is_alive(), "deactivate hung with a frame waiting for its turn"
         assert results == [TransitionCallbackReturn.SUCCESS]
-        assert (cam.stats.frames_out, cam.stats.errors) == (2, 0)  # both published before deactivate returned
-        wait_until(lambda: len(out) == 2, what="frames 1 and 2")  # delivered a moment later
-        assert [m.header.stamp.sec for m in out.messages] == [1, 2]
-        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        wait_matched(pub, [out])
-        send(3)
-        wait_until(lambda: [m.header.stamp.sec for m in out.messages] == [1, 2, 3], what="frame 3 after re-activation")
-        backend._infer = real_infer
+        assert (h.cam.stats.frames_out, h.cam.stats.errors) == (2, 0)  # both published before deactivate returned
+        wait_until(lambda: len(h.out) == 2, what="frames 1 and 2")  # delivered a moment later
+        assert h.stamps() == [1, 2]
+        assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        wait_matched(h.pub, [h.out])
+        h.send(3)
+        wait_until(lambda: h.stamps() == [1, 2, 3], what="frame 3 after re-activation")
+        h.backend._infer = h.real_infer
