@@ -45,7 +45,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from unet_perception.backends.base import BackendError, Pending
-from unet_perception.backends.factory import BackendOptions, create_backend
+from unet_perception.backends.factory import BackendOptions, create_backend, usable_cores
 from unet_perception.camera_model import CameraInfoError
 from unet_perception.codec import check, decode, overlay_encoding, source_encoding
 from unet_perception.ground import GroundError
@@ -87,14 +87,6 @@ def batch_limit(p: dict[str, Any]) -> int:
     times (ONNX Runtime gains nothing from batching there), so one frame at a time, round robin over the cameras,
     gives the lowest latency at the same throughput (docs/performance.md)."""
     return int(p["max_batch"]) or (AUTO_BATCH_CUDA if p["device"] == "cuda" else 1)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, which taskset and containers narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def worker_count(p: dict[str, Any], cameras: int) -> int:
@@ -172,14 +164,18 @@ class Camera:
     publishers: dict[str, Any]
     stats: CameraStats = field(default_factory=CameraStats)
     pending: Frame | None = None
-    # workers > 1: frames of it being processed (at most the node's per-camera limit) and its publishing order
-    in_flight: int = 0
+    # workers > 1: its publishing order (the counts are kept only then)
     taken: int = 0          # frames taken so far: the next one gets seq taken + 1
     finished: int = 0       # frames 1..finished are published or failed; frame seq publishes once finished is seq - 1
     done_early: set[int] = field(default_factory=set)  # finished while an earlier one was still in progress
     subscription: Any = None
     ground: GroundCamera | None = None  # ground.enabled: camera_info in, points and ground_grid out
     parse: Any = parse_image  # raw_cdr.parse_image or parse_compressed, by the topic's type
+
+    @property
+    def in_flight(self) -> int:
+        """Frames of it taken and not yet finished (workers > 1; at most the node's per-camera limit)."""
+        return self.taken - self.finished - len(self.done_early)
 
 
 @dataclass
@@ -599,7 +595,6 @@ class SegmentationNode(GuardedLifecycleNode):
                 if self._per_camera:
                     with self._lock:
                         for cam, frame in ready:
-                            cam.in_flight -= 1
                             cam.done_early.add(frame.seq)
                             while cam.finished + 1 in cam.done_early:
                                 cam.done_early.remove(cam.finished + 1)
@@ -638,13 +633,12 @@ class SegmentationNode(GuardedLifecycleNode):
             self._next_camera = (self._cameras.index(taken[-1]) + 1) % n
         ready = [(c, c.pending) for c in taken if c.pending is not None]
         now = time.monotonic()
-        for _, frame in ready:
-            frame.taken = now
         for c, frame in ready:
             c.pending = None
-            c.taken += 1
-            frame.seq = c.taken
-            c.in_flight += self._per_camera > 0
+            frame.taken = now
+            if self._per_camera:
+                c.taken += 1
+                frame.seq = c.taken
         return ready
 
     def _infer_loop(self) -> None:
