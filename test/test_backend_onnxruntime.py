@@ -56,7 +56,7 @@ def test_concurrent_callers_get_sessions_of_their_own_unless_one_thread(tiny_mod
     plain = ort.InferenceSession(str(tiny_model), providers=["CPUExecutionProvider"])
     expected = [plain.run(["labels"], {"image": b})[0] for b in batches]
     with create(read_model_info(tiny_model), BackendOptions(max_batch=1, threads=threads, concurrent=3)) as backend:
-        each = threads or max(1, (os.cpu_count() or 1) // 3)  # 0: the cores shared, not a thread per core each
+        each = threads or max(1, len(os.sched_getaffinity(0)) // 3)  # 0: the cores this process may use, shared
         assert [x.get_session_options().intra_op_num_threads for x in backend.sessions] == [each] * sessions
         together = threading.Barrier(3, timeout=TIMEOUT_S)  # broken unless three runs are in progress at once
         for session in backend.sessions:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,14 @@ class BackendOptions:
             raise BackendError(f"workspace_mb must be >= 16, got {self.workspace_mb}")
         if self.gpu_id < 0:
             raise BackendError(f"gpu_id must be >= 0, got {self.gpu_id}")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which taskset and containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def backend_module(kind: str) -> ModuleType:

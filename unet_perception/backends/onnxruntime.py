@@ -8,7 +8,6 @@ runs through the tensorrt backend, not ONNX Runtime's TensorRT provider. ``onnxr
 
 from __future__ import annotations
 
-import os
 import queue
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from unet_perception.backends.base import Backend, BackendError
 from unet_perception.backends.engine_cache import cache_dir_for
-from unet_perception.backends.factory import BackendOptions
+from unet_perception.backends.factory import BackendOptions, usable_cores
 from unet_perception.backends.precision_onnx import onnx_for_precision
 from unet_perception.model_contract import CONFIDENCE_NAME, INPUT_NAME, OUTPUT_NAME, ModelInfo
 
@@ -74,7 +73,7 @@ class OnnxRuntimeBackend(Backend):
         if self.options.threads > 0:
             so.intra_op_num_threads = self.options.threads
         elif self.options.concurrent > 1:  # the library's default (a thread per core) for each would oversubscribe
-            so.intra_op_num_threads = max(1, (os.cpu_count() or 1) // self.options.concurrent)
+            so.intra_op_num_threads = max(1, usable_cores() // self.options.concurrent)
         # Spinning pool threads start the next parallel section sooner but hold a core after each run, which the
         # node's other threads (decode, publish, the executor) then wait for (docs/performance.md).
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spinning else "0")
