@@ -42,6 +42,7 @@ import pipeline as stages  # noqa: E402  (benchmarks/pipeline.py: default model,
 from unet_perception.backends.factory import BackendOptions, create_backend  # noqa: E402
 from unet_perception.launch_support import apply_node_env  # noqa: E402
 from unet_perception.model_contract import read_model_info  # noqa: E402
+from unet_perception.node_params import PARAMS  # noqa: E402
 from unet_perception.tools.camera_sim import load_frames, synthetic_frame  # noqa: E402
 
 WINDOW = 2                # max rate: frames in flight per camera
@@ -71,10 +72,22 @@ class Row:
     raw_ms: float = float("nan")    # raw inference timed just before the row (the machine's speed drifts)
 
 
-def raw_inference(model: Path, threads: int, spinning: bool, rounds: int = 40) -> tuple[float, float, float]:
+def raw_options(params: dict[str, Any]) -> BackendOptions:
+    """The inference settings of a node started with ``params`` (its defaults for the rest), at batch 1."""
+    node = {spec.name: spec.default for spec in PARAMS} | params
+    return BackendOptions(max_batch=1, threads=int(node["threads"]), spinning=bool(node["spinning"]),
+                          spin_us=int(node["spin_us"]))
+
+
+def describe(options: BackendOptions) -> str:
+    spin = f"spin {options.spin_us} us" if options.spin_us else "spin ONNX Runtime's own"
+    return f"batch 1, threads {options.threads or 'default'}, {spin if options.spinning else 'no spinning'}"
+
+
+def raw_inference(model: Path, options: BackendOptions, rounds: int = 40) -> tuple[float, float, float]:
     """(fps, median ms, CPU core-ms per frame) of ``backend.infer`` at batch 1, the backend the node uses."""
     info = read_model_info(model)
-    backend = create_backend("onnxruntime", info, BackendOptions(max_batch=1, threads=threads, spinning=spinning))
+    backend = create_backend("onnxruntime", info, options)
     batch = np.random.default_rng(0).integers(0, 256, (1, *info.input_hw, 3), dtype=np.uint8)
     with backend:
         for _ in range(5):
@@ -238,8 +251,7 @@ def run_node(model: Path, cameras: int, rates: list[str], duration: float, frame
         for rate in rates:
             # Raw inference again just before the row, the node idle: on a shared VM the speed of the cores drifts
             # (66 to 92 ms per frame within half an hour here), and each row's goal is judged against its own.
-            _, raw_ms, _ = raw_inference(model, int(params.get("threads", 0)), bool(params.get("spinning", False)),
-                                         rounds=RAW_ROUNDS_PER_ROW)
+            _, raw_ms, _ = raw_inference(model, raw_options(params), rounds=RAW_ROUNDS_PER_ROW)
             row = run_row(bench, node.pid, cameras, rate, duration)
             row.raw_ms = raw_ms
             row.settings = ", ".join(f"{k} {v}" for k, v in params.items()) or "defaults"
@@ -317,11 +329,12 @@ def soak(model: Path, seconds: float, frames: list[np.ndarray], params: dict[str
 # One row per lever, each one setting away from the defaults: 1 camera at 60 Hz (the node's own cost per frame),
 # then 4 cameras at 30 Hz (120 frames/s in, most of them dropped: the cost of receiving, the batch size).
 LEVERS: list[tuple[int, str, dict[str, Any]]] = [
-    (1, "defaults (cpu: frames in their own thread, stages in turn, no spinning, threads 0, max_batch auto = 1, "
+    (1, "defaults (cpu: frames in their own thread, stages in turn, spin 100 us, threads 0, max_batch auto = 1, "
         "workers auto = 1 per camera up to the cores)", {}),
     (1, "input_thread false (rclpy's executor takes the frames)", {"input_thread": False}),
     (1, "overlap always (three stage threads)", {"overlap": "always"}),
-    (1, "spinning on (ONNX Runtime's default)", {"spinning": True}),
+    (1, "spinning false (threads sleep at once)", {"spinning": False}),
+    (1, "spin_us 0 (ONNX Runtime's own spin)", {"spin_us": 0}),
     (1, "threads 1", {"threads": 1}),
     (4, "defaults", {}),
     (4, "input_thread false", {"input_thread": False}),
@@ -365,12 +378,12 @@ def main(argv: list[str] | None = None) -> int:
                               f"load average {os.getloadavg()[0]:.1f} at start", "frames": f"640x480 rgb8, {source}"}
     with tempfile.TemporaryDirectory() as tmp:
         model, label = stages.model_or_default(args.model, Path(tmp))
-        threads, spinning = int(params.get("threads", 0)), bool(params.get("spinning", False))  # node defaults
-        raw_fps, raw_ms, raw_core_ms = raw_inference(model, threads, spinning)
+        options = raw_options(params)
+        raw_fps, raw_ms, raw_core_ms = raw_inference(model, options)
         report |= {"model": label, "raw_fps": raw_fps, "raw_ms": raw_ms, "raw_core_ms": raw_core_ms,
                    "message_costs": message_costs(frames[0])}
         print(f"model {label}; frames {report['frames']}; {report['machine']}")
-        print(f"raw inference (batch 1, threads {threads or 'default'}, spinning {spinning}): "
+        print(f"raw inference ({describe(options)}): "
               f"{raw_fps:.1f} fps, {raw_ms:.1f} ms, {raw_core_ms:.1f} core-ms per frame")
         print("message costs per 640x480 frame, CPU ms (median): "
               + "; ".join(f"{k} {v:.3f}" for k, v in report["message_costs"].items()))

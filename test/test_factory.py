@@ -60,6 +60,7 @@ def test_auto_on_cuda_without_a_gpu_backend_lists_every_reason(tiny_model: Path)
     ("onnxruntime", BackendOptions(device="tensorrt"), r"device must be one of \('cpu', 'cuda'\), got 'tensorrt'"),
     ("onnxruntime", BackendOptions(max_batch=0), "max_batch must be >= 1, got 0"),
     ("onnxruntime", BackendOptions(threads=-1), "threads must be >= 0, got -1"),
+    ("onnxruntime", BackendOptions(spin_us=-1), "spin_us must be >= 0, got -1"),
     ("auto", BackendOptions(gpu_id=-1), "gpu_id must be >= 0, got -1"),
     ("tensorrt", BackendOptions(workspace_mb=8), "workspace_mb must be >= 16, got 8"),
 ])

@@ -165,6 +165,27 @@ def test_shipped_model_is_the_default() -> None:
     assert "unet_camvid.onnx" in out
 
 
+
+@pytest.mark.parametrize("params, entries", [
+    ({}, ("1", "100")),  # the default: spin, at most 100 us
+    ({"spin_us": 250}, ("1", "250")),
+    ({"spin_us": 0}, ("1", "")),  # ONNX Runtime's own spin: no bound set
+    ({"spinning": False}, ("0", "")),
+])
+def test_spin_parameters_reach_the_inference_session(tiny_model, params: dict, entries: tuple) -> None:  # type: ignore[no-untyped-def]
+    """spinning / spin_us as the session's config entries (what each does: test_backend_onnxruntime)."""
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/spin/image_raw"], **params)
+        options = node._segmenter.backend.sessions[0].get_session_options()
+
+        def entry(key: str) -> str:
+            try:
+                return options.get_session_config_entry(f"session.intra_op.{key}")
+            except RuntimeError:  # "does not have configuration with key"
+                return ""
+
+        assert (entry("allow_spinning"), entry("spin_duration_us")) == entries
+
 @pytest.mark.parametrize("overlap", ["always", "never"])
 def test_keep_latest_publishes_the_newest_frame(tiny_model, overlap: str) -> None:  # type: ignore[no-untyped-def]
     """While inference is busy on frame 0, frames 1, 2, 3 arrive: the next output is frame 3, 2 is dropped.

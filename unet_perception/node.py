@@ -319,7 +319,8 @@ class SegmentationNode(GuardedLifecycleNode):
                                  concurrent=workers,
                                  precision=p["precision"], engine_cache_dir=p["engine_cache_dir"],
                                  workspace_mb=p["workspace_mb"], gpu_id=p["gpu_id"], checkpoint=p["checkpoint"],
-                                 in_flight=IN_FLIGHT if overlapped(p) else 1, spinning=p["spinning"])
+                                 in_flight=IN_FLIGHT if overlapped(p) else 1, spinning=p["spinning"],
+                                 spin_us=p["spin_us"])
         backend = None
         try:
             backend = create_backend(p["backend"], info, options, log=self.get_logger().info)

@@ -74,9 +74,13 @@ PARAMS: tuple[ParamSpec, ...] = (
               "cameras on 2 cores: 2 frames at once on a thread each: more frames per second when other work shares "
               "the cores, each one slower), 1 on cuda or with max_batch above 1. 1 = lowest latency. More than 1 "
               "needs device cpu, stages in turn (overlap never or auto) and max_batch 0 or 1.", int_range=(0, 64)),
-    ParamSpec("spinning", False, "device cpu, onnxruntime: idle inference threads spin waiting for the next run "
-              "(ONNX Runtime's own default; faster runs on an idle machine, but they hold cores that the node's other "
-              "threads and other processes need)."),
+    ParamSpec("spinning", True, "device cpu, onnxruntime: an inference thread with nothing to do spins for a "
+              "while (spin_us) before it sleeps, so the next operator of a run starts without waking it; false = it "
+              "sleeps at once (each wake-up costs time, most on a VM)."),
+    ParamSpec("spin_us", 100, "With spinning: at most this many microseconds of spin, enough to bridge the gaps "
+              "inside a run, over soon after it; 0 = ONNX Runtime's own spin, which holds a core for most of the "
+              "time between runs (faster only on a machine with cores to spare). Needs onnxruntime 1.26 or later, "
+              "else it does not spin.", int_range=(0, 1_000_000)),
     ParamSpec("overlap", "auto", "always: decode/resize, inference and render/publish run in three threads "
               "and overlap (TensorRT: copies and compute of 3 batches in flight); never: one thread, in turn (lowest "
               "latency when inference takes every core); auto: always for device cuda, never for cpu.",

@@ -41,6 +41,7 @@ class BackendOptions:
     precision: str = "fp32"           # fp32 | fp16 | int8: which per-precision ONNX file runs (torch: fp16 = autocast)
     threads: int = 0                  # device cpu: ONNX Runtime / torch threads; 0 = library default
     spinning: bool = True             # onnxruntime cpu: idle pool threads spin for the next run (ORT's default)
+    spin_us: int = 0                  # onnxruntime cpu, spinning: at most this long, microseconds; 0 = ORT's own
     engine_cache_dir: str = ""        # tensorrt engines and timing cache, and the fp16 ONNX; "" = ~/.cache/...
     workspace_mb: int = 1024          # tensorrt: builder workspace limit
     checkpoint: str = ""              # torch: training checkpoint (default: the model's .pt beside the ONNX)
@@ -56,6 +57,8 @@ class BackendOptions:
             raise BackendError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         if self.threads < 0:
             raise BackendError(f"threads must be >= 0, got {self.threads}")
+        if self.spin_us < 0:
+            raise BackendError(f"spin_us must be >= 0, got {self.spin_us}")
         if self.concurrent < 1:
             raise BackendError(f"concurrent must be >= 1, got {self.concurrent}")
         if self.in_flight < 1:

@@ -74,9 +74,8 @@ class OnnxRuntimeBackend(Backend):
             so.intra_op_num_threads = self.options.threads
         elif self.options.concurrent > 1:  # the library's default (a thread per core) for each would oversubscribe
             so.intra_op_num_threads = max(1, usable_cores() // self.options.concurrent)
-        # Spinning pool threads start the next parallel section sooner but hold a core after each run, which the
-        # node's other threads (decode, publish, the executor) then wait for (docs/performance.md).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spinning else "0")
+        for key, value in spin_entries(self.options.spinning, self.options.spin_us, ort.__version__).items():
+            so.add_session_config_entry(key, value)
         path, self._precision = onnx_for_precision(self.info.path, self.options.precision,
                                                    cache_dir_for(self.options.engine_cache_dir))
         try:
@@ -141,6 +140,36 @@ class OnnxRuntimeBackend(Backend):
 
     def _deactivate(self) -> None:
         self.sessions, self._free = [], queue.SimpleQueue()
+
+
+SPIN_BOUND_SINCE = (1, 26)  # the first onnxruntime with session.intra_op.spin_duration_us
+
+
+def spin_entries(spinning: bool, spin_us: int, version: str) -> dict[str, str]:
+    """The session config entries for the pool threads' wait between parallel sections.
+
+    A spinning thread starts the next section (the next operator of the same run) without being woken, which on a
+    VM costs a few ms per run; after the run it holds its core, which the node's other threads (receive, publish)
+    and other processes then wait for. ``spin_us`` bounds the spin: long enough to bridge the gaps inside a run,
+    over soon after it (docs/performance.md). 0 = onnxruntime's own spin, which lasts most of the gap between runs.
+    An onnxruntime older than 1.26 cannot bound it, so there a bounded spin is no spin.
+    """
+    bounded = spinning and spin_us > 0
+    if bounded and _major_minor(version) < SPIN_BOUND_SINCE:
+        spinning = bounded = False
+    entries = {"session.intra_op.allow_spinning": "1" if spinning else "0"}
+    if bounded:
+        entries["session.intra_op.spin_duration_us"] = str(spin_us)
+    return entries
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """``"1.32.0"`` / ``"1.20.0+cu118"`` -> (1, 32); (0, 0) when unreadable (treated as old)."""
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
+    except (IndexError, ValueError):
+        return (0, 0)
 
 
 def unavailable_reason(options: BackendOptions) -> str | None:
