@@ -192,3 +192,26 @@ def test_a_node_whose_autostart_fails_leaves_the_graph(tiny_model: Path) -> None
         wait_until(lambda: not [name for name, _ in graph.node.get_service_names_and_types() if name.startswith(
             "/doomed/") and not name.endswith("/get_type_description")], what="the failed node's services to go")
         assert raised.traceback  # held until here
+
+
+def test_a_second_ctrl_c_does_not_cut_the_clean_up_of_a_failed_autostart_short(tiny_model: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt (what Python raises for SIGINT) in the middle of that clean-up: it goes on to the end
+    (the node leaves the graph) and the caller still learns why start-up failed."""
+    from unet_perception.node import SegmentationNode
+
+    deactivate, interrupted = SegmentationNode._deactivate, []
+
+    def interrupted_once(node: SegmentationNode) -> None:
+        if not interrupted:  # the signal lands on destroy_node's first step, before anything is destroyed
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        deactivate(node)
+
+    monkeypatch.setattr(SegmentationNode, "_deactivate", interrupted_once)
+    with RosGraph() as graph:
+        with pytest.raises(StartupError, match="input_qos"):
+            graph.segmentation_node(namespace="/doomed2", model_path=str(tiny_model), input_qos="sometimes")
+        assert interrupted
+        wait_until(lambda: ("segmentation_node", "/doomed2") not in graph.node.get_node_names_and_namespaces(),
+                   what="the failed node to leave the graph")

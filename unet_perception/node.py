@@ -231,13 +231,22 @@ class SegmentationNode(GuardedLifecycleNode):
                 self._autostart()
             except BaseException:
                 # the caller never gets this half-built node to destroy: do it here, before the context goes,
-                # rather than leave its rcl and DDS entities to garbage collection at interpreter exit; a failure
-                # (or a second signal) in that clean-up must not hide why start-up failed
-                try:
-                    self.destroy_node()
-                except BaseException:  # noqa: BLE001
-                    pass
+                # rather than leave its rcl and DDS entities to garbage collection at interpreter exit
+                self._destroy_after_failed_start()
                 raise
+
+    def _destroy_after_failed_start(self) -> None:
+        """destroy_node to the end, whatever interrupts it: a second Ctrl-C (ros2 launch sends its own after the
+        terminal's) resumes it where it stopped (each step skips what is already gone); any other failure ends it.
+        Neither may hide why start-up failed, which the caller raises next."""
+        while True:
+            try:
+                self.destroy_node()
+                return
+            except KeyboardInterrupt:
+                continue
+            except BaseException:  # noqa: BLE001
+                return
 
     def _autostart(self) -> None:
         """configure + activate now; a failure raises the StartupError that main() turns into one FATAL line."""
