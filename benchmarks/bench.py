@@ -80,8 +80,16 @@ def raw_options(params: dict[str, Any]) -> BackendOptions:
 
 
 def describe(options: BackendOptions) -> str:
-    spin = f"spin {options.spin_us} us" if options.spin_us else "spin ONNX Runtime's own"
-    return f"batch 1, threads {options.threads or 'default'}, {spin if options.spinning else 'no spinning'}"
+    """The settings as the session gets them (an onnxruntime older than 1.26 does not spin where bounded)."""
+    import onnxruntime as ort
+
+    from unet_perception.backends.onnxruntime import spin_entries
+
+    entries = spin_entries(options.spinning, options.spin_us, ort.__version__)
+    bound = entries.get("session.intra_op.spin_duration_us")
+    spin = ("no spinning" if entries["session.intra_op.allow_spinning"] == "0"
+            else f"spin {bound} us" if bound else "spin as long as ONNX Runtime does")
+    return f"batch 1, threads {options.threads or 'default'}, {spin}"
 
 
 def raw_inference(model: Path, options: BackendOptions, rounds: int = 40) -> tuple[float, float, float]:

@@ -210,8 +210,9 @@ def test_a_second_ctrl_c_does_not_cut_the_clean_up_of_a_failed_autostart_short(t
 
     monkeypatch.setattr(SegmentationNode, "_deactivate", interrupted_once)
     with RosGraph() as graph:
-        with pytest.raises(StartupError, match="input_qos"):
+        with pytest.raises(StartupError, match="input_qos") as raised:  # its traceback keeps the node object alive
             graph.segmentation_node(namespace="/doomed2", model_path=str(tiny_model), input_qos="sometimes")
         assert interrupted
         wait_until(lambda: ("segmentation_node", "/doomed2") not in graph.node.get_node_names_and_namespaces(),
                    what="the failed node to leave the graph")
+        assert raised.traceback  # held until here: the node left because it was destroyed, not collected

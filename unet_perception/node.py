@@ -236,16 +236,18 @@ class SegmentationNode(GuardedLifecycleNode):
                 raise
 
     def _destroy_after_failed_start(self) -> None:
-        """destroy_node to the end, whatever interrupts it: a second Ctrl-C (ros2 launch sends its own after the
-        terminal's) resumes it where it stopped (each step skips what is already gone); any other failure ends it.
-        Neither may hide why start-up failed, which the caller raises next."""
-        while True:
+        """destroy_node, run again when a Ctrl-C interrupts it (ros2 launch sends its own after the terminal's;
+        each step skips what is already gone), a few times at most; no failure here may hide why start-up failed,
+        which the caller raises next. (Signals are not held off instead: where rclpy installed its own handlers,
+        Python cannot put them back.)"""
+        for _ in range(5):
             try:
                 self.destroy_node()
                 return
             except KeyboardInterrupt:
                 continue
-            except BaseException:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
+                self.get_logger().debug(f"clean-up after the failed start: {type(exc).__name__}: {exc}")
                 return
 
     def _autostart(self) -> None:

@@ -40,8 +40,8 @@ class BackendOptions:
     gpu_id: int = 0                   # device cuda: which GPU
     precision: str = "fp32"           # fp32 | fp16 | int8: which per-precision ONNX file runs (torch: fp16 = autocast)
     threads: int = 0                  # device cpu: ONNX Runtime / torch threads; 0 = library default
-    spinning: bool = True             # onnxruntime cpu: idle pool threads spin for the next run (ORT's default)
-    spin_us: int = 0                  # onnxruntime cpu, spinning: at most this long, microseconds; 0 = ORT's own
+    spinning: bool = True             # onnxruntime cpu: an idle pool thread spins before it sleeps ...
+    spin_us: int = 100                # ... at most this many microseconds (as the node); 0 = as long as ORT spins
     engine_cache_dir: str = ""        # tensorrt engines and timing cache, and the fp16 ONNX; "" = ~/.cache/...
     workspace_mb: int = 1024          # tensorrt: builder workspace limit
     checkpoint: str = ""              # torch: training checkpoint (default: the model's .pt beside the ONNX)

@@ -8,7 +8,9 @@ runs through the tensorrt backend, not ONNX Runtime's TensorRT provider. ``onnxr
 
 from __future__ import annotations
 
+import logging
 import queue
+import re
 from typing import Any
 
 import numpy as np
@@ -156,6 +158,9 @@ def spin_entries(spinning: bool, spin_us: int, version: str) -> dict[str, str]:
     """
     bounded = spinning and spin_us > 0
     if bounded and _major_minor(version) < SPIN_BOUND_SINCE:
+        logging.getLogger("unet_perception").warning(
+            f"onnxruntime {version} cannot bound the spin of idle threads (spin_us needs 1.26 or later): they "
+            "sleep at once instead; spin_us 0 lets them spin as long as onnxruntime does")
         spinning = bounded = False
     entries = {"session.intra_op.allow_spinning": "1" if spinning else "0"}
     if bounded:
@@ -165,11 +170,8 @@ def spin_entries(spinning: bool, spin_us: int, version: str) -> dict[str, str]:
 
 def _major_minor(version: str) -> tuple[int, int]:
     """``"1.32.0"`` / ``"1.20.0+cu118"`` -> (1, 32); (0, 0) when unreadable (treated as old)."""
-    parts = version.split(".")
-    try:
-        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
-    except (IndexError, ValueError):
-        return (0, 0)
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def unavailable_reason(options: BackendOptions) -> str | None:
