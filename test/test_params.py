@@ -58,6 +58,8 @@ IN_PROCESS_CASES = {
     "empty topic list": ({"image_topics": ["/"]}, "parameter 'image_topics'"),
     "invalid topic name": ({"image_topics": ["cam 1/image_raw"]}, "parameter 'image_topics'.*cam 1"),
     "workers 65": ({"workers": 65}, "parameter 'workers' rejected: .*out of range"),
+    "spin_us negative": ({"spin_us": -1}, "parameter 'spin_us' rejected: .*out of range"),
+    "spin_us a word": ({"spin_us": "long"}, "parameter 'spin_us'.*'long'"),
     "workers on cuda": ({"workers": 2, "device": "cuda"}, "parameter 'workers' is 2 with device 'cuda'.*set "
                         "workers to 0 or 1"),
     "workers with batches": ({"workers": 2, "max_batch": 4}, "parameter 'workers' is 2 with max_batch 4; choose "
