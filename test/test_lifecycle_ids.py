@@ -128,3 +128,65 @@ def test_a_manager_configuring_an_autostarted_node_does_not_end_it(tiny_model: A
     assert "transition 1 is not available from state 'active'" in out, out
     assert out.count("is not available") <= 2, out  # 32 refusals within a few seconds: one line per 5 s
     assert "Traceback" not in out and "RCLError" not in out, out
+
+
+def test_the_read_only_lifecycle_services_answer_from_the_state_machine(tiny_model: Any) -> None:
+    """get_available_transitions / get_available_states / get_transition_graph through real clients, from an
+    active node: what the design article's state machine has (they are answered by the guarded handlers)."""
+    from lifecycle_msgs.srv import GetAvailableStates, GetAvailableTransitions
+
+    from ros_graph import TIMEOUT_S, wait_until
+    from test_lifecycle import NODE
+
+    with RosGraph() as graph:
+        graph.segmentation_node(model_path=str(tiny_model), image_topics=["/lcro/image_raw"])
+        answers = {}
+        for service, srv in (("get_available_transitions", GetAvailableTransitions),
+                             ("get_available_states", GetAvailableStates),
+                             ("get_transition_graph", GetAvailableTransitions)):
+            client = graph.node.create_client(srv, f"{NODE}/{service}")
+            assert client.wait_for_service(TIMEOUT_S)
+            future = client.call_async(srv.Request())
+            wait_until(future.done, TIMEOUT_S, what=f"an answer from {service}")
+            answers[service] = future.result()
+    available = {(t.transition.id, t.transition.label) for t in answers["get_available_transitions"]
+                 .available_transitions}
+    assert available == set(LEGAL["active"].items())
+    assert set(LEGAL) <= {s.label for s in answers["get_available_states"].available_states}
+    graph_edges = {(t.start_state.label, t.transition.label) for t in answers["get_transition_graph"]
+                   .available_transitions}
+    assert {(state, label) for state, moves in LEGAL.items() for label in moves.values()} <= graph_edges
+
+
+DESTROYED = """
+import rclpy
+from lifecycle_msgs.srv import GetAvailableStates, GetAvailableTransitions, GetState
+from unet_perception.node import SegmentationNode
+from rclpy.parameter import Parameter
+context = rclpy.Context()
+rclpy.init(context=context)
+node = SegmentationNode(context=context, parameter_overrides=[Parameter("model_path", value=MODEL),
+                                                              Parameter("autostart", value=False)])
+node.destroy_node()
+for service, srv in (("get_state", GetState), ("get_available_states", GetAvailableStates),
+                     ("get_available_transitions", GetAvailableTransitions),
+                     ("get_transition_graph", GetAvailableTransitions)):
+    print(service, getattr(node, "_LifecycleNodeMixin__on_" + service)(srv.Request(), srv.Response()), flush=True)
+rclpy.shutdown(context=context)
+"""
+
+
+def test_a_request_served_after_the_node_is_destroyed_gets_an_empty_answer(tiny_model: Any) -> None:
+    """A request an executor thread took just before another thread destroyed the node is served after it: with
+    rclpy's own handlers that read the freed state machine and the process died (SIGSEGV, -11). In a child
+    process, so that such a crash fails this test rather than ending the run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"MODEL = {str(tiny_model)!r}\n" + DESTROYED],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["get_state", "get_available_states", "get_available_transitions",
+                                                   "get_transition_graph"], done.stdout
+    assert "label=''" in lines[0] and "available_states=[]" in lines[1] and "available_transitions=[]" in lines[2]

@@ -18,8 +18,9 @@ REFUSED_LOG_THROTTLE_S = 5.0  # at most one line this often for refused requests
 
 
 class GuardedLifecycleNode(LifecycleNode):
-    """A LifecycleNode whose ``change_state`` service checks the request against the current state first, and
-    whose ``destroy_node`` takes the node out of the graph at once."""
+    """A LifecycleNode whose ``change_state`` service checks the request against the current state first, whose
+    lifecycle services hold the state machine while they answer, and whose ``destroy_node`` takes the node out of
+    the graph at once."""
 
     def destroy_node(self) -> None:
         """``Node.destroy_node``, then the lifecycle state machine. Jazzy's rclpy leaves the state machine to
@@ -36,6 +37,28 @@ class GuardedLifecycleNode(LifecycleNode):
                 return self._answer_change_state(req, resp)
         except _rclpy.InvalidHandle:  # destroyed before the request was served
             resp.success = False
+            return resp
+
+    # The four read-only services read the state machine as well; rclpy's own handlers do it unguarded, and a
+    # request served while another thread destroys the node then read a freed state machine (a segfault, every
+    # camera gone). Each holds it while it answers; once it is destroyed the answer stays empty.
+    def _LifecycleNodeMixin__on_get_state(self, req: Any, resp: Any) -> Any:
+        return self._guarded("get_state", req, resp)
+
+    def _LifecycleNodeMixin__on_get_available_states(self, req: Any, resp: Any) -> Any:
+        return self._guarded("get_available_states", req, resp)
+
+    def _LifecycleNodeMixin__on_get_available_transitions(self, req: Any, resp: Any) -> Any:
+        return self._guarded("get_available_transitions", req, resp)
+
+    def _LifecycleNodeMixin__on_get_transition_graph(self, req: Any, resp: Any) -> Any:
+        return self._guarded("get_transition_graph", req, resp)
+
+    def _guarded(self, service: str, req: Any, resp: Any) -> Any:
+        try:
+            with self._state_machine:
+                return getattr(super(), f"_LifecycleNodeMixin__on_{service}")(req, resp)
+        except _rclpy.InvalidHandle:
             return resp
 
     def _answer_change_state(self, req: Any, resp: Any) -> Any:
