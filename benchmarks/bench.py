@@ -60,7 +60,7 @@ class Row:
     fps: list[float] = field(default_factory=list)        # per camera
     p50_ms: float = float("nan")
     p99_ms: float = float("nan")
-    node_ms: float = float("nan")   # the node's own mean latency (receipt to publish, /diagnostics, last 200 frames)
+    node_ms: float = float("nan")   # the node's own mean latency (receipt to publish, /diagnostics totals, this row)
     node_wait_ms: float = float("nan")       # of which: waiting in the slot for a worker
     node_inference_ms: float = float("nan")  # of which: the inference run
     drops: int = 0
@@ -230,15 +230,28 @@ def run_row(bench: Bench, pid: int, cameras: int, rate: str, duration: float) ->
     row.core_ms = cpu * 10.0 * wall / out if out else float("nan")  # cpu% * wall s * 10 = core-ms
     if lat.size:
         row.p50_ms, row.p99_ms = (float(v) for v in np.percentile(lat, [50, 99]))
-    row.node_ms, row.node_wait_ms, row.node_inference_ms = (
-        float(np.mean([float((bench.counters(k) or {}).get(key, "nan")) for k in range(cameras)]))
-        for key in ("latency_mean_ms", "wait_mean_ms", "inference_mean_ms"))
+    row.node_ms, row.node_wait_ms, row.node_inference_ms = (node_mean_ms(before, [bench.counters(k) or {}
+                                                                                 for k in range(cameras)], key)
+                                                             for key in ("latency", "wait", "inference"))
     for k in range(cameras):
         now = bench.counters(k) or {}
         sent = bench.sent[k] - sent0[k]
         got_in = int(now["frames_in"]) - int(before[k].get("frames_in", 0))
         row.drops += int(now["drops"]) - int(before[k].get("drops", 0)) + max(sent - got_in, 0)
     return row
+
+
+def node_mean_ms(before: list[dict[str, str]], after: list[dict[str, str]], part: str) -> float:
+    """The node's own mean of ``part`` (latency, wait, inference) over the frames it published during the row, all
+    cameras together: the difference of its diagnostics' running totals over the difference of ``frames_out``."""
+    total = frames = 0.0
+    for b, a in zip(before, after):
+        key = f"{part}_total_ms"
+        if key not in a or key not in b:  # a row without two diagnostics messages from the node
+            return float("nan")
+        total += float(a[key]) - float(b[key])
+        frames += int(a["frames_out"]) - int(b["frames_out"])
+    return total / frames if frames else float("nan")
 
 
 def run_node(model: Path, cameras: int, rates: list[str], duration: float, frames: list[np.ndarray],

@@ -31,6 +31,9 @@ def test_bench_rows_and_json(tiny_model: Path, tmp_path: Path) -> None:
         assert row["drops"] <= row["sent"] and labelled <= row["sent"] + cameras, row
         assert row["p50_ms"] <= row["p99_ms"] and row["peak_rss_mib"] > 0 and row["cpu_pct"] > 0
         assert 0 < row["p50_ms"] and row["p99_ms"] < 10_000, row  # every frame stamped when sent, not before
+        # the node's own means over this row's frames (its diagnostics' totals): each frame's latency holds its
+        # wait and its inference (totals rounded to 0.1 ms each)
+        assert row["node_ms"] + 0.5 >= row["node_wait_ms"] + row["node_inference_ms"] > 0, row
     # two frames in flight: the closed loop does not flood the node (a flood drops nearly every frame, as the 20 Hz
     # rows of a slow model do); the tiny model answers within milliseconds, so a few frames still meet a full slot
     assert rows[(1, "max")]["drops"] < rows[(1, "max")]["sent"] / 2
@@ -60,3 +63,21 @@ def test_goals_are_judged_against_a_fair_raw_figure() -> None:
     four = bench.goals([row], raw_fps=14.8, raw_ms=67.0)
     assert four == ["MISS  4 cameras at 30 Hz: every camera 3.0 fps or more >= 0.85 x raw / 4 = 4.2",
                     "PASS  4 cameras at 30 Hz: p99 140 ms <= 3 x raw 50 ms"]
+
+
+def test_the_node_means_of_a_row_come_from_the_difference_of_its_totals() -> None:
+    """Two cameras, the diagnostics before and after a row: (sum of total differences) / (sum of frames_out
+    differences), not the node's last-200-frame means (a short row would take in the row before)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    before = [{"frames_out": "100", "latency_total_ms": "2000.0", "latency_mean_ms": "20.00"},
+              {"frames_out": "50", "latency_total_ms": "1500.0", "latency_mean_ms": "30.00"}]
+    after = [{"frames_out": "110", "latency_total_ms": "2500.0", "latency_mean_ms": "22.73"},
+             {"frames_out": "60", "latency_total_ms": "1800.0", "latency_mean_ms": "27.50"}]
+    assert bench.node_mean_ms(before, after, "latency") == (500.0 + 300.0) / (10 + 10)
+    assert bench.node_mean_ms(before, after, "wait") != bench.node_mean_ms(before, after, "wait")  # no totals: nan
+    same = [dict(d) for d in before]
+    assert bench.node_mean_ms(before, same, "latency") != bench.node_mean_ms(before, same, "latency")  # no frames

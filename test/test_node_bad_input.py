@@ -19,7 +19,8 @@ RAW, COMPRESSED = "/bad/image_raw", "/bad_c/image_raw/compressed"
 MAX_PIXELS = 100 * 100
 DIAG_KEYS = {"rate_in_hz", "rate_out_hz", "frames_in", "frames_out", "drops", "latency_mean_ms",
              "latency_p99_ms", "backend", "device", "model", "errors", "last_error", "camera_rate_hz",
-             "frames_missing", "wait_mean_ms", "inference_mean_ms"}
+             "frames_missing", "wait_mean_ms", "inference_mean_ms", "latency_total_ms", "wait_total_ms",
+             "inference_total_ms"}
 
 
 class Rig:
@@ -208,6 +209,10 @@ def test_diagnostics_split_the_latency_into_wait_and_inference(tiny_model) -> No
     assert v["inference_mean_ms"] >= 1000 * slow_s, v
     assert v["wait_mean_ms"] >= 1000 * slow_s / 4, v  # frame 1 waited at least 80 ms, frame 0 about none
     assert v["latency_mean_ms"] >= v["wait_mean_ms"] + v["inference_mean_ms"], v
+    # the totals over both frames: two slow inferences, frame 1's wait, and each latency holding both
+    assert v["inference_total_ms"] >= 2 * 1000 * slow_s, v
+    assert v["wait_total_ms"] >= 1000 * slow_s / 2, v
+    assert v["latency_total_ms"] >= v["wait_total_ms"] + v["inference_total_ms"] - 0.2, v  # rounded to 0.1 each
 
 
 def test_error_lines_are_one_line_each_and_throttled_per_camera_and_kind(tiny_model) -> None:  # type: ignore[no-untyped-def]

@@ -710,11 +710,16 @@ class SegmentationNode(GuardedLifecycleNode):
                 cam.ground.publish(frame.ros_header(), seg.labels)
             except (CameraInfoError, GroundError) as exc:  # labels went out; no points or grid for this frame
                 self._record_error(cam, f"ground on {cam.topic}: {exc}")
+        latency, wait = time.monotonic() - frame.received, frame.taken - frame.received
         with self._lock:
-            cam.stats.frames_out += 1
-            cam.stats.latencies.append(time.monotonic() - frame.received)
-            cam.stats.waits.append(frame.taken - frame.received)
-            cam.stats.inference.append(inference_s)
+            s = cam.stats
+            s.frames_out += 1
+            s.latencies.append(latency)
+            s.waits.append(wait)
+            s.inference.append(inference_s)
+            s.latency_total += latency
+            s.wait_total += wait
+            s.inference_total += inference_s
 
     # -- diagnostics ---------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -761,6 +766,8 @@ class SegmentationNode(GuardedLifecycleNode):
             "latency_mean_ms": f"{lat_ms.mean():.2f}" if lat_ms.size else "nan",
             "latency_p99_ms": f"{np.percentile(lat_ms, 99):.2f}" if lat_ms.size else "nan",
             "wait_mean_ms": _mean_ms(s.waits), "inference_mean_ms": _mean_ms(s.inference),
+            "latency_total_ms": f"{1000.0 * s.latency_total:.1f}", "wait_total_ms": f"{1000.0 * s.wait_total:.1f}",
+            "inference_total_ms": f"{1000.0 * s.inference_total:.1f}",
             "backend": backend, "device": device, "model": self._model,
             "errors": str(s.errors), "last_error": s.last_error,
         }

@@ -104,6 +104,10 @@ class CameraStats:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # receipt to publish
     waits: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))      # receipt to taken
     inference: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # its batch's run
+    # the same three summed over every frame published, s: exact means over any interval (two messages' totals)
+    latency_total: float = 0.0
+    wait_total: float = 0.0
+    inference_total: float = 0.0
     stamps: StampRate = field(default_factory=StampRate)
     # the counters at the previous diagnostics message, for rates and "recent" levels
     prev: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
