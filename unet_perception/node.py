@@ -568,7 +568,8 @@ class SegmentationNode(GuardedLifecycleNode):
             cam.stats.decoded += 1
         return True
 
-    def _record_error(self, cam: Camera, message: str) -> None:
+    def _record_error(self, cam: Camera, message: str, failed: bool = False) -> None:
+        """Count and log an error of ``cam``; ``failed``: a good (decoded) frame failed, so it goes out never."""
         if not self.context.ok():  # Ctrl-C / SIGTERM mid-batch: publishing failed because the process is ending
             return
         message = _printable(message)
@@ -577,6 +578,7 @@ class SegmentationNode(GuardedLifecycleNode):
         key, now = (cam.topic, message.split(" on ", 1)[0]), time.monotonic()
         with self._lock:
             cam.stats.errors += 1
+            cam.stats.failed += failed
             cam.stats.last_error = message
             due = now - self._logged.get(key, -LOG_THROTTLE_S) >= LOG_THROTTLE_S
             if due:
@@ -676,7 +678,7 @@ class SegmentationNode(GuardedLifecycleNode):
 
     def _batch_failed(self, items: list[tuple[Camera, Frame]], step: str, exc: Exception) -> None:
         for cam, _ in items:
-            self._record_error(cam, f"{step} failed on {cam.topic}: {type(exc).__name__}: {exc}")
+            self._record_error(cam, f"{step} failed on {cam.topic}: {type(exc).__name__}: {exc}", failed=True)
 
     def _publish_batch(self, work: Work) -> None:
         assert self._segmenter is not None and work.pending is not None
@@ -692,7 +694,8 @@ class SegmentationNode(GuardedLifecycleNode):
             try:
                 self._publish(cam, frame, seg, work.inference_s)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame, or every camera stops
-                self._record_error(cam, f"publishing failed on {cam.topic}: {type(exc).__name__}: {exc}")
+                self._record_error(cam, f"publishing failed on {cam.topic}: {type(exc).__name__}: {exc}",
+                                   failed=True)
 
     def _publish(self, cam: Camera, frame: Frame, seg: Segmentation, inference_s: float) -> None:
         """Render what is subscribed (nothing else) and publish it as CDR written from the arrays."""
@@ -738,13 +741,16 @@ class SegmentationNode(GuardedLifecycleNode):
 
     def _camera_status(self, cam: Camera, dt: float, backend: str, device: str) -> DiagnosticStatus:
         s = cam.stats
-        counters = (s.frames_in, s.decoded, s.frames_out, s.drops, s.errors, s.stamps.missing)
-        d_in, d_decoded, d_out, d_drops, d_errors, d_missing = (now - before for now, before in zip(counters, s.prev))
+        counters = (s.frames_in, s.failed, s.frames_out, s.drops, s.errors, s.stamps.missing)
+        d_in, d_failed, d_out, d_drops, d_errors, d_missing = (now - before for now, before in zip(counters, s.prev))
         s.prev = counters
         lat_ms = np.asarray(s.latencies, dtype=np.float64) * 1000.0
         camera_hz, out_hz = s.stamps.rate_hz(), d_out / dt
-        if d_decoded and not d_out:  # good frames came in, nothing went out: inference is failing or stuck
-            level, text = DiagnosticStatus.ERROR, f"no output for {d_decoded} good frames in the last {dt:.1f} s"
+        # Good frames failed and none went out: inference (or publishing) is failing. Counted when a frame ends, not
+        # when it was decoded: a frame still in inference as the period ends is not missing output (it was an ERROR
+        # once, when a camera stopped with its last frame in flight).
+        if d_failed and not d_out:
+            level, text = DiagnosticStatus.ERROR, f"no output for {d_failed} good frames in the last {dt:.1f} s"
         else:
             problems = [f"{n} {what}" for n, what in ((d_errors, "errors"), (d_drops, "drops"),
                                                       (d_missing, "frames missing before the node")) if n]

@@ -97,6 +97,7 @@ class CameraStats:
 
     frames_in: int = 0
     decoded: int = 0  # frames_in that passed decoding and validation
+    failed: int = 0   # decoded frames whose preparing, inference or publishing failed (each also an error)
     frames_out: int = 0
     drops: int = 0
     errors: int = 0
@@ -110,4 +111,4 @@ class CameraStats:
     inference_total: float = 0.0
     stamps: StampRate = field(default_factory=StampRate)
     # the counters at the previous diagnostics message, for rates and "recent" levels
-    prev: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
+    prev: tuple[int, ...] = (0, 0, 0, 0, 0, 0)
