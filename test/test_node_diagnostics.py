@@ -114,6 +114,40 @@ def test_a_frame_still_in_inference_as_a_period_ends_is_not_an_error(rig: Rig) -
     assert not rig.statuses(lambda s: s.level == DiagnosticStatus.ERROR), \
         [s.message for s in rig.statuses(lambda s: s.level != DiagnosticStatus.OK)]
 
+def test_a_frame_that_never_ends_is_an_error_and_the_node_recovers(rig: Rig) -> None:
+    """A hung backend: the one frame in inference neither ends nor fails. Once it has been in progress for 2 s
+    (STUCK_S) with nothing out, ERROR naming how long; let go, its labels go out and the ERROR ends. Frames that
+    ended (published, failed, bad input) are never counted as in progress."""
+    import threading
+
+    from unet_perception.node import STUCK_S
+
+    real_infer, held, go = rig.backend._infer, threading.Event(), threading.Event()
+
+    def hang(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        held.set()
+        go.wait(TIMEOUT_S)
+        return real_infer(batch)
+
+    rig.backend._infer = hang
+    start = time.monotonic()
+    rig.send(0, 1_000_000_000)
+    wait_until(held.is_set, what="the frame in (hung) inference")
+    stuck = rig.wait_status(lambda s: s.level == DiagnosticStatus.ERROR, "an ERROR while the frame hangs")
+    assert time.monotonic() - start >= STUCK_S
+    assert stuck.message.startswith("no output: a frame has been in progress for"), stuck.message
+    assert float(stuck.message.split(" for ")[1].split()[0]) >= STUCK_S
+    go.set()
+    rig.labels.wait_for(1)
+    seen = len(rig.diagnostics.wait_for(0))
+    wait_until(lambda: len(rig.diagnostics.wait_for(0)) >= seen + 2, what="two periods after the frame went out")
+    assert rig.statuses(lambda s: True)[-1].level != DiagnosticStatus.ERROR
+    rig.backend._infer = real_infer
+    rig.send(1, 2_000_000_000)
+    rig.pub.publish(Image(height=2, width=2, encoding="rgb8", step=6, data=b"\x00"))  # bad input: ends at once
+    rig.labels.wait_for(2)
+    wait_until(lambda: not rig.node._cameras[0].in_progress, what="no frame left in progress")
+
 def test_frames_lost_before_the_node_are_counted_from_stamps(rig: Rig) -> None:
     """A 10 Hz camera (by its stamps) whose frames 10, 11 and 12 never arrive: 3 missing, camera rate 10 Hz."""
     period = 100_000_000

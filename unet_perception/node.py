@@ -74,6 +74,7 @@ MAX_ERROR_CHARS = 500         # an error line longer than this is cut (a hostile
 IN_FLIGHT = 3  # overlapped stages: one batch resolving in publish, one waiting for it, one just submitted
 AUTO_BATCH_CUDA = 4           # max_batch 0 (auto) on a GPU: batching cameras raises throughput there
 SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
+STUCK_S = 2.0                 # ERROR when a frame has been in progress this long and nothing went out in the period
 
 
 def overlapped(p: dict[str, Any]) -> bool:
@@ -168,6 +169,7 @@ class Camera:
     taken: int = 0          # frames taken so far: the next one gets seq taken + 1
     finished: int = 0       # frames 1..finished are published or failed; frame seq publishes once finished is seq - 1
     done_early: set[int] = field(default_factory=set)  # finished while an earlier one was still in progress
+    in_progress: dict[int, float] = field(default_factory=dict)  # id(frame) -> taken, until published or failed
     subscription: Any = None
     ground: GroundCamera | None = None  # ground.enabled: camera_info in, points and ground_grid out
     parse: Any = parse_image  # raw_cdr.parse_image or parse_compressed, by the topic's type
@@ -563,10 +565,16 @@ class SegmentationNode(GuardedLifecycleNode):
             frame.decode(self._max_pixels)
         except Exception as exc:  # noqa: BLE001 - as in _on_image: counted, never published, never a crash
             self._record_error(cam, f"bad input on {cam.topic}: {exc}")
+            self._ended(cam, frame)
             return False
         with self._lock:
             cam.stats.decoded += 1
         return True
+
+    def _ended(self, cam: Camera, frame: Frame) -> None:
+        """The frame is out of progress: published, failed or bad (what the stuck check of /diagnostics reads)."""
+        with self._lock:
+            cam.in_progress.pop(id(frame), None)
 
     def _record_error(self, cam: Camera, message: str, failed: bool = False) -> None:
         """Count and log an error of ``cam``; ``failed``: a good (decoded) frame failed, so it goes out never."""
@@ -650,6 +658,7 @@ class SegmentationNode(GuardedLifecycleNode):
         for c, frame in ready:
             c.pending = None
             frame.taken = now
+            c.in_progress[id(frame)] = now
             if self._per_camera:
                 c.taken += 1
                 frame.seq = c.taken
@@ -677,8 +686,9 @@ class SegmentationNode(GuardedLifecycleNode):
         return True
 
     def _batch_failed(self, items: list[tuple[Camera, Frame]], step: str, exc: Exception) -> None:
-        for cam, _ in items:
+        for cam, frame in items:
             self._record_error(cam, f"{step} failed on {cam.topic}: {type(exc).__name__}: {exc}", failed=True)
+            self._ended(cam, frame)
 
     def _publish_batch(self, work: Work) -> None:
         assert self._segmenter is not None and work.pending is not None
@@ -696,6 +706,7 @@ class SegmentationNode(GuardedLifecycleNode):
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame, or every camera stops
                 self._record_error(cam, f"publishing failed on {cam.topic}: {type(exc).__name__}: {exc}",
                                    failed=True)
+                self._ended(cam, frame)
 
     def _publish(self, cam: Camera, frame: Frame, seg: Segmentation, inference_s: float) -> None:
         """Render what is subscribed (nothing else) and publish it as CDR written from the arrays."""
@@ -723,6 +734,7 @@ class SegmentationNode(GuardedLifecycleNode):
             s.latency_total += latency
             s.wait_total += wait
             s.inference_total += inference_s
+            cam.in_progress.pop(id(frame), None)
 
     # -- diagnostics ---------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -749,8 +761,11 @@ class SegmentationNode(GuardedLifecycleNode):
         # Good frames failed and none went out: inference (or publishing) is failing. Counted when a frame ends, not
         # when it was decoded: a frame still in inference as the period ends is not missing output (it was an ERROR
         # once, when a camera stopped with its last frame in flight).
+        stuck = time.monotonic() - min(cam.in_progress.values()) if cam.in_progress else 0.0
         if d_failed and not d_out:
             level, text = DiagnosticStatus.ERROR, f"no output for {d_failed} good frames in the last {dt:.1f} s"
+        elif stuck >= STUCK_S and not d_out:  # a frame that neither ends nor fails: a hung backend
+            level, text = DiagnosticStatus.ERROR, f"no output: a frame has been in progress for {stuck:.1f} s"
         else:
             problems = [f"{n} {what}" for n, what in ((d_errors, "errors"), (d_drops, "drops"),
                                                       (d_missing, "frames missing before the node")) if n]
