@@ -230,8 +230,8 @@ def run_row(bench: Bench, pid: int, cameras: int, rate: str, duration: float) ->
     row.core_ms = cpu * 10.0 * wall / out if out else float("nan")  # cpu% * wall s * 10 = core-ms
     if lat.size:
         row.p50_ms, row.p99_ms = (float(v) for v in np.percentile(lat, [50, 99]))
-    row.node_ms, row.node_wait_ms, row.node_inference_ms = (node_mean_ms(before, [bench.counters(k) or {}
-                                                                                 for k in range(cameras)], key)
+    after = [bench.counters(k) or {} for k in range(cameras)]
+    row.node_ms, row.node_wait_ms, row.node_inference_ms = (node_mean_ms(before, after, key)
                                                              for key in ("latency", "wait", "inference"))
     for k in range(cameras):
         now = bench.counters(k) or {}

@@ -82,6 +82,14 @@ def corrupt_jpeg() -> CompressedImage:
     return msg
 
 
+def truncated_jpeg() -> CompressedImage:
+    """A JPEG whose header (and size) is sound and whose data ends halfway: only the decoder, in the worker, finds
+    out."""
+    msg = compressed_message(synthetic_frame(64, 48), "jpeg")
+    msg.data = bytes(msg.data)[:len(msg.data) // 2]
+    return msg
+
+
 BAD_INPUTS = {
     "unsupported encoding": (RAW, raw("32FC1", 64, 48, 64 * 4, 64 * 48 * 4), "encoding '32FC1'"),
     "0x0 image": (RAW, raw("rgb8", 0, 0, 0, 0), "0x0"),
@@ -89,6 +97,7 @@ BAD_INPUTS = {
     "step too small": (RAW, raw("rgb8", 64, 48, 64, 64 * 48), "step 64"),
     "oversize": (RAW, raw("rgb8", 200, 100, 600, 60000), "over the limit"),
     "corrupt compressed": (COMPRESSED, corrupt_jpeg(), "not a decodable"),
+    "truncated JPEG": (COMPRESSED, truncated_jpeg(), "Premature end of JPEG file"),
     "oversize compressed": (COMPRESSED, compressed_message(synthetic_frame(200, 100), "png"), "over the limit"),
     # serialised bytes that lie, published as they are (rclpy's raw publish): the node reads CDR itself
     "truncated CDR": (RAW, cdr(image_message(synthetic_frame(64, 48)), cut=1000), "message is truncated"),
@@ -118,6 +127,8 @@ def test_bad_input_is_counted_and_node_keeps_serving(rig: Rig, kind: str) -> Non
     assert needle in values(status)["last_error"]
     assert status.level == DiagnosticStatus.WARN
     rig.good_frame_answered(topic)
+    # a frame refused at receipt never entered; one refused by the decoder (truncated JPEG) left again
+    wait_until(lambda: not any(c.in_progress for c in rig.node._cameras), what="no frame left in progress")
 
 
 def test_backend_failure_on_one_batch(rig: Rig) -> None:

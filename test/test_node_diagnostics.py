@@ -73,6 +73,7 @@ def test_a_backend_failing_every_batch_is_an_error(rig: Rig) -> None:
     assert int(status.message.split("no output for ")[1].split()[0]) >= 1
     v = values(status)
     assert "simulated dead GPU" in v["last_error"] and int(v["errors"]) >= 1 and v["frames_out"] == "0"
+    wait_until(lambda: not rig.node._cameras[0].in_progress, what="the failed frames out of progress")
 
 
 def test_class_ids_outside_the_table_are_an_error_not_output(rig: Rig) -> None:
@@ -89,12 +90,14 @@ def test_class_ids_outside_the_table_are_an_error_not_output(rig: Rig) -> None:
     assert len(rig.labels) == 0
 
 
-def test_a_frame_still_in_inference_as_a_period_ends_is_not_an_error(rig: Rig) -> None:
+def test_a_frame_still_in_inference_as_a_period_ends_is_not_an_error(rig: Rig,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The last frame of a camera that stops, decoded in one period and published in a later one: no period may
     call it missing output (a period with it decoded and nothing out was an ERROR, and a test of a camera stopping
     saw that level once in a CI run). Held here for three periods (0.6 s), then let go."""
     import threading
 
+    monkeypatch.setattr("unet_perception.node.STUCK_S", 60.0)  # slow, not hung, however loaded the machine is
     real_infer, held, go = rig.backend._infer, threading.Event(), threading.Event()
 
     def hold(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -104,10 +107,12 @@ def test_a_frame_still_in_inference_as_a_period_ends_is_not_an_error(rig: Rig) -
 
     rig.backend._infer = hold
     seen = len(rig.diagnostics.wait_for(0))
-    rig.send(0, 1_000_000_000)
-    wait_until(held.is_set, what="the frame in (held) inference")
-    wait_until(lambda: len(rig.diagnostics.wait_for(0)) >= seen + 3, what="three periods while it is held")
-    go.set()
+    try:
+        rig.send(0, 1_000_000_000)
+        wait_until(held.is_set, what="the frame in (held) inference")
+        wait_until(lambda: len(rig.diagnostics.wait_for(0)) >= seen + 3, what="three periods while it is held")
+    finally:
+        go.set()
     rig.labels.wait_for(1)
     done = len(rig.diagnostics.wait_for(0))
     wait_until(lambda: len(rig.diagnostics.wait_for(0)) >= done + 2, what="the periods after it was published")
@@ -116,8 +121,7 @@ def test_a_frame_still_in_inference_as_a_period_ends_is_not_an_error(rig: Rig) -
 
 def test_a_frame_that_never_ends_is_an_error_and_the_node_recovers(rig: Rig) -> None:
     """A hung backend: the one frame in inference neither ends nor fails. Once it has been in progress for 2 s
-    (STUCK_S) with nothing out, ERROR naming how long; let go, its labels go out and the ERROR ends. Frames that
-    ended (published, failed, bad input) are never counted as in progress."""
+    (STUCK_S) with nothing out, ERROR naming how long; let go, its labels go out and the ERROR ends."""
     import threading
 
     from unet_perception.node import STUCK_S
@@ -131,20 +135,22 @@ def test_a_frame_that_never_ends_is_an_error_and_the_node_recovers(rig: Rig) -> 
 
     rig.backend._infer = hang
     start = time.monotonic()
-    rig.send(0, 1_000_000_000)
-    wait_until(held.is_set, what="the frame in (hung) inference")
-    stuck = rig.wait_status(lambda s: s.level == DiagnosticStatus.ERROR, "an ERROR while the frame hangs")
+    try:
+        rig.send(0, 1_000_000_000)
+        wait_until(held.is_set, what="the frame in (hung) inference")
+        stuck = rig.wait_status(lambda s: s.level == DiagnosticStatus.ERROR, "an ERROR while the frame hangs")
+    finally:
+        go.set()
     assert time.monotonic() - start >= STUCK_S
     assert stuck.message.startswith("no output: a frame has been in progress for"), stuck.message
     assert float(stuck.message.split(" for ")[1].split()[0]) >= STUCK_S
-    go.set()
     rig.labels.wait_for(1)
     seen = len(rig.diagnostics.wait_for(0))
     wait_until(lambda: len(rig.diagnostics.wait_for(0)) >= seen + 2, what="two periods after the frame went out")
-    assert rig.statuses(lambda s: True)[-1].level != DiagnosticStatus.ERROR
+    # the frame leaves in_progress with frames_out counted (one lock): no status that counts it is an ERROR
+    assert not rig.statuses(lambda s: values(s)["frames_out"] != "0" and s.level == DiagnosticStatus.ERROR)
     rig.backend._infer = real_infer
     rig.send(1, 2_000_000_000)
-    rig.pub.publish(Image(height=2, width=2, encoding="rgb8", step=6, data=b"\x00"))  # bad input: ends at once
     rig.labels.wait_for(2)
     wait_until(lambda: not rig.node._cameras[0].in_progress, what="no frame left in progress")
 

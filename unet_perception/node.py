@@ -74,7 +74,8 @@ MAX_ERROR_CHARS = 500         # an error line longer than this is cut (a hostile
 IN_FLIGHT = 3  # overlapped stages: one batch resolving in publish, one waiting for it, one just submitted
 AUTO_BATCH_CUDA = 4           # max_batch 0 (auto) on a GPU: batching cameras raises throughput there
 SLOW_RATIO = 0.5              # WARN when the output rate is below this share of the input rate
-STUCK_S = 2.0                 # ERROR when a frame has been in progress this long and nothing went out in the period
+STUCK_S = 2.0                 # ERROR when a frame has been in progress this long (and STUCK_RUNS of its
+STUCK_RUNS = 5                # recent inference times) and nothing went out in the period: a hung backend
 
 
 def overlapped(p: dict[str, Any]) -> bool:
@@ -612,7 +613,9 @@ class SegmentationNode(GuardedLifecycleNode):
             try:
                 self._process(ready, overlap)
             except Exception as exc:  # noqa: BLE001 - the steps report their own failures; a worker never dies
-                self._batch_failed(ready, "processing", exc)
+                with self._lock:  # only the frames no step has ended (published, failed or bad) yet
+                    unended = [(c, f) for c, f in ready if id(f) in c.in_progress]
+                self._batch_failed(unended, "processing", exc)
             finally:
                 if self._per_camera:
                     with self._lock:
@@ -700,7 +703,7 @@ class SegmentationNode(GuardedLifecycleNode):
         except Exception as exc:  # noqa: BLE001 - as in _infer; ids outside the table are refused here
             self._batch_failed(work.items, "inference", exc)
             return
-        for (cam, frame), seg in zip(work.items, results):
+        for (cam, frame), seg in zip(work.items, results, strict=True):
             try:
                 self._publish(cam, frame, seg, work.inference_s)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame, or every camera stops
@@ -762,9 +765,10 @@ class SegmentationNode(GuardedLifecycleNode):
         # when it was decoded: a frame still in inference as the period ends is not missing output (it was an ERROR
         # once, when a camera stopped with its last frame in flight).
         stuck = time.monotonic() - min(cam.in_progress.values()) if cam.in_progress else 0.0
+        hung = max(STUCK_S, STUCK_RUNS * (sum(s.inference) / len(s.inference) if s.inference else 0.0))
         if d_failed and not d_out:
             level, text = DiagnosticStatus.ERROR, f"no output for {d_failed} good frames in the last {dt:.1f} s"
-        elif stuck >= STUCK_S and not d_out:  # a frame that neither ends nor fails: a hung backend
+        elif stuck >= hung and not d_out:  # a frame that neither ends nor fails, far slower than the model runs
             level, text = DiagnosticStatus.ERROR, f"no output: a frame has been in progress for {stuck:.1f} s"
         else:
             problems = [f"{n} {what}" for n, what in ((d_errors, "errors"), (d_drops, "drops"),
