@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -90,14 +92,10 @@ def test_class_ids_outside_the_table_are_an_error_not_output(rig: Rig) -> None:
     assert len(rig.labels) == 0
 
 
-def test_a_frame_still_in_inference_as_a_period_ends_is_not_an_error(rig: Rig,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The last frame of a camera that stops, decoded in one period and published in a later one: no period may
-    call it missing output (a period with it decoded and nothing out was an ERROR, and a test of a camera stopping
-    saw that level once in a CI run). Held here for three periods (0.6 s), then let go."""
-    import threading
-
-    monkeypatch.setattr("unet_perception.node.STUCK_S", 60.0)  # slow, not hung, however loaded the machine is
+@contextmanager
+def held_inference(rig: Rig) -> Iterator[threading.Event]:
+    """The backend holds every frame in inference until the block ends (the event: a frame is held), then runs
+    it; the backend's own inference is back afterwards."""
     real_infer, held, go = rig.backend._infer, threading.Event(), threading.Event()
 
     def hold(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -106,41 +104,41 @@ def test_a_frame_still_in_inference_as_a_period_ends_is_not_an_error(rig: Rig,
         return real_infer(batch)
 
     rig.backend._infer = hold
-    seen = len(rig.diagnostics.wait_for(0))
     try:
+        yield held
+    finally:
+        go.set()
+        rig.backend._infer = real_infer
+
+
+def test_a_frame_still_in_inference_as_a_period_ends_is_not_an_error(rig: Rig,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last frame of a camera that stops, decoded in one period and published in a later one: no period may
+    call it missing output (a period with it decoded and nothing out was an ERROR, and a test of a camera stopping
+    saw that level once in a CI run). Held here for three periods (0.6 s), then let go."""
+    monkeypatch.setattr("unet_perception.node.STUCK_S", 60.0)  # slow, not hung, however loaded the machine is
+    seen = len(rig.diagnostics.wait_for(0))
+    with held_inference(rig) as held:
         rig.send(0, 1_000_000_000)
         wait_until(held.is_set, what="the frame in (held) inference")
         wait_until(lambda: len(rig.diagnostics.wait_for(0)) >= seen + 3, what="three periods while it is held")
-    finally:
-        go.set()
     rig.labels.wait_for(1)
     done = len(rig.diagnostics.wait_for(0))
     wait_until(lambda: len(rig.diagnostics.wait_for(0)) >= done + 2, what="the periods after it was published")
     assert not rig.statuses(lambda s: s.level == DiagnosticStatus.ERROR), \
         [s.message for s in rig.statuses(lambda s: s.level != DiagnosticStatus.OK)]
 
+
 def test_a_frame_that_never_ends_is_an_error_and_the_node_recovers(rig: Rig) -> None:
     """A hung backend: the one frame in inference neither ends nor fails. Once it has been in progress for 2 s
     (STUCK_S) with nothing out, ERROR naming how long; let go, its labels go out and the ERROR ends."""
-    import threading
-
     from unet_perception.node import STUCK_S
 
-    real_infer, held, go = rig.backend._infer, threading.Event(), threading.Event()
-
-    def hang(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        held.set()
-        go.wait(TIMEOUT_S)
-        return real_infer(batch)
-
-    rig.backend._infer = hang
     start = time.monotonic()
-    try:
+    with held_inference(rig) as held:
         rig.send(0, 1_000_000_000)
         wait_until(held.is_set, what="the frame in (hung) inference")
         stuck = rig.wait_status(lambda s: s.level == DiagnosticStatus.ERROR, "an ERROR while the frame hangs")
-    finally:
-        go.set()
     assert time.monotonic() - start >= STUCK_S
     assert stuck.message.startswith("no output: a frame has been in progress for"), stuck.message
     assert float(stuck.message.split(" for ")[1].split()[0]) >= STUCK_S
@@ -149,10 +147,10 @@ def test_a_frame_that_never_ends_is_an_error_and_the_node_recovers(rig: Rig) -> 
     wait_until(lambda: len(rig.diagnostics.wait_for(0)) >= seen + 2, what="two periods after the frame went out")
     # the frame leaves in_progress with frames_out counted (one lock): no status that counts it is an ERROR
     assert not rig.statuses(lambda s: values(s)["frames_out"] != "0" and s.level == DiagnosticStatus.ERROR)
-    rig.backend._infer = real_infer
     rig.send(1, 2_000_000_000)
     rig.labels.wait_for(2)
     wait_until(lambda: not rig.node._cameras[0].in_progress, what="no frame left in progress")
+
 
 def test_frames_lost_before_the_node_are_counted_from_stamps(rig: Rig) -> None:
     """A 10 Hz camera (by its stamps) whose frames 10, 11 and 12 never arrive: 3 missing, camera rate 10 Hz."""

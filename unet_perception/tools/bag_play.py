@@ -21,6 +21,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 from unet_perception.tools.bag import open_bag, read_messages, select_connections
 from unet_perception.tools.bag_preflight import BagError, check_read, full_type
 
+DISCOVERY_SETTLE_S = 0.5  # wait_for_subscribers: after the publishers see their subscribers, before the first message
 
 
 @dataclass
@@ -52,7 +53,8 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
 
     Messages go out serialized as recorded (no decode). Call ``launch_support.apply_node_env()`` before
     ``rclpy.init`` so frames over 512 KiB reach other processes. ``wait_for_subscribers`` seconds: wait until every
-    topic has a subscriber before the first message (0: start at once, as ``ros2 bag play`` does).
+    topic has a subscriber, and ``DISCOVERY_SETTLE_S`` more, before the first message (0: start at once, as
+    ``ros2 bag play`` does).
     ``clock`` publishes ``/clock`` with the bag time at ``clock_hz`` and before every message.
     """
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -70,6 +72,10 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
         while (wait_for_subscribers > 0 and time.monotonic() < deadline and not should_stop()
                and any(p.get_subscription_count() == 0 for p in publishers.values())):
             time.sleep(0.05)
+        if wait_for_subscribers > 0 and all(p.get_subscription_count() for p in publishers.values()):
+            # This side's match can come before the subscriber's: a best-effort message sent at once may find the
+            # subscriber not yet listening and is lost (the demo's first frame was, once, on a loaded machine).
+            time.sleep(DISCOVERY_SETTLE_S)
         total = sum(c.msgcount for c in conns)
         started = time.monotonic()
         while True:
