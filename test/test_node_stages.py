@@ -281,7 +281,7 @@ def test_more_workers_than_cameras_overlap_a_cameras_frames_and_publish_them_in_
             h.backend._infer = h.real_infer
     assert h.stamps() == [1, 2, 4], stats([cam])
     assert cam.stats.last_error == "inference failed on /wo/image_raw: RuntimeError: planted"
-    assert (cam.in_flight, cam.taken, cam.finished, cam.done_early) == (0, 4, 4, set())
+    assert (len(cam.in_progress), cam.taken, cam.finished, cam.done_early) == (0, 4, 4, set())
 
 
 def test_deactivate_with_a_cameras_frames_in_flight_finishes_them_in_order(tiny_model) -> None:  # type: ignore[no-untyped-def]

@@ -166,19 +166,14 @@ class Camera:
     publishers: dict[str, Any]
     stats: CameraStats = field(default_factory=CameraStats)
     pending: Frame | None = None
+    in_progress: dict[int, float] = field(default_factory=dict)  # id(frame) -> taken, until published or failed
     # workers > 1: its publishing order (the counts are kept only then)
     taken: int = 0          # frames taken so far: the next one gets seq taken + 1
     finished: int = 0       # frames 1..finished are published or failed; frame seq publishes once finished is seq - 1
     done_early: set[int] = field(default_factory=set)  # finished while an earlier one was still in progress
-    in_progress: dict[int, float] = field(default_factory=dict)  # id(frame) -> taken, until published or failed
     subscription: Any = None
     ground: GroundCamera | None = None  # ground.enabled: camera_info in, points and ground_grid out
     parse: Any = parse_image  # raw_cdr.parse_image or parse_compressed, by the topic's type
-
-    @property
-    def in_flight(self) -> int:
-        """Frames of it taken and not yet finished (workers > 1; at most the node's per-camera limit)."""
-        return self.taken - self.finished - len(self.done_early)
 
 
 @dataclass
@@ -628,7 +623,7 @@ class SegmentationNode(GuardedLifecycleNode):
 
     def _free(self, cam: Camera) -> bool:
         """Whether a worker may take the camera's waiting frame (under the lock)."""
-        return cam.pending is not None and (not self._per_camera or cam.in_flight < self._per_camera)
+        return cam.pending is not None and (not self._per_camera or len(cam.in_progress) < self._per_camera)
 
     def _process(self, ready: list[tuple[Camera, Frame]], overlap: bool) -> None:
         assert self._segmenter is not None
@@ -788,7 +783,7 @@ class SegmentationNode(GuardedLifecycleNode):
             "rate_in_hz": f"{d_in / dt:.2f}", "rate_out_hz": f"{out_hz:.2f}",
             "camera_rate_hz": f"{camera_hz:.2f}", "frames_missing": str(s.stamps.missing),
             "frames_in": str(s.frames_in), "frames_out": str(s.frames_out), "drops": str(s.drops),
-            "latency_mean_ms": f"{lat_ms.mean():.2f}" if lat_ms.size else "nan",
+            "latency_mean_ms": _mean_ms(s.latencies),
             "latency_p99_ms": f"{np.percentile(lat_ms, 99):.2f}" if lat_ms.size else "nan",
             "wait_mean_ms": _mean_ms(s.waits), "inference_mean_ms": _mean_ms(s.inference),
             "latency_total_ms": f"{1000.0 * s.latency_total:.1f}", "wait_total_ms": f"{1000.0 * s.wait_total:.1f}",
