@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import SHIPPED_MODEL
+from conftest import ORT_BOUNDS_SPIN, SHIPPED_MODEL
 from unet_perception.backends.base import BackendError
 from unet_perception.backends.factory import BackendOptions
 from unet_perception.backends.onnxruntime import (OnnxRuntimeBackend, _providers, create, spin_entries,
@@ -200,11 +200,9 @@ def _idle_cpu_ms_after_a_run(options: BackendOptions) -> list[float]:
     return idle
 
 
-# spin_duration_us came with onnxruntime 1.26 (its library has no such key before); older ones cannot bound the spin
-BOUNDED = tuple(int(x) for x in ort.__version__.split(".")[:2]) >= (1, 26)
 
 
-@pytest.mark.skipif(not BOUNDED, reason=f"onnxruntime {ort.__version__} cannot bound the spin")
+@pytest.mark.skipif(not ORT_BOUNDS_SPIN, reason=f"onnxruntime {ort.__version__} cannot bound the spin")
 def test_spin_us_bounds_how_long_idle_threads_hold_a_core() -> None:
     """The node's default (spin 100 us): the pool's second thread sleeps soon after a run, where ONNX Runtime's own
     spin (spin_us 0) holds a core for much of the gap (41-51 ms of every 300 measured on the 2-core VM); the

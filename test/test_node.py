@@ -6,20 +6,18 @@ import threading
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 import pytest
 from builtin_interfaces.msg import Time
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 from sensor_msgs.msg import CompressedImage, Image
 
-from conftest import SHIPPED_MODEL
+from conftest import ORT_BOUNDS_SPIN, SHIPPED_MODEL
 from reference import Reference
 from ros_graph import TIMEOUT_S, RosGraph, publish_until, start_node_process, stop_process, wait_matched, wait_until
 from unet_perception.pipeline import blend
 from unet_perception.tools.camera_sim import compressed_message, image_message, synthetic_frame
 
-BOUNDED = tuple(int(x) for x in ort.__version__.split(".")[:2]) >= (1, 26)  # spin_duration_us came with 1.26
 
 N_FRAMES = 3
 
@@ -169,8 +167,8 @@ def test_shipped_model_is_the_default() -> None:
 
 
 @pytest.mark.parametrize("params, entries", [
-    ({}, ("1", "100") if BOUNDED else ("0", "")),  # the default: spin, at most 100 us (1.26 on; before: no spin)
-    ({"spin_us": 250}, ("1", "250") if BOUNDED else ("0", "")),
+    ({}, ("1", "100") if ORT_BOUNDS_SPIN else ("0", "")),  # the default: spin, at most 100 us (else no spin)
+    ({"spin_us": 250}, ("1", "250") if ORT_BOUNDS_SPIN else ("0", "")),
     ({"spin_us": 0}, ("1", "")),  # ONNX Runtime's own spin: no bound set
     ({"spinning": False}, ("0", "")),
 ])
