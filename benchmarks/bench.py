@@ -233,8 +233,7 @@ def run_row(bench: Bench, pid: int, cameras: int, rate: str, duration: float) ->
     after = [bench.counters(k) or {} for k in range(cameras)]
     row.node_ms, row.node_wait_ms, row.node_inference_ms = (node_mean_ms(before, after, key)
                                                              for key in ("latency", "wait", "inference"))
-    for k in range(cameras):
-        now = bench.counters(k) or {}
+    for k, now in enumerate(after):
         sent = bench.sent[k] - sent0[k]
         got_in = int(now["frames_in"]) - int(before[k].get("frames_in", 0))
         row.drops += int(now["drops"]) - int(before[k].get("drops", 0)) + max(sent - got_in, 0)
