@@ -8,6 +8,8 @@ import time
 from functools import partial
 
 import numpy as np
+import pytest
+from rclpy.lifecycle import TransitionCallbackReturn
 from builtin_interfaces.msg import Time
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image
@@ -216,6 +218,40 @@ def test_a_worker_that_fails_mid_frame_reports_it_and_frees_the_camera(tiny_mode
     assert [m.header.stamp.sec for m in out.messages] == [2] and calls == [1, 2]
 
 
+@pytest.mark.parametrize("stage", ["_infer", "_publish_batch"])
+def test_an_overlapped_stage_that_fails_mid_batch_reports_it_and_goes_on(tiny_model, stage) -> None:  # type: ignore[no-untyped-def]
+    """overlap always: an exception no step of the infer or the publish stage catches is a counted error on the
+    camera, the stage thread goes on (the next frame comes out) and the node still deactivates."""
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=["/sf/image_raw"], overlap="always")
+        pub = graph.publisher(Image, "/sf/image_raw")
+        out = graph.collect(Image, "/sf/segmentation/labels")
+        wait_matched(pub, [out])
+        real, calls = getattr(node, stage), []
+
+        def failing_once(work):  # type: ignore[no-untyped-def]
+            calls.append(work.items[0][1].header.stamp.sec)
+            if len(calls) == 1:
+                raise RuntimeError("planted")
+            return real(work)
+
+        setattr(node, stage, failing_once)
+        cam = node._cameras[0]
+        pub.publish(image_message(synthetic_frame(64, 48, 0), "rgb8", stamp=Time(sec=1)))
+        wait_until(lambda: cam.stats.errors == 1, what="the failure counted")
+        assert cam.stats.last_error == "processing failed on /sf/image_raw: RuntimeError: planted"
+        assert cam.stats.failed == 1 and not cam.in_progress
+        pub.publish(image_message(synthetic_frame(64, 48, 1), "rgb8", stamp=Time(sec=2)))
+        out.wait_for(1)
+        results: list[TransitionCallbackReturn] = []
+        stopper = threading.Thread(target=lambda: results.append(node.trigger_deactivate()), daemon=True)
+        stopper.start()
+        stopper.join(TIMEOUT_S)
+        assert not stopper.is_alive(), "deactivate hung on a dead stage"
+        assert results == [TransitionCallbackReturn.SUCCESS]
+    assert [m.header.stamp.sec for m in out.messages] == [2] and calls == [1, 2]
+
+
 class HeldCamera:
     """One camera of a node with workers 2 whose inference of a chosen frame is held until the test releases it
     (and then fails, if asked). Each frame is one flat value, 10 x its stamp, so the hold can tell them apart."""
@@ -287,8 +323,6 @@ def test_more_workers_than_cameras_overlap_a_cameras_frames_and_publish_them_in_
 def test_deactivate_with_a_cameras_frames_in_flight_finishes_them_in_order(tiny_model) -> None:  # type: ignore[no-untyped-def]
     """workers 2, one camera: deactivate while frame 1 is held in inference and frame 2 waits for its turn to
     publish: deactivate waits for both, they come out in order, and the node activates again and serves."""
-    from rclpy.lifecycle import TransitionCallbackReturn
-
     with RosGraph() as graph:
         h = HeldCamera(graph, str(tiny_model), "wd")
         results: list[TransitionCallbackReturn] = []

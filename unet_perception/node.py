@@ -26,7 +26,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
@@ -606,11 +607,8 @@ class SegmentationNode(GuardedLifecycleNode):
                     return
                 ready = self._take_frames()
             try:
-                self._process(ready, overlap)
-            except Exception as exc:  # noqa: BLE001 - the steps report their own failures; a worker never dies
-                with self._lock:  # only the frames no step has ended (published, failed or bad) yet
-                    unended = [(c, f) for c, f in ready if id(f) in c.in_progress]
-                self._batch_failed(unended, "processing", exc)
+                with self._outlives_any_batch(ready):
+                    self._process(ready, overlap)
             finally:
                 if self._per_camera:
                     with self._lock:
@@ -664,12 +662,27 @@ class SegmentationNode(GuardedLifecycleNode):
 
     def _infer_loop(self) -> None:
         while (work := self._to_infer.get()) is not None:
-            if self._infer(work):
-                self._to_publish.put(work)
+            with self._outlives_any_batch(work.items):
+                if self._infer(work):
+                    self._to_publish.put(work)
 
     def _publish_loop(self) -> None:
         while (work := self._to_publish.get()) is not None:
-            self._publish_batch(work)
+            with self._outlives_any_batch(work.items):
+                self._publish_batch(work)
+
+    @contextmanager
+    def _outlives_any_batch(self, items: list[tuple[Camera, Frame]]) -> Iterator[None]:
+        """Every stage thread outlives any one batch: the steps report their own failures, and whatever escapes
+        them anyway fails the batch's frames that no step has ended (published, failed or bad) yet; the thread
+        goes on with the next batch. A dead stage would leave its cameras silent, and deactivation waiting for
+        ever on a handoff nobody empties."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - see above
+            with self._lock:
+                unended = [(c, f) for c, f in items if id(f) in c.in_progress]
+            self._batch_failed(unended, "processing", exc)
 
     def _infer(self, work: Work) -> bool:
         """Submit the batch: the CPU backends compute here, TensorRT on its own stream while the stages go on."""
