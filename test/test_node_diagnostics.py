@@ -26,6 +26,7 @@ class Rig:
     def __init__(self, graph: RosGraph, model: str) -> None:
         self.node = graph.segmentation_node(model_path=model, image_topics=[TOPIC], diagnostics_period=0.2)
         self.pub = graph.publisher(Image, TOPIC)
+        self.graph = graph
         self.labels = graph.collect(Image, "/diag/segmentation/labels")
         self.diagnostics = graph.collect(DiagnosticArray, "/diagnostics", 10)
         wait_matched(self.pub, [self.labels])
@@ -255,6 +256,38 @@ def test_a_frame_that_fails_to_publish_is_counted_and_the_worker_goes_on(rig: Ri
     assert len(rig.labels) == 0
     rig.send(1, 0)
     rig.labels.wait_for(1)
+
+
+@pytest.mark.parametrize("failing", [("color",), ("labels", "color")])
+def test_an_output_that_cannot_be_published_holds_back_no_other(rig: Rig, failing: tuple[str, ...]) -> None:
+    """The colour mask's publish failing (an rmw error, a reliable subscriber too slow) is an error naming it, a
+    WARN; the labels still go out and the frame counts as published. Only a frame none of whose outputs went out
+    failed: then the status is the ERROR "no output"."""
+    color = rig.graph.collect(Image, "/diag/segmentation/color")  # subscribed, so the node renders and publishes it
+    cam = rig.node._cameras[0]
+    wait_until(lambda: cam.publishers["color"].get_subscription_count() > 0, what="the colour subscriber matched")
+
+    def refuse(msg: bytes) -> None:
+        raise RuntimeError("simulated rmw error")
+
+    for kind in failing:
+        cam.publishers[kind].publish = refuse
+    rig.send(0, 1_000_000_000)
+    if failing == ("color",):
+        rig.labels.wait_for(1)
+        wait_until(lambda: cam.stats.frames_out == 1 and cam.stats.errors == 1, what="frame 0 out, one error")
+        assert cam.stats.failed == 0
+        assert cam.stats.last_error == "publishing failed on /diag/image_raw: color: RuntimeError: simulated rmw error"
+        status = rig.wait_status(lambda s: s.level != DiagnosticStatus.OK, "a status that is not OK")
+        assert status.level == DiagnosticStatus.WARN, status.message
+    else:
+        wait_until(lambda: cam.stats.failed == 1, what="frame 0 failed")
+        assert cam.stats.frames_out == 0 and not cam.in_progress and len(rig.labels) == 0
+        assert cam.stats.last_error == ("publishing failed on /diag/image_raw: labels: RuntimeError: simulated rmw "
+                                        "error; color: RuntimeError: simulated rmw error")
+        status = rig.wait_status(lambda s: s.level == DiagnosticStatus.ERROR, "the ERROR")
+        assert status.message.startswith("no output for 1 good frames"), status.message
+    assert len(color) == 0
 
 
 PERIOD = 100_000_000  # a 10 Hz camera's stamps

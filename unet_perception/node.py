@@ -728,8 +728,18 @@ class SegmentationNode(GuardedLifecycleNode):
         if self._per_camera > 1:  # rendered alongside; published once the camera's earlier frames are out
             with self._lock:
                 self._lock.wait_for(lambda: cam.finished >= frame.seq - 1)
+        unsent = []
         for kind, (array, encoding) in images.items():
-            wanted[kind].publish(image(array, encoding, frame.header))
+            try:
+                wanted[kind].publish(image(array, encoding, frame.header))
+            except Exception as exc:  # noqa: BLE001 - one output that cannot go out (an rmw error, a reliable
+                unsent.append(f"{kind}: {type(exc).__name__}: {exc}")  # subscriber too slow) holds back no other
+        if unsent:  # the frame failed only when nothing of it went out; else it is out, with an error for the rest
+            nothing_out = len(unsent) == len(images)
+            self._record_error(cam, f"publishing failed on {cam.topic}: {'; '.join(unsent)}", failed=nothing_out)
+            if nothing_out:
+                self._ended(cam, frame)
+                return
         if cam.ground is not None:
             try:
                 cam.ground.publish(frame.ros_header(), seg.labels)
