@@ -260,7 +260,7 @@ def test_a_frame_that_fails_to_publish_is_counted_and_the_worker_goes_on(rig: Ri
 
 @pytest.mark.parametrize("failing", [("color",), ("labels", "color")])
 def test_an_output_that_cannot_be_published_holds_back_no_other(rig: Rig, failing: tuple[str, ...]) -> None:
-    """The colour mask's publish failing (an rmw error, a reliable subscriber too slow) is an error naming it, a
+    """The colour mask's publish failing (an rmw error) is an error naming it, a
     WARN; the labels still go out and the frame counts as published. Only a frame none of whose outputs went out
     failed: then the status is the ERROR "no output"."""
     color = rig.graph.collect(Image, "/diag/segmentation/color")  # subscribed, so the node renders and publishes it

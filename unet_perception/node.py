@@ -732,8 +732,8 @@ class SegmentationNode(GuardedLifecycleNode):
         for kind, (array, encoding) in images.items():
             try:
                 wanted[kind].publish(image(array, encoding, frame.header))
-            except Exception as exc:  # noqa: BLE001 - one output that cannot go out (an rmw error, a reliable
-                unsent.append(f"{kind}: {type(exc).__name__}: {exc}")  # subscriber too slow) holds back no other
+            except Exception as exc:  # noqa: BLE001 - one output that cannot go out (an rmw error) holds back no other
+                unsent.append(f"{kind}: {type(exc).__name__}: {exc}")
         if unsent:  # the frame failed only when nothing of it went out; else it is out, with an error for the rest
             nothing_out = len(unsent) == len(images)
             self._record_error(cam, f"publishing failed on {cam.topic}: {'; '.join(unsent)}", failed=nothing_out)
