@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
@@ -64,11 +64,14 @@ def node_ms_per_frame(model: Path, frame: np.ndarray, cameras: int, threads: int
                                       qos_profile_sensor_data)
             for i in range(cameras) for kind in OUTPUTS]
     pubs = [probe.create_publisher(Image, t, qos_profile_sensor_data) for t in topics]
-    executor = MultiThreadedExecutor(num_threads=2, context=context)
-    executor.add_node(node)
-    executor.add_node(probe)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    # One single-threaded executor each, as the node runs in production (rclpy's MultiThreadedExecutor serving both
+    # delayed the probe's callbacks by 10-500 ms after the node had published: the figure measured the executor).
+    executors = [SingleThreadedExecutor(context=context) for _ in range(2)]
+    executors[0].add_node(node)
+    executors[1].add_node(probe)
+    spinners = [threading.Thread(target=e.spin, daemon=True) for e in executors]
+    for spinner in spinners:
+        spinner.start()
     try:
         deadline = time.monotonic() + 30
         while not (all(p.get_subscription_count() for p in pubs) and all(s.get_publisher_count() for s in subs)):
@@ -89,8 +92,9 @@ def node_ms_per_frame(model: Path, frame: np.ndarray, cameras: int, threads: int
         latencies = np.concatenate([np.asarray(c.stats.latencies) for c in node._cameras]) * 1e3
         return float(np.mean(times)), float(latencies.mean()), float(np.percentile(latencies, 99))
     finally:
-        executor.shutdown()
-        spinner.join(timeout=5)  # before any node goes: a spin still in flight would touch destroyed handles
+        for executor, spinner in zip(executors, spinners, strict=True):
+            executor.shutdown()
+            spinner.join(timeout=5)  # before any node goes: a spin still in flight would touch destroyed handles
         node.destroy_node()
         probe.destroy_node()
         rclpy.try_shutdown(context=context)
