@@ -179,6 +179,34 @@ def test_label_cli_reports_and_skips_a_corrupt_message(tmp_path: Path, tiny_mode
     assert [ts for ts, _ in got["/camera/segmentation/labels"]] == [START, START + 1, START + 3]
 
 
+def test_label_cli_device(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--backend tensorrt` on the default device cpu is one line naming the flag that fixes it (before: "set device
+    to cuda", the node's parameter, which `unet-bag label` had no option for); `--device cpu` labels."""
+    src = tmp_path / "in"
+    bag_from_images(_frames(tmp_path / "img", [(24, 32)] * 2), src, start_ns=START, progress=False)
+    model = ["--model", str(tiny_model)]
+    assert main(["label", str(src), str(tmp_path / "trt"), *model, "--backend", "tensorrt"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "--backend tensorrt runs on CUDA only" in err and "add --device cuda" in err, err
+    assert not (tmp_path / "trt").exists()
+    assert main(["label", str(src), str(tmp_path / "cpu"), *model, "--backend", "onnxruntime", "--device", "cpu"]) == 0
+    assert "(backend onnxruntime, cpu)" in capsys.readouterr().out
+    assert len(_read(tmp_path / "cpu")["/camera/segmentation/labels"]) == 2
+
+
+def test_label_many_tensorrt_without_gpu_workers_names_the_flag(tmp_path: Path, tiny_model: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """label-many's workers are on cuda only with a GPU share: the error says --gpus-per-worker, before Ray starts."""
+    src = tmp_path / "in"
+    bag_from_images(_frames(tmp_path / "img", [(24, 32)]), src, start_ns=START, progress=False)
+    argv = ["label-many", str(src), "--out", str(tmp_path / "out"), "--model", str(tiny_model), "--backend", "tensorrt"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "add --gpus-per-worker 1" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_play_publishes_recorded_messages_and_clock(tmp_path: Path) -> None:
     import rclpy
     from rclpy.qos import qos_profile_sensor_data

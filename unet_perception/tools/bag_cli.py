@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_perception.backends.base import BackendError
+from unet_perception.backends.factory import DEVICES, KINDS
 from unet_perception.fleet.plan import REPORT_NAME, one_line
 from unet_perception.model_contract import ModelError
 from unet_perception.tools.bag import (FORMATS, STORAGES, BagError, bag_from_images, check_label_options,
@@ -50,11 +51,17 @@ def _label(args: argparse.Namespace) -> int:
     from unet_perception.pipeline import Segmenter
 
     check_label_options(args.alpha, args.batch, args.max_pixels)  # before the model loads: costs nothing
+    if args.backend == "tensorrt" and args.device != "cuda":  # the backend refuses it too, in the node's terms
+        raise BagError(f"--backend tensorrt runs on CUDA only and --device is {args.device}: add --device cuda "
+                       "(and --gpu-id N for a GPU other than 0), or label on the CPU with --backend onnxruntime")
+    if args.gpu_id < 0:
+        raise BagError(f"--gpu-id must be >= 0, got {args.gpu_id}")
     check_output(args.out)
     model = args.model or _default_model()
     if not Path(model).exists():  # a folder, device or FIFO: read_model_info names it
         raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
-    backend = create_backend(args.backend, model, BackendOptions(max_batch=args.batch, threads=args.threads))
+    options = BackendOptions(max_batch=args.batch, threads=args.threads, device=args.device, gpu_id=args.gpu_id)
+    backend = create_backend(args.backend, model, options)
     with backend:
         summary = label_bag(args.input, args.out, Segmenter(backend, backend.info.classes), topics=args.topics,
                             storage=args.storage, batch=args.batch, alpha=args.alpha,
@@ -94,8 +101,6 @@ def _play(args: argparse.Namespace) -> int:
 
 def add_label_options(p: argparse.ArgumentParser) -> None:
     """The model and labelling options ``label`` and ``label-many`` share, with the same names and defaults."""
-    from unet_perception.backends.factory import KINDS
-
     p.add_argument("--model", default="", help="ONNX model (default: the package's models/unet_camvid.onnx)")
     p.add_argument("--backend", default="auto", choices=KINDS, help="inference backend (default: %(default)s)")
     p.add_argument("--topics", nargs="+", metavar="TOPIC", help="camera topics to label (default: all)")
@@ -138,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, metavar="IN", help="input bag folder (sqlite3 or mcap)")
     p.add_argument("out", type=Path, metavar="OUT", help="output bag folder (must not exist)")
     add_label_options(p)
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where inference runs (default: %(default)s, as the node's device parameter); with cuda, "
+                        "--backend auto is TensorRT, else ONNX Runtime's CUDA provider; tensorrt needs cuda")
+    p.add_argument("--gpu-id", type=int, default=0, metavar="N", help="--device cuda: which GPU (default: 0)")
     p.add_argument("--threads", type=int, default=0, help="CPU inference threads, 0 = library default")
     p.set_defaults(func=_label)
 
@@ -191,6 +200,10 @@ def _label_many(args: argparse.Namespace) -> int:
     from unet_perception.model_contract import read_model_info
 
     check_label_options(args.alpha, args.batch, args.max_pixels)  # before Ray starts: a bad option costs nothing
+    if args.backend == "tensorrt" and not args.gpus_per_worker > 0:  # a worker is on cuda when Ray gives it a GPU
+        raise BagError("--backend tensorrt runs on CUDA only and label-many's workers get no GPU: add "
+                       "--gpus-per-worker 1 (or a share, such as 0.5), or label on CPU workers with --backend "
+                       "onnxruntime")
     model = args.model or _default_model()
     if not Path(model).exists():  # a folder, device or FIFO: read_model_info names it
         raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
