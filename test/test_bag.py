@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,6 +16,7 @@ import numpy as np
 import pytest
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from conftest import bag_messages
+from ros_graph import TIMEOUT_S, RosGraph
 
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.codec import decode_compressed
@@ -244,6 +250,38 @@ def test_play_publishes_recorded_messages_and_clock(tmp_path: Path) -> None:
     first = np.frombuffer(got[0].data, np.uint8).reshape(24, 32, 3)
     np.testing.assert_array_equal(first, cv2.cvtColor(cv2.imread(str(images[0])), cv2.COLOR_BGR2RGB))
     assert clock and clock == sorted(clock) and START <= clock[0] and clock[-1] == stamps[-1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT-ignored-at-start"])
+def test_play_stopped_by_a_signal_ends_cleanly(tmp_path: Path, signum: int) -> None:
+    """`unet-bag play` as a user starts it (the console script, the ROS wheels' bootstrap included), stopped while it
+    publishes: one line, no traceback, 128 + the signal. SIGINT comes to a process that started with it ignored, as
+    a script's background job does. Before, rclpy's handler shut the context down under a publish: exit 1 and
+    "RCLError: Failed to publish: publisher's context is invalid"."""
+    from sensor_msgs.msg import Image
+
+    src = tmp_path / "bag"
+    bag_from_images(_frames(tmp_path / "img", [(24, 32)] * 4), src, topic="/play_signal/image_raw", rate=20.0,
+                    start_ns=START, progress=False)
+    play = shlex.join([str(Path(sys.executable).parent / "unet-bag"), "play", str(src), "--loop"])
+    # the child bootstraps its own LD_LIBRARY_PATH, as from a shell, and keeps this session's ROS domain
+    env = {k: v for k, v in os.environ.items() if k not in ("_ROS_WHEELS_BOOTSTRAP_COMPLETE", "LD_LIBRARY_PATH")}
+    ignore = "trap '' INT; " if signum == signal.SIGINT else ""
+    proc = subprocess.Popen(["bash", "-c", f"{ignore}exec {play}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        with RosGraph() as graph:
+            graph.collect(Image, "/play_signal/image_raw").wait_for(2)  # it is publishing
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and "context is invalid" not in err, err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith(f"unet-bag play: stopped by {signal.Signals(signum).name} after "), err
 
 
 def test_help_of_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:

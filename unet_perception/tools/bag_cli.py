@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,23 +78,57 @@ def _default_model() -> str:
     return str(default_model_path())
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread between two Python steps (a KeyboardInterrupt, so whatever
+    cleans up after Ctrl-C cleans up after it too)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stopped(signum: int, _frame: Any) -> None:
+    raise Stopped(signum)
+
+
 def _play(args: argparse.Namespace) -> int:
     import rclpy
-    from rclpy.executors import ExternalShutdownException
+    from rclpy.signals import SignalHandlerOptions
 
     from unet_perception.launch_support import apply_node_env
 
-    apply_node_env()  # before rclpy.init: Fast DDS reads the profile when the participant is created
-    rclpy.init()
-    node = rclpy.create_node("unet_bag_player")
+    # SIGINT and SIGTERM are handled here, not by rclpy: rclpy's handler shuts the context down at once, under a
+    # publish that then fails with "publisher's context is invalid" (a traceback, exit 1), and a SIGINT that the
+    # shell left ignored (a script's background job) never became a KeyboardInterrupt at all. Here a signal stops
+    # play between two Python steps, and the context goes only after the node (as the node's own main does).
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, _stopped) for signum in signals}
+    sent = 0
+
+    def count(_topic: str, _stamp: int) -> None:
+        nonlocal sent
+        sent += 1
+
+    node = None
     try:
+        apply_node_env()  # before rclpy.init: Fast DDS reads the profile when the participant is created
+        rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+        node = rclpy.create_node("unet_bag_player")
         stats = play_bag(node, args.bag, rate_factor=args.rate_factor, loop=args.loop, clock=args.clock,
-                         topics=args.topics, reliable=args.reliable, wait_for_subscribers=args.wait_for_subscribers)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        return 130
+                         topics=args.topics, reliable=args.reliable, wait_for_subscribers=args.wait_for_subscribers,
+                         on_publish=count)
+    except Stopped as exc:
+        print(f"unet-bag play: stopped by {signal.Signals(exc.signum).name} after {sent} messages",
+              file=sys.stderr)
+        return 128 + exc.signum  # the shell's status for a process a signal ended: 130 for SIGINT, 143 for SIGTERM
     finally:
-        node.destroy_node()
+        for signum in signals:  # the clean-up is not interrupted by a second signal
+            signal.signal(signum, signal.SIG_IGN)
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(f"published {sum(stats.published.values())} messages on {len(stats.published)} topics "
           f"in {stats.seconds:.1f} s")
     return 0

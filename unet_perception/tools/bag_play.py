@@ -79,27 +79,27 @@ def play_bag(node: Any, path: Path, *, rate_factor: float = 1.0, loop: bool = Fa
         total = sum(c.msgcount for c in conns)
         started = time.monotonic()
         while True:
-            bar = tqdm(total=total, desc=path.name, unit="msg", disable=not progress)
             wall0, bag0 = time.monotonic(), None
             sent: Counter[str] = Counter()
-            for conn, timestamp, raw in read_messages(reader, conns):
-                if should_stop():
-                    break
-                bag0 = timestamp if bag0 is None else bag0
-                due = wall0 + (timestamp - bag0) / 1e9 / rate_factor
-                while (now := time.monotonic()) < due:
+            # closed on the way out too, so a line printed after an interrupt starts on a line of its own
+            with tqdm(total=total, desc=path.name, unit="msg", disable=not progress) as bar:
+                for conn, timestamp, raw in read_messages(reader, conns):
+                    if should_stop():
+                        break
+                    bag0 = timestamp if bag0 is None else bag0
+                    due = wall0 + (timestamp - bag0) / 1e9 / rate_factor
+                    while (now := time.monotonic()) < due:
+                        if clock_pub is not None:
+                            clock_pub.publish(Clock(clock=_ros_time(bag0 + int((now - wall0) * rate_factor * 1e9))))
+                        time.sleep(min(due - now, 1.0 / clock_hz))
                     if clock_pub is not None:
-                        clock_pub.publish(Clock(clock=_ros_time(bag0 + int((now - wall0) * rate_factor * 1e9))))
-                    time.sleep(min(due - now, 1.0 / clock_hz))
-                if clock_pub is not None:
-                    clock_pub.publish(Clock(clock=_ros_time(timestamp)))
-                publishers[conn.topic].publish(bytes(raw))
-                if on_publish is not None:
-                    on_publish(conn.topic, timestamp)
-                stats.published[conn.topic] += 1
-                sent[conn.topic] += 1
-                bar.update()
-            bar.close()
+                        clock_pub.publish(Clock(clock=_ros_time(timestamp)))
+                    publishers[conn.topic].publish(bytes(raw))
+                    if on_publish is not None:
+                        on_publish(conn.topic, timestamp)
+                    stats.published[conn.topic] += 1
+                    sent[conn.topic] += 1
+                    bar.update()
             if not should_stop():
                 check_read(path, Counter({c.topic: c.msgcount for c in conns}), sent)
             stats.loops += 1
