@@ -2,9 +2,9 @@
 ONNX Runtime directly: no unet_perception pipeline, backend, codec or class table, so a bug there (a colour
 order swapped, a nearest resize instead of a bilinear one) cannot hide in the reference as well.
 
-The contract they follow is the documented one (DESIGN.md, model_contract docstring): RGB frames resized
-bilinearly to the model input, uint8 NHWC into input ``image``, ``labels`` (and ``confidence``) out, resized
-back to the frame's size by nearest neighbour; colours from the ``classes`` metadata.
+The contract they follow is the documented one (docs/models.md "The model contract", model_contract's
+docstring): RGB frames resized bilinearly to the model input, uint8 NHWC into input ``image``, ``labels`` (and
+``confidence``) out, resized back to the frame's size by nearest neighbour; colours from the ``classes`` metadata.
 """
 
 from __future__ import annotations

@@ -91,3 +91,17 @@ def test_documented_line_imports_and_matches_torch(argv: list[str], tmp_path: Pa
     assert (got[0] == want_labels).mean() >= 0.995
     if info.has_confidence:
         assert np.abs(got[1].astype(np.float32) - want_conf).max() <= 1.0
+
+
+def test_the_contract_section_names_what_the_code_writes() -> None:
+    """docs/models.md states the model contract in the repository (it pointed at a DESIGN.md the repository does
+    not have): the tensor names, the metadata format and every metadata key export writes."""
+    from unet_perception.class_table import METADATA_FORMAT, load_class_table
+    from unet_perception.model_contract import make_metadata
+
+    text = DOC.read_text()
+    assert "## The model contract" in text and "(#the-model-contract)" in text
+    section = text.split("## The model contract", 1)[1].split("\n## ", 1)[0]
+    keys = make_metadata(load_class_table("camvid"), (8, 8))
+    names = [INPUT_NAME, OUTPUT_NAME, CONFIDENCE_NAME, METADATA_FORMAT, *keys]
+    assert [n for n in names if f"`{n}`" not in section] == []

@@ -1,4 +1,5 @@
-"""The ONNX model contract shared by export and every runtime backend (see DESIGN.md).
+"""The ONNX model contract shared by export and every runtime backend (for users: docs/models.md, "The model
+contract").
 
 - input ``image``: uint8 [N, H, W, 3] RGB at the model's input size; normalisation is in the graph.
 - output ``labels``: uint8 [N, H, W] class ids (argmax in the graph, then Cast to float, then to uint8: TensorRT
