@@ -1,5 +1,6 @@
 """docs/models.md: every `unet-import` line, run on a small untrained stand-in of the framework's model, and the
-imported labels checked against the torch model run eagerly (a reference that never touches our ONNX code).
+imported labels checked against the torch model run eagerly (a reference that never touches our ONNX code); every
+`torch.onnx.export` snippet of docs/ run as written on the stand-in, its file imported by the documented line.
 
 Planted and seen failing: nearest instead of bilinear logits resize (the 1/4-stride mmseg line), no BGR swap (the
 mmseg line), the INT64 -> UINT8 labels cast (every line, through check_tensorrt_rules).
@@ -8,6 +9,7 @@ mmseg line), the INT64 -> UINT8 labels cast (every line, through check_tensorrt_
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -42,6 +44,26 @@ def doc_lines() -> list[list[str]]:
 
 def test_docs_name_every_framework() -> None:
     assert sorted(args[1] for args in doc_lines()) == sorted(STANDINS)
+
+
+def export_snippets() -> list[str]:
+    """The ```python blocks of docs/ that call torch.onnx.export."""
+    blocks = [block.split("```", 1)[0] for doc in sorted((REPO / "docs").glob("*.md"))
+              for block in doc.read_text().split("```python\n")[1:]]
+    return [block for block in blocks if "torch.onnx.export(" in block]
+
+
+@pytest.mark.parametrize("snippet", export_snippets(), ids=lambda s: re.findall(r'"(\w+\.onnx)"', s)[0])
+def test_documented_export_runs_and_imports(snippet: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each export snippet as written, with `model` the framework's stand-in, in this venv's torch (2.13: the dynamo
+    exporter by default, which needs onnxscript); then its file through the documented unet-import line."""
+    (name,) = re.findall(r'"(\w+\.onnx)"', snippet)
+    cls, dataset = STANDINS[name][:2]
+    torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {"torch": torch, "model": cls(load_class_table(dataset).num_classes)})  # noqa: S102
+    (argv,) = [a for a in doc_lines() if a[1] == name]
+    assert main([str(tmp_path / name), str(tmp_path / argv[2]), *argv[3:]]) == 0
 
 
 def torch_reference(model: torch.nn.Module, frames: np.ndarray, argv: list[str]) -> tuple[np.ndarray, np.ndarray]:
