@@ -60,8 +60,9 @@ test: $(STAMP)
 # TRAIN_ARGS override the recipe, e.g. `make model TRAIN_ARGS="--workers 1 --arch seed"`.
 RECIPE ?= today
 TRAIN_ARGS ?= --workers 1
-# Trained at 288x384, shipped at 256x352: 4.4x the seed's speed on the 2-core CPU for 0.5 points of val mIoU
-# (models/README.md has both); the second export embeds the val report of the exported file itself.
+# Trained at 288x384, shipped at 256x352 for 0.5 points of val mIoU: raw inference 4.8x the seed's speed on the
+# 2-core CPU in the side-by-side run of 2026-11-26, at least 4.4x in every run, against 3.8x at 288x384 (docs/
+# performance.md, models/README.md); the second export embeds the val report of the exported file itself.
 EXPORT_SIZE ?= 256x352
 model: $(STAMP)
 	$(VENV)/bin/unet-train --recipe $(RECIPE) --train-splits train,val --dataset camvid --data $(DATA)/camvid \
