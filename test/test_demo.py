@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,22 @@ CAMVID_VAL = DATA / "camvid" / "val"
 def _demo(args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "unet_perception.tools.demo", *args], cwd=REPO, env=os.environ,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def check_what_it_says(run: subprocess.CompletedProcess[str], out: Path) -> dict[str, tuple[str, int]]:
+    """The topics the demo says it records are exactly the output bag's, and the outputs it names are exactly
+    what it wrote (each there); returns the bag's topic -> (type, count)."""
+    (recording,) = [line.split(", recording ", 1)[1] for line in run.stdout.splitlines() if ", recording " in line]
+    (written,) = [line.split(" (", 1)[1].removesuffix(")") for line in run.stdout.splitlines()
+                  if line.startswith("outputs: ")]
+    with Reader(out / "output_bag") as reader:
+        conns = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
+    assert re.split(r", | and ", recording) == list(conns), run.stdout
+    names = written.split(", ")
+    assert names == json.loads((out / "summary.json").read_text())["written"]
+    assert [n for n in names if not (out / n).exists()] == []
+    assert sorted(names) == sorted(p.name for p in out.iterdir()), "a file the line does not name"
+    return conns
 
 
 @pytest.mark.skipif(not CAMVID_VAL.is_dir(), reason=f"CamVid val frames not found at {CAMVID_VAL}")
@@ -39,13 +56,13 @@ def test_demo_end_to_end(tmp_path: Path, tiny_model: Path) -> None:
     assert summary["miou"] == pytest.approx(miou_of_recorded_labels(out), abs=1e-9)
     assert "mIoU vs ground truth" in run.stdout and "frames out (labels received)" in run.stdout
 
-    with Reader(out / "output_bag") as reader:
-        counts = {c.topic: c.msgcount for c in reader.connections}
-        types = {c.topic: c.msgtype for c in reader.connections}
-    for kind in ("labels", "color", "overlay"):
-        assert counts[f"/camera/segmentation/{kind}"] == summary["frames_out"]
-        assert types[f"/camera/segmentation/{kind}"] == "sensor_msgs/msg/Image"
-    assert counts["/diagnostics"] >= 1
+    conns = check_what_it_says(run, out)
+    assert list(conns) == [f"/camera/segmentation/{k}" for k in ("labels", "color", "overlay", "confidence",
+                                                                   "label_info")] + ["/diagnostics"]
+    for kind in ("labels", "color", "overlay", "confidence"):  # every image output, as the node publishes it
+        assert conns[f"/camera/segmentation/{kind}"] == ("sensor_msgs/msg/Image", summary["frames_out"])
+    assert conns["/camera/segmentation/label_info"] == ("vision_msgs/msg/LabelInfo", 1)  # transient local, once
+    assert conns["/diagnostics"][1] >= 1
     with Reader(out / "input_bag") as reader:
         assert [c.msgcount for c in reader.connections] == [6]
 
@@ -107,6 +124,8 @@ def test_demo_on_a_clone_without_data_uses_synthetic_frames(tmp_path: Path, tiny
     assert summary["frames_in"] == 4 and summary["node_frames_in"] == 4 and summary["frames_out"] >= 1
     assert summary["miou_frames"] == 0  # no ground truth for synthetic frames: no mIoU claimed
     assert cv2.imread(str(out / "overlay_000.png")).shape == (480, 640, 3)
+    assert "/camera/segmentation/confidence" in check_what_it_says(run, out)
+    assert summary["written"][0] == "synthetic_frames"
 
 
 def test_score_counts_unknown_pixels_as_misses_not_as_the_last_class(tmp_path: Path) -> None:
@@ -139,8 +158,8 @@ def test_demo_ground_records_points_and_grid(tmp_path: Path, tiny_model: Path) -
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ground_clouds"] >= 1 and summary["ground_grids"] >= 1
     assert summary["ground_cells"]["free"] + summary["ground_cells"]["obstacle"] > 0
-    with Reader(out / "output_bag") as reader:
-        conns = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
+    conns = check_what_it_says(run, out)  # points and ground_grid said and recorded, ground_grid.png named
+    assert "ground_grid.png" in summary["written"]
     assert conns["/camera/segmentation/points"] == ("sensor_msgs/msg/PointCloud2", summary["ground_clouds"])
     assert conns["/camera/segmentation/ground_grid"] == ("nav_msgs/msg/OccupancyGrid", summary["ground_grids"])
     grid_png = cv2.imread(str(out / "ground_grid.png"))

@@ -5,11 +5,13 @@
    (``camera_sim.synthetic_frame``) instead, so the demo always runs; mIoU needs real frames with labels;
 2. starts the node exactly as ``launch/seg.launch.py`` does (``config/seg.yaml``, Fast DDS profile), through
    ``launch_support``;
-3. replays the bag with ``unet-bag play`` and records the node's outputs and ``/diagnostics`` into a bag;
+3. replays the bag with ``unet-bag play`` and records every output the node publishes for the camera (labels,
+   confidence for models with it, color, overlay, label_info) and ``/diagnostics`` into a bag
+   (``recorded_topics``, which is also the list the demo prints);
 4. writes a few overlay PNGs and prints frames in/out, fps, latency, drops and mIoU where ground truth exists.
 
 ``--ground`` also turns on the ground projection with an assumed camera (``demo_ground``: CamVid has no
-calibration), records ``points`` and ``ground_grid`` and draws the last grid as ``ground_grid.png``.
+calibration), records ``points`` and ``ground_grid`` too and draws the last grid as ``ground_grid.png``.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from typing import Any
 
 import cv2
 import numpy as np
+from rosbags.typesys import get_types_from_msg
 
 from unet_perception import launch_support
 from unet_perception.model_contract import ModelError
 from unet_perception.backends.factory import KINDS
 from unet_perception.tools import demo_ground
 from unet_perception.tools.bag import (
+    IMAGE,
     BagError,
     bag_from_images,
     list_images,
@@ -44,9 +48,15 @@ from unet_perception.tools.bag import (
     typestore,
 )
 from unet_perception.tools.bag_play import play_bag
-from unet_perception.topics import output_topics
+from unet_perception.topics import LABEL_INFO, output_kinds, output_topics
 
 TOPIC = "/camera/image_raw"
+DIAGNOSTICS, DIAGNOSTICS_TYPE = "/diagnostics", "diagnostic_msgs/msg/DiagnosticArray"
+LABEL_INFO_TYPE = "vision_msgs/msg/LabelInfo"
+# rosbags' Jazzy store has no vision_msgs: its two messages the node publishes, as vision_msgs (and our stand-in,
+# interfaces/vision_msgs) define them, so the bag carries their definitions and ros2 bag reads it
+VISION_MSGS = {"vision_msgs/msg/VisionClass": "uint16 class_id\nstring class_name\n",
+               LABEL_INFO_TYPE: "std_msgs/Header header\nVisionClass[] class_map\nfloat32 threshold\n"}
 DEFAULT_IMAGES = "../shared/data/camvid/val"
 NODE_START_TIMEOUT_S = 60.0
 
@@ -78,6 +88,7 @@ class Summary:
     ground_clouds: int = 0      # --ground: points messages received
     ground_grids: int = 0       # --ground: ground_grid messages received
     ground_cells: dict[str, int] = field(default_factory=dict)  # of the last grid: free, obstacle, unknown
+    written: list[str] = field(default_factory=list)  # what the run wrote into its output folder, in order
 
     def table(self) -> str:
         def ms(v: float) -> str:
@@ -123,69 +134,86 @@ def ground_truth_dir(images: Path) -> Path | None:
     return annot if annot.is_dir() else None
 
 
+def recorded_topics(has_confidence: bool, ground: bool) -> dict[str, str]:
+    """Topic -> message type of everything the demo records: every output the node publishes for ``TOPIC`` (its
+    images, ``label_info`` when vision_msgs is installed, as the node needs it too; with ``ground`` the points and
+    the grid) and ``/diagnostics``. What the demo says it records is this list."""
+    outputs = output_topics(TOPIC, output_kinds(has_confidence))
+    topics = {topic: IMAGE for topic in outputs.values()}
+    if _imports("vision_msgs.msg", "LabelInfo"):  # the node's own condition for publishing label_info
+        topics[output_topics(TOPIC, [LABEL_INFO])[LABEL_INFO]] = LABEL_INFO_TYPE
+    if ground:
+        topics.update(demo_ground.TOPICS)
+    topics[DIAGNOSTICS] = DIAGNOSTICS_TYPE
+    return topics
+
+
+def _imports(module: str, name: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
 class Recorder:
-    """Subscribes to the node's outputs and ``/diagnostics``; writes every message into a bag as it arrives.
+    """Subscribes to ``topics`` (name -> message type, ``recorded_topics``); writes every message into a bag as it
+    arrives, counts them and keeps the last of each.
 
     Callbacks run in the thread that spins (sqlite3 bag writers stay in the thread that opened them) and
     only write and keep messages, so receive times stay accurate; scoring happens after the run.
     """
 
-    def __init__(self, node: Any, writer: Any, topics: dict[str, str], raw_topics: dict[str, str] | None = None) \
-            -> None:
-        """``raw_topics``: more topics (name -> message type) written as they come, counted, the last one kept."""
-        from diagnostic_msgs.msg import DiagnosticArray  # type: ignore[import-untyped]
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import Image  # type: ignore[import-untyped]
+    def __init__(self, node: Any, writer: Any, topics: dict[str, str]) -> None:
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
         self.store = typestore()
+        for name, text in VISION_MSGS.items():
+            self.store.register(get_types_from_msg(text, name))
+        self.topics = list(topics)                 # what is recorded, in order
         self.received: dict[int, float] = {}       # labels stamp -> monotonic receive time
         self.labels: dict[int, Any] = {}           # labels stamp -> sensor_msgs/Image (rosbags)
         self.overlays: list[Any] = []
         self.diagnostics: dict[str, str] = {}      # the latest /diagnostics values of our camera
-        self._writer = writer
-        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
-        self._conns = {}
-        for kind, topic in topics.items():
-            self._conns[topic] = writer.add_connection(topic, "sensor_msgs/msg/Image", typestore=self.store)
-            node.create_subscription(Image, topic, lambda raw, t=topic, k=kind: self._on_image(t, k, raw), qos,
-                                     raw=True)
-        self._conns["/diagnostics"] = writer.add_connection("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray",
-                                                            typestore=self.store)
-        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10, raw=True)
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = dict.fromkeys(topics, 0)
         self.last: dict[str, bytes] = {}
-        for topic, msgtype in (raw_topics or {}).items():
+        self._writer = writer
+        self._kinds = {topic: kind for kind, topic in output_topics(TOPIC, ("labels", "overlay")).items()}
+        qos = {IMAGE: QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT),
+               DIAGNOSTICS_TYPE: QoSProfile(depth=10),
+               # published once, transient local, when the node activates: a late subscriber still gets it
+               LABEL_INFO_TYPE: QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                           durability=DurabilityPolicy.TRANSIENT_LOCAL)}
+        self._conns = {}
+        for topic, msgtype in topics.items():
             package, _, name = msgtype.split("/")  # "nav_msgs/msg/OccupancyGrid"
             msg_class = getattr(importlib.import_module(f"{package}.msg"), name)
             self._conns[topic] = writer.add_connection(topic, msgtype, typestore=self.store)
-            node.create_subscription(msg_class, topic, lambda raw, t=topic: self._on_raw(t, raw), qos,
-                                     raw=True)
+            node.create_subscription(msg_class, topic, lambda raw, t=topic: self._on_message(t, raw),
+                                     qos.get(msgtype, qos[IMAGE]), raw=True)
 
-    def _on_raw(self, topic: str, raw: bytes) -> None:
-        self._write(topic, raw)
-        self.counts[topic] = self.counts.get(topic, 0) + 1
-        self.last[topic] = raw
-
-    def _write(self, topic: str, raw: bytes) -> None:
-        self._writer.write(self._conns[topic], time.time_ns(), raw)
-
-    def _on_image(self, topic: str, kind: str, raw: bytes) -> None:
+    def _on_message(self, topic: str, raw: bytes) -> None:
         now = time.monotonic()
-        self._write(topic, raw)
-        msg: Any = self.store.deserialize_cdr(raw, "sensor_msgs/msg/Image")
+        self._writer.write(self._conns[topic], time.time_ns(), raw)
+        self.counts[topic] += 1
+        self.last[topic] = raw
+        kind = self._kinds.get(topic)
         if kind == "labels":
+            msg: Any = self.store.deserialize_cdr(raw, IMAGE)
             stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
             self.received[stamp] = now
             self.labels[stamp] = msg
         elif kind == "overlay":
-            self.overlays.append(msg)
+            self.overlays.append(self.store.deserialize_cdr(raw, IMAGE))
+        elif topic == DIAGNOSTICS:
+            diag: Any = self.store.deserialize_cdr(raw, DIAGNOSTICS_TYPE)
+            for status in diag.status:
+                if status.hardware_id == TOPIC:
+                    self.diagnostics = {kv.key: kv.value for kv in status.values}
 
-    def _on_diagnostics(self, raw: bytes) -> None:
-        self._write("/diagnostics", raw)
-        msg: Any = self.store.deserialize_cdr(raw, "diagnostic_msgs/msg/DiagnosticArray")
-        for status in msg.status:
-            if status.hardware_id == TOPIC:
-                self.diagnostics = {kv.key: kv.value for kv in status.values}
+
+def listing(names: Sequence[str]) -> str:
+    """``a, b and c`` (``names`` not empty)."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def score(labels: dict[int, Any], frames: dict[int, Path], truth_dir: Path | None, classes: Any) -> tuple[float, int]:
@@ -222,14 +250,15 @@ def _start_node(model: Path, backend: str, log_path: Path, extra: dict[str, Any]
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def _wait_for_node(ros: Any, proc: subprocess.Popen[bytes], topics: dict[str, str], log_path: Path) -> None:
-    """Until the node subscribes to the camera and publishes every output (model loaded and warmed up)."""
+def _wait_for_node(ros: Any, proc: subprocess.Popen[bytes], topics: Sequence[str], log_path: Path) -> None:
+    """Until the node subscribes to the camera and publishes on every one of ``topics`` (model loaded and warmed
+    up)."""
     deadline = time.monotonic() + NODE_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise DemoError(f"the node exited with code {proc.returncode} during start-up:\n"
                             f"{_tail(log_path)}")
-        if ros.count_subscribers(TOPIC) and all(ros.count_publishers(t) for t in topics.values()):
+        if ros.count_subscribers(TOPIC) and all(ros.count_publishers(t) for t in topics):
             time.sleep(0.5)  # let discovery match our subscriptions on the node's side too
             return
         time.sleep(0.1)
@@ -283,10 +312,12 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
                         "(make model: unet-train, then unet-export); or pass --model PATH to any exported .onnx")
     info = read_model_info(model)
     out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []  # what this run writes into out, by name, in order: the "outputs:" line
     if not images.exists():
         print(f"[0/4] no image folder at {images} (a clone without ../shared/data): using synthetic frames; "
               "for real road frames and an mIoU pass IMAGES=<folder of .png/.jpg frames>")
         images = synthetic_frames(out / "synthetic_frames", frames)
+        written.append("synthetic_frames")
     files = list_images(images, frames)
     truth_dir = ground_truth_dir(images)
     for old in [*out.glob("overlay_*.png"), out / "ground_grid.png", out / "input_bag", out / "output_bag"]:
@@ -297,16 +328,18 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
     print(f"[1/4] bag of {len(files)} frames from {images} at {rate:g} Hz -> {out / 'input_bag'}")
     stamps = bag_from_images(files, out / "input_bag", topic=TOPIC, rate=rate, frame_id="camera")
     by_stamp = dict(zip(stamps, files, strict=True))
+    written.append("input_bag")
 
     launch_support.apply_node_env()  # this process publishes camera frames too
     import rclpy
 
-    topics = output_topics(TOPIC)
+    topics = recorded_topics(info.has_confidence, ground)
     log_path = out / "node.log"
     print(f"[2/4] starting the node ({launch_support.default_params_file()}, model {model}); log: {log_path}")
     if ground:
         print(f"      --ground: {demo_ground.ASSUMPTIONS}")
     proc = _start_node(model, backend, log_path, demo_ground.node_overrides() if ground else None)
+    written.append(log_path.name)
     rclpy.init()
     ros = rclpy.create_node("unet_demo")
     if ground:  # as a camera driver would: the CameraInfo beside the image, repeated
@@ -332,9 +365,9 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
 
     try:
         with staged_writer(out / "output_bag", "sqlite3") as writer:
-            rec = Recorder(ros, writer, topics, demo_ground.TOPICS if ground else None)
-            _wait_for_node(ros, proc, topics, log_path)
-            print(f"[3/4] replaying through the node, recording {', '.join(topics.values())} and /diagnostics")
+            rec = Recorder(ros, writer, topics)
+            _wait_for_node(ros, proc, [t for t in rec.topics if t != DIAGNOSTICS], log_path)
+            print(f"[3/4] replaying through the node, recording {listing(rec.topics)}")
             thread = threading.Thread(target=player, name="player", daemon=True)
             thread.start()
             spin_while(thread.is_alive, len(files) / rate * 2 + 30)
@@ -357,6 +390,7 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
         ros.destroy_node()
         rclpy.try_shutdown()
         _stop(proc)
+    written.append("output_bag")
     stats = played["stats"]
     if not received:
         raise DemoError(f"the node published no labels for {len(published)} frames; its log:\n{_tail(log_path)}")
@@ -372,11 +406,10 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
     miou, scored = score(rec.labels, by_stamp, truth_dir, info.classes)
     if scored:
         summary.miou, summary.miou_frames = miou, scored
-    print(f"[4/4] wrote {out / 'output_bag'} and overlay PNGs")
     summary.pngs = _write_pngs(rec.overlays, out, pngs)
     if ground:
-        summary.ground_clouds = rec.counts.get(next(iter(demo_ground.TOPICS)), 0)
-        summary.ground_grids = rec.counts.get(demo_ground.GRID_TOPIC, 0)
+        summary.ground_clouds = rec.counts[demo_ground.POINTS_TOPIC]
+        summary.ground_grids = rec.counts[demo_ground.GRID_TOPIC]
         if demo_ground.GRID_TOPIC in rec.last:
             grid: Any = rec.store.deserialize_cdr(rec.last[demo_ground.GRID_TOPIC],
                                                   demo_ground.TOPICS[demo_ground.GRID_TOPIC])
@@ -384,6 +417,9 @@ def run_demo(images: Path, out: Path, model: Path, *, backend: str = "auto", fra
             cells = np.asarray(grid.data, np.int8)
             summary.ground_cells = {"free": int((cells == 0).sum()), "obstacle": int((cells == 100).sum()),
                                     "unknown": int((cells == -1).sum())}
+    print(f"[4/4] wrote {out / 'output_bag'} ({sum(rec.counts.values())} messages)"
+          + (f" and {listing([Path(p).name for p in summary.pngs])}" if summary.pngs else ""))
+    summary.written = [*written, *(Path(p).name for p in summary.pngs), "summary.json"]
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str) + "\n")
     return summary
 
@@ -421,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("unet-demo: interrupted", file=sys.stderr)
         return 130
     print(summary.table())
-    print(f"outputs: {args.out}/ (input_bag, output_bag, overlay_*.png, node.log, summary.json)")
+    print(f"outputs: {args.out}/ ({', '.join(summary.written)})")
     return 0
 
 

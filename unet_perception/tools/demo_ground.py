@@ -26,9 +26,9 @@ ASSUMPTIONS = (f"CamVid has no calibration: assumed pinhole, {HFOV_DEG:g} deg ho
                f"point at the centre, no distortion, camera {HEIGHT_M:g} m above flat ground, pitch {PITCH_RAD:g} "
                "rad down, roll 0")
 INFO_TOPIC = "/camera/camera_info"
-TOPICS = {"/camera/segmentation/points": "sensor_msgs/msg/PointCloud2",
-          "/camera/segmentation/ground_grid": "nav_msgs/msg/OccupancyGrid"}
+POINTS_TOPIC = "/camera/segmentation/points"
 GRID_TOPIC = "/camera/segmentation/ground_grid"
+TOPICS = {POINTS_TOPIC: "sensor_msgs/msg/PointCloud2", GRID_TOPIC: "nav_msgs/msg/OccupancyGrid"}
 COLOURS = {0: (80, 190, 80), 100: (60, 60, 220), -1: (90, 90, 90)}  # BGR: free green, obstacle red, unknown grey
 
 
