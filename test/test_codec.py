@@ -139,6 +139,18 @@ def test_oversize_image_is_refused_before_reading_data() -> None:
         decode_image(image_msg(RGB, "rgb8"), max_pixels=59, use_cv_bridge=False)
 
 
+def test_the_oversize_error_names_the_settings_that_raise_the_limit() -> None:
+    """The node's parameter and the bag tool's option, as they are really spelt (it once named neither)."""
+    from unet_perception.node_params import PARAMS
+    from unet_perception.tools.bag_cli import build_parser
+
+    with pytest.raises(CodecError) as err:
+        decode_image(image_msg(RGB, "rgb8"), max_pixels=59, use_cv_bridge=False)
+    assert "max_image_pixels" in str(err.value) and "--max-pixels" in str(err.value)
+    assert "max_image_pixels" in {spec.name for spec in PARAMS}
+    assert build_parser().parse_args(["label", "in", "out", "--max-pixels", "5"]).max_pixels == 5
+
+
 # -- compressed images -------------------------------------------------------------------------
 SCENE = cv2.GaussianBlur(RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8), (9, 9), 3)
 

@@ -253,3 +253,28 @@ def test_overlay_alpha_changes_at_run_time(tiny_model) -> None:  # type: ignore[
     np.testing.assert_array_equal(as_array(first), blend(rgb, color, 0.2))
     np.testing.assert_array_equal(as_array(second), blend(rgb, color, 0.9))
     assert not np.array_equal(as_array(first), as_array(second))
+
+
+def test_every_parameter_can_be_read_at_once_through_the_parameter_service(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """What `ros2 param dump` does: list every parameter, then get them all in one request. The list parameters
+    without a default (class_colors, ground.*_classes) answer an empty string array; one unset parameter used to
+    empty the whole answer."""
+    from rcl_interfaces.msg import ParameterType
+
+    with RosGraph() as graph:
+        graph.segmentation_node(model_path=str(tiny_model), image_topics=["/pd/image_raw"],
+                                class_colors=["Sky=1,2,3"])
+        client = AsyncParameterClient(graph.node, "segmentation_node")
+        assert client.wait_for_services(TIMEOUT_S)
+        listed = client.list_parameters()
+        wait_until(listed.done, what="list_parameters to answer")
+        names = list(listed.result().result.names)
+        got = client.get_parameters(names)
+        wait_until(got.done, what="get_parameters to answer")
+        values = dict(zip(names, got.result().values, strict=True))
+    assert {"class_colors", "ground.free_classes", "ground.obstacle_classes", "model_path"} <= set(values)
+    assert list(values["class_colors"].string_array_value) == ["Sky=1,2,3"]
+    for name in ("ground.free_classes", "ground.obstacle_classes"):
+        assert values[name].type == ParameterType.PARAMETER_STRING_ARRAY
+        assert list(values[name].string_array_value) == []
+    assert values["model_path"].string_value == str(tiny_model)

@@ -77,7 +77,8 @@ def _check_size(height: int, width: int, max_pixels: int, what: str) -> None:
                          "publishing empty frames?)")
     if height * width > max_pixels:
         raise CodecError(f"{what} is {width}x{height} = {height * width} pixels, over the limit of "
-                         f"{max_pixels}; raise max_pixels or lower the camera resolution")
+                         f"{max_pixels}; raise the limit (the node's max_image_pixels, unet-bag's --max-pixels) or "
+                         "lower the camera resolution")
 
 
 def _as_bytes(data: Any) -> np.ndarray:

@@ -36,7 +36,7 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.exceptions import InvalidTopicNameException, ParameterException
+from rclpy.exceptions import InvalidTopicNameException, ParameterException, ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -55,7 +55,8 @@ from unet_perception.handoff import Handoff
 from unet_perception.lifecycle_guard import GuardedLifecycleNode
 from unet_perception.launch_support import NODE_NAME, apply_node_env, default_model_path, missing_profile_note
 from unet_perception.model_contract import UNKNOWN_LABEL, ModelError, ModelInfo, read_model_info
-from unet_perception.node_params import PARAMS, QOS_RELIABILITY, StartupError, parse_class_colors, validate
+from unet_perception.node_params import (EMPTY_LISTS, PARAMS, QOS_RELIABILITY, StartupError, parse_class_colors,
+                                         validate)
 from unet_perception.node_stats import CameraStats, check_stamp, stamp_ns
 from unet_perception.pipeline import Segmentation, Segmenter
 from unet_perception.receiver import FrameReceiver, TakenByReceiver
@@ -119,11 +120,6 @@ def _printable(text: str) -> str:
     escape that rewrites the terminal)."""
     cut = text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " ..."
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in cut)
-
-
-def _value(param: Parameter) -> Any:
-    """A parameter's value; [] for one declared without a value (``class_colors``, a STRING_ARRAY)."""
-    return [] if param.type_ == Parameter.Type.NOT_SET else param.value
 
 
 @dataclass
@@ -352,8 +348,21 @@ class SegmentationNode(GuardedLifecycleNode):
             self.get_logger().warning("vision_msgs is not installed: no <ns>/segmentation/label_info (class map) "
                                       "topic; install ros-jazzy-vision-msgs (or run make venv)")
 
+    def get_parameter(self, name: str) -> Parameter:
+        """rclpy's, except that a list parameter declared without a value (``class_colors``, ``ground.free_classes``,
+        ``ground.obstacle_classes``: rclpy reads an empty default list as a byte array, so they are declared typed
+        and unset) is the empty string array it means. rclpy's parameter service asks this method, and one unset
+        parameter in a request emptied the whole answer: a client reading every parameter at once (``ros2 param
+        dump``) got none."""
+        try:
+            return super().get_parameter(name)
+        except ParameterUninitializedException:
+            if name not in EMPTY_LISTS:
+                raise
+            return Parameter(name, Parameter.Type.STRING_ARRAY, [])
+
     def _param_value(self, name: str) -> Any:
-        return _value(self.get_parameter_or(name))  # get_parameter refuses a declared but unset (STRING_ARRAY) one
+        return self.get_parameter(name).value
 
     def _resolve_inputs(self, topics: list[str]) -> dict[str, str]:
         """Input topics as rclpy resolves them (namespace, ``~``, ``-r`` remapping) -> their output prefixes."""
@@ -494,10 +503,10 @@ class SegmentationNode(GuardedLifecycleNode):
         values: dict[str, Any] = {}
         for spec in PARAMS:
             try:
-                param = self.declare_parameter(spec.name, spec.default, spec.descriptor())
+                self.declare_parameter(spec.name, spec.default, spec.descriptor())
             except ParameterException as exc:  # wrong type or out of its range; args[0] is the reason
                 raise StartupError(f"parameter '{spec.name}' rejected: {exc.args[0]}") from exc
-            values[spec.name] = _value(param)
+            values[spec.name] = self._param_value(spec.name)
         return values
 
     def _add_camera(self, topic: str, prefix: str, qos_in: QoSProfile, qos_out: QoSProfile,

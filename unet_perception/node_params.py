@@ -146,6 +146,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("autostart", True, "Configure and activate at start-up; false leaves the node unconfigured for "
               "a lifecycle manager (nav2_lifecycle_manager, ros2 lifecycle set)."),
 )
+# The list parameters without a default (rclpy reads an empty default list as a byte array, so they are declared
+# typed and unset); the node answers them as an empty string array.
+EMPTY_LISTS = frozenset(spec.name for spec in PARAMS if spec.default == Parameter.Type.STRING_ARRAY)
 
 
 def parse_class_colors(entries: list[str], classes: ClassTable) -> ClassTable:
