@@ -57,8 +57,14 @@ test: $(STAMP)
 # export fp32, quantize int8 and evaluate both. Val is inside the fit, so its scores here are a sanity check on seen
 # frames, not an estimate: `make folds` gives that. About 1.3x the 83 min of the train-only run on the 2-core CPU
 # (an estimate; models/README.md); on a GPU machine unet-train uses CUDA and AMP by itself.
-# TRAIN_ARGS override the recipe, e.g. `make model TRAIN_ARGS="--workers 1 --arch seed"`.
+# TRAIN_ARGS override the recipe, e.g. `make model TRAIN_ARGS="--workers 1 --arch seed"`. RUN_DIR (checkpoints,
+# reports) and MODEL_DIR (the two shipped files, overwritten) can point elsewhere, e.g. a toy run that leaves
+# models/ alone: `make model TRAIN_ARGS="--epochs 1 --limit 8 --workers 0" RUN_DIR=/tmp/run MODEL_DIR=/tmp/run`
+# (under a minute; such a model's int8 twin usually fails unet-quantize's 97% label agreement with fp32, and make
+# stops there with the file set aside as .rejected).
 RECIPE ?= today
+RUN_DIR ?= runs/camvid
+MODEL_DIR ?= models
 TRAIN_ARGS ?= --workers 1
 # Trained at 288x384, shipped at 256x352 for 0.5 points of val mIoU: raw inference 4.8x the seed's speed on the
 # 2-core CPU in the side-by-side run of 2026-11-26, at least 4.4x in every quiet run, against 3.8x at 288x384 (docs/
@@ -66,13 +72,14 @@ TRAIN_ARGS ?= --workers 1
 EXPORT_SIZE ?= 256x352
 model: $(STAMP)
 	$(VENV)/bin/unet-train --recipe $(RECIPE) --train-splits train,val --dataset camvid --data $(DATA)/camvid \
-		--out runs/camvid $(TRAIN_ARGS)
-	$(VENV)/bin/unet-export runs/camvid/last.pt runs/camvid/export.onnx --input-size $(EXPORT_SIZE)
-	$(VENV)/bin/unet-evaluate runs/camvid/export.onnx --data $(DATA)/camvid --out runs/camvid/eval
-	$(VENV)/bin/unet-export runs/camvid/last.pt models/unet_camvid.onnx --input-size $(EXPORT_SIZE) \
-		--check-data $(DATA)/camvid --metrics runs/camvid/eval/report.json
-	$(VENV)/bin/unet-quantize models/unet_camvid.onnx models/unet_camvid_int8.onnx --data $(DATA)/camvid
-	$(VENV)/bin/unet-evaluate models/unet_camvid_int8.onnx --data $(DATA)/camvid --out runs/camvid/eval_int8
+		--out $(RUN_DIR) $(TRAIN_ARGS)
+	$(VENV)/bin/unet-export $(RUN_DIR)/last.pt $(RUN_DIR)/export.onnx --input-size $(EXPORT_SIZE)
+	$(VENV)/bin/unet-evaluate $(RUN_DIR)/export.onnx --data $(DATA)/camvid --out $(RUN_DIR)/eval
+	mkdir -p $(MODEL_DIR)
+	$(VENV)/bin/unet-export $(RUN_DIR)/last.pt $(MODEL_DIR)/unet_camvid.onnx --input-size $(EXPORT_SIZE) \
+		--check-data $(DATA)/camvid --metrics $(RUN_DIR)/eval/report.json
+	$(VENV)/bin/unet-quantize $(MODEL_DIR)/unet_camvid.onnx $(MODEL_DIR)/unet_camvid_int8.onnx --data $(DATA)/camvid
+	$(VENV)/bin/unet-evaluate $(MODEL_DIR)/unet_camvid_int8.onnx --data $(DATA)/camvid --out $(RUN_DIR)/eval_int8
 
 # Cross-validation by sequence for recipe $(RECIPE): hold out 0006R0, then 0001TP, train on the rest of train+val,
 # score the last weights on the held-out frames at the export size; runs/folds/$(RECIPE)/folds.md is the per-class
