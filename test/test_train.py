@@ -92,6 +92,7 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
 def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"--resume: no checkpoint at '.*last\.pt'"):
         run(tmp_path / "empty", 1, "--resume")
+    assert not (tmp_path / "empty").exists()  # refused before --out is made
 
 
 def test_resume_with_another_schedule_is_refused(trained: Path) -> None:

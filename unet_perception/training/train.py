@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # an unknown dataset, a --data root that is not there
         raise SystemExit(f"unet-train: {exc}") from None
     out = Path(args.out)
+    if args.resume and not (out / "last.pt").is_file():  # before anything is written: no empty --out left behind
+        raise SystemExit(f"--resume: no checkpoint at '{out / 'last.pt'}'")
     out.mkdir(parents=True, exist_ok=True)
     logfile = out / "train.log"
 
