@@ -31,7 +31,8 @@ ARGUMENTS = {
     "respawn": ("false", "restart the node when it exits"),
     "respawn_delay": ("2.0", "seconds before a respawn"),
     "log_level": ("info", "debug | info | warn | error | fatal"),
-    "rviz": ("false", "open rviz2 with config/seg.rviz (input, colour mask, overlay; ground points and grid with ground.enabled)"),
+    "rviz": ("false", "open rviz2 with config/seg.rviz (input, colour mask, overlay; the ground points and grid "
+                      "with ground.enabled)"),
 }
 
 
