@@ -224,7 +224,8 @@ class Strict:
 
 class FakeConfig(Strict):
     """IBuilderConfig. ``timing_accepts`` says which caches ``set_timing_cache`` takes: "any", "new" (an empty
-    one only: the saved cache is from another GPU) or "none"; it returns False otherwise, as the real one can."""
+    one only: the saved cache is from another GPU) or "none"; it returns False otherwise, as the real one can.
+    "unreadable": ``create_timing_cache`` returns None for saved bytes, as the real one does for a bad file."""
 
     declared = ("progress_monitor", "flags", "cleared", "profiles", "timing", "workspace", "timing_accepts")
 
@@ -250,10 +251,15 @@ class FakeConfig(Strict):
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
-    def create_timing_cache(self, data: bytes) -> bytes:
+    def create_timing_cache(self, data: bytes) -> bytes | None:
+        """None for bytes TensorRT cannot read (the real binding returns createTimingCache's null as None)."""
+        if self.timing_accepts == "unreadable" and data:
+            return None
         return bytes(data)
 
-    def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+    def set_timing_cache(self, cache: bytes | None, ignore_mismatch: bool) -> bool:
+        if cache is None:  # pybind refuses None for the ITimingCache argument
+            raise TypeError("set_timing_cache(): incompatible function arguments")
         if self.timing_accepts == "none" or (self.timing_accepts == "new" and cache):
             return False
         self.timing = cache
@@ -291,6 +297,14 @@ class CreationFlag11(enum.IntEnum):
     PREFER_AOT_PYTHON_PLUGINS = 2
 
 
+def _nptype(dtype: str) -> type:
+    """``tensorrt.nptype``: NumPy has no bf16, fp8, int4 or fp4, and the real one raises TypeError for them."""
+    types_ = {"UINT8": np.uint8, "FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32}
+    if dtype not in types_:
+        raise TypeError(f"Could not resolve TensorRT datatype to an equivalent numpy datatype. ({dtype})")
+    return types_[dtype]
+
+
 def fake_tensorrt(engine: FakeEngine | None = None, version: str = "10.13.0.35", *,
                   builder_error: str = "", plan: bytes | None = b"plan", parse_errors: tuple[str, ...] = (),
                   timing_accepts: str = "any") -> types.ModuleType:
@@ -304,7 +318,7 @@ def fake_tensorrt(engine: FakeEngine | None = None, version: str = "10.13.0.35",
     mod.Logger = FakeLoggerBase  # type: ignore[attr-defined]
     mod.IProgressMonitor = type("IProgressMonitor", (), {"__init__": lambda self: None})  # type: ignore[attr-defined]
     mod.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")  # type: ignore[attr-defined]
-    mod.nptype = {"UINT8": np.uint8, "FLOAT": np.float32}.__getitem__  # type: ignore[attr-defined]
+    mod.nptype = _nptype  # type: ignore[attr-defined]
     mod.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")  # type: ignore[attr-defined]
     flags = {"TF32": "TF32"} if eleven else {"TF32": "TF32", "FP16": "FP16", "INT8": "INT8"}
     mod.BuilderFlag = types.SimpleNamespace(**flags)  # type: ignore[attr-defined]
@@ -395,4 +409,9 @@ def fake_cudart(count_error: CudaRtError = CudaRtError.cudaSuccess, count: int =
         cudaGetDeviceCount=lambda: (count_error, count if count_error == CudaRtError.cudaSuccess else 0),
         cudaMalloc=lambda n: (CudaRtError.cudaErrorMemoryAllocation, 0) if n > 1 << 40 else (CudaRtError.cudaSuccess,
                                                                                              0x7000),
+        # the two stream flags of the real module (cudaStreamDefault 0, cudaStreamNonBlocking 1); the stream's
+        # handle tells which flags made it
+        cudaStreamDefault=0, cudaStreamNonBlocking=1,
+        cudaStreamCreate=lambda: (CudaRtError.cudaSuccess, 0x5000),
+        cudaStreamCreateWithFlags=lambda flags: (CudaRtError.cudaSuccess, 0x5000 + flags),
     )

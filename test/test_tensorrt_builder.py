@@ -56,8 +56,20 @@ def test_a_saved_timing_cache_tensorrt_refuses_is_replaced_by_a_new_one(tiny_mod
     (tmp_path / "timing.cache").write_bytes(b"from another GPU")
     logs: list[str] = []
     assert tb.build_serialized_engine(settings(tmp_path, tiny_model), HostCuda(), logs.append) == b"plan"
-    assert any("is from another GPU or TensorRT; starting a new one" in line for line in logs)
+    assert any("is unreadable or from another GPU or TensorRT; starting a new one" in line for line in logs)
     assert (tmp_path / "timing.cache").read_bytes() == b"timing:"  # the new cache, saved after the build
+
+
+def test_a_saved_timing_cache_tensorrt_cannot_read_is_replaced_by_a_new_one(tiny_model: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """create_timing_cache returns None for bytes it cannot read (a truncated file): a new cache, not a TypeError
+    from set_timing_cache(None) that stopped the build."""
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version="10.3.0", timing_accepts="unreadable"))
+    (tmp_path / "timing.cache").write_bytes(b"truncated")
+    logs: list[str] = []
+    assert tb.build_serialized_engine(settings(tmp_path, tiny_model), HostCuda(), logs.append) == b"plan"
+    assert any("is unreadable or from another GPU or TensorRT; starting a new one" in line for line in logs)
+    assert (tmp_path / "timing.cache").read_bytes() == b"timing:"
 
 
 def test_a_build_goes_on_without_a_timing_cache_when_tensorrt_refuses_every_one(

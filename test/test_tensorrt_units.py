@@ -115,6 +115,7 @@ def test_extra_outputs_get_device_buffers_only(fake_trt: Any) -> None:
     ("labels", ("OUTPUT", (-1, 16, 16), "UINT8"), "engine tensor 'labels' is output uint8 \\[-1, 16, 16\\]"),
     ("confidence", ("OUTPUT", None, "FLOAT"), "engine tensor 'confidence' is output float32"),
     ("mask", ("INPUT", (-1, 8), "UINT8"), "extra input 'mask'"),
+    ("logits", ("OUTPUT", (-1, 12, 16, 16), "BF16"), "engine tensor 'logits' is BF16, which NumPy has no type for"),
 ])
 def test_contract_mismatch_is_a_clear_error(fake_trt: Any, tensor: str, change: tuple, match: str) -> None:
     old = fake_trt.engine.tensors.get(tensor, change)
@@ -256,6 +257,12 @@ def test_no_device_is_zero_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cuda_errors_name_the_operation() -> None:
     with pytest.raises(CudaError, match=r"cudaMalloc\(\d+ bytes\) for tensor 'image': cudaErrorMemoryAllocation"):
         CudaPython(fake_cudart()).alloc_device(1 << 41, "tensor 'image'")
+
+
+def test_streams_do_not_wait_for_the_legacy_default_stream() -> None:
+    """Each batch in flight gets a non-blocking stream: work another library (ONNX Runtime, torch) puts on the
+    process's default stream must not hold it up."""
+    assert CudaPython(fake_cudart()).create_stream() == 0x5000 + 1  # cudaStreamCreateWithFlags(NonBlocking)
 
 
 def test_cuda_reason_without_cuda_libraries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

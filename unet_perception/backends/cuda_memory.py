@@ -138,7 +138,10 @@ class CudaPython(CudaApi):
         return nullcontext()
 
     def create_stream(self) -> int:
-        return int(self.check(self.rt.cudaStreamCreate(), "cudaStreamCreate"))
+        # Non-blocking: a stream made by cudaStreamCreate waits for all work another library puts on the legacy
+        # default stream of the process (ONNX Runtime, torch), which would tie the in-flight batches to it.
+        return int(self.check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking),
+                              "cudaStreamCreateWithFlags(cudaStreamNonBlocking)"))
 
     def destroy_stream(self, stream: int) -> None:
         self.check(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
@@ -198,17 +201,17 @@ class PyCuda(CudaApi):
         return int(self._call("cuDeviceGetCount", self.drv.Device.count))
 
     def device_name(self, gpu_id: int) -> str:
-        return str(self._call(f"cuDeviceGetName(gpu {gpu_id})", self.drv.Device(gpu_id).name))
+        return str(self._call(f"cuDeviceGetName(gpu {gpu_id})", lambda: self.drv.Device(gpu_id).name()))
 
     def compute_capability(self, gpu_id: int) -> tuple[int, int]:
         major, minor = self._call(f"cuDeviceComputeCapability(gpu {gpu_id})",
-                                  self.drv.Device(gpu_id).compute_capability)
+                                  lambda: self.drv.Device(gpu_id).compute_capability())
         return int(major), int(minor)
 
     def use_device(self, gpu_id: int) -> AbstractContextManager[None]:
         if gpu_id not in self._contexts:
             self._contexts[gpu_id] = self._call(f"retain_primary_context(gpu {gpu_id})",
-                                                self.drv.Device(gpu_id).retain_primary_context)
+                                                lambda: self.drv.Device(gpu_id).retain_primary_context())
         return _PushedContext(self._contexts[gpu_id])
 
     def create_stream(self) -> int:

@@ -204,15 +204,23 @@ def read_timing_cache(path: Path, log: Log) -> bytes:
         return b""
 
 
+def _set_timing_cache(config: tensorrt.IBuilderConfig, data: bytes) -> bool:
+    """Whether TensorRT took a timing cache made from ``data``: ``create_timing_cache`` returns None for bytes it
+    cannot read (a truncated or foreign file), and ``set_timing_cache`` returns False on a mismatch (another GPU or
+    TensorRT)."""
+    cache = config.create_timing_cache(data)
+    return cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+
+
 def attach_timing_cache(config: tensorrt.IBuilderConfig, path: Path, log: Log) -> bool:
-    """Attach the saved timing cache, else a new one; ``set_timing_cache`` returns False on a mismatch (another GPU
-    or TensorRT), and may refuse even a new cache: then the build goes on without one, and says so."""
+    """Attach the saved timing cache, else a new one; TensorRT may refuse even a new cache: then the build goes on
+    without one, and says so."""
     timing = read_timing_cache(path, log)
-    if timing and config.set_timing_cache(config.create_timing_cache(timing), ignore_mismatch=False):
+    if timing and _set_timing_cache(config, timing):
         return True
     if timing:
-        log(f"tensorrt: timing cache {path} is from another GPU or TensorRT; starting a new one")
-    if config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        log(f"tensorrt: timing cache {path} is unreadable or from another GPU or TensorRT; starting a new one")
+    if _set_timing_cache(config, b""):
         return True
     log("tensorrt: warning: TensorRT refused a new timing cache (set_timing_cache returned False); building without "
         "one, so this build and later ones time every layer afresh")
