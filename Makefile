@@ -67,7 +67,7 @@ RUN_DIR ?= runs/camvid
 MODEL_DIR ?= models
 TRAIN_ARGS ?= --workers 1
 # Trained at 288x384, shipped at 256x352 for 0.5 points of val mIoU: raw inference 4.8x the seed's speed on the
-# 2-core CPU in the side-by-side run of 2026-11-26, at least 4.4x in every quiet run, against 3.8x at 288x384 (docs/
+# 2-core CPU in the side-by-side run of 2026-11-26, at least 4.4x in every quiet run, against 3.7x at 288x384 (docs/
 # performance.md, models/README.md); the second export embeds the val report of the exported file itself.
 EXPORT_SIZE ?= 256x352
 model: $(STAMP)

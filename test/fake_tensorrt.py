@@ -299,7 +299,8 @@ class CreationFlag11(enum.IntEnum):
 
 def _nptype(dtype: str) -> type:
     """``tensorrt.nptype``: NumPy has no bf16, fp8, int4 or fp4, and the real one raises TypeError for them."""
-    types_ = {"UINT8": np.uint8, "FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32}
+    types_ = {"UINT8": np.uint8, "FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32,
+              "INT64": np.int64, "BOOL": np.bool_}
     if dtype not in types_:
         raise TypeError(f"Could not resolve TensorRT datatype to an equivalent numpy datatype. ({dtype})")
     return types_[dtype]

@@ -737,16 +737,17 @@ class SegmentationNode(GuardedLifecycleNode):
         if self._per_camera > 1:  # rendered alongside; published once the camera's earlier frames are out
             with self._lock:
                 self._lock.wait_for(lambda: cam.finished >= frame.seq - 1)
-        unsent = []
+        unsent: dict[str, str] = {}
         for kind, (array, encoding) in images.items():
+            msg = image(array, encoding, frame.header)
             try:
-                wanted[kind].publish(image(array, encoding, frame.header))
+                wanted[kind].publish(msg)
             except Exception as exc:  # noqa: BLE001 - one output that cannot go out (an rmw error) holds back no other
-                unsent.append(f"{kind}: {type(exc).__name__}: {exc}")
-        if unsent:  # the frame failed only when nothing of it went out; else it is out, with an error for the rest
-            nothing_out = len(unsent) == len(images)
-            self._record_error(cam, f"publishing failed on {cam.topic}: {'; '.join(unsent)}", failed=nothing_out)
-            if nothing_out:
+                unsent[kind] = f"{kind}: {type(exc).__name__}: {exc}"
+        if unsent:  # the frame failed when its labels (the product), or all it had, did not go out; else it is out
+            failed = "labels" in unsent or len(unsent) == len(images)
+            self._record_error(cam, f"publishing failed on {cam.topic}: {'; '.join(unsent.values())}", failed=failed)
+            if failed:
                 self._ended(cam, frame)
                 return
         if cam.ground is not None:
