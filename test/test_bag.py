@@ -18,6 +18,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from conftest import bag_messages
 from ros_graph import TIMEOUT_S, RosGraph
 
+from unet_perception.backends.cuda_memory import gpu_visible
 from unet_perception.backends.factory import BackendOptions, create_backend
 from unet_perception.codec import decode_compressed
 from unet_perception.pipeline import Segmenter, colorize
@@ -199,6 +200,20 @@ def test_label_cli_device(tmp_path: Path, tiny_model: Path, capsys: pytest.Captu
     assert main(["label", str(src), str(tmp_path / "cpu"), *model, "--backend", "onnxruntime", "--device", "cpu"]) == 0
     assert "(backend onnxruntime, cpu)" in capsys.readouterr().out
     assert len(_read(tmp_path / "cpu")["/camera/segmentation/labels"]) == 2
+
+
+@pytest.mark.skipif(gpu_visible(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "onnxruntime"])
+def test_label_cli_on_cuda_without_a_gpu_advises_its_own_flag(tmp_path: Path, tiny_model: Path, backend: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`--device cuda` where nothing runs on CUDA: the backends' advice ("set device cpu", the node's parameter) is
+    said in this tool's terms."""
+    src = tmp_path / "in"
+    bag_from_images(_frames(tmp_path / "img", [(24, 32)]), src, start_ns=START, progress=False)
+    argv = ["label", str(src), str(tmp_path / "out"), "--model", str(tiny_model), "--backend", backend]
+    assert main([*argv, "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "pass --device cpu" in err and "set device" not in err, err
 
 
 def test_label_many_tensorrt_without_gpu_workers_names_the_flag(tmp_path: Path, tiny_model: Path,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -62,7 +63,11 @@ def _label(args: argparse.Namespace) -> int:
     if not Path(model).exists():  # a folder, device or FIFO: read_model_info names it
         raise BagError(f"no model at {model}; pass --model PATH to an exported .onnx (unet-export)")
     options = BackendOptions(max_batch=args.batch, threads=args.threads, device=args.device, gpu_id=args.gpu_id)
-    backend = create_backend(args.backend, model, options)
+    try:
+        backend = create_backend(args.backend, model, options)
+        backend.activate()
+    except BackendError as exc:  # the backends advise in the node's terms ("set device cpu"): say it in this tool's
+        raise BackendError(re.sub(r"set device (to )?cpu", "pass --device cpu", str(exc))) from None
     with backend:
         summary = label_bag(args.input, args.out, Segmenter(backend, backend.info.classes), topics=args.topics,
                             storage=args.storage, batch=args.batch, alpha=args.alpha,
