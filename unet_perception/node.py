@@ -707,8 +707,12 @@ class SegmentationNode(GuardedLifecycleNode):
 
     def _batch_failed(self, items: list[tuple[Camera, Frame]], step: str, exc: Exception) -> None:
         for cam, frame in items:
-            self._record_error(cam, f"{step} failed on {cam.topic}: {type(exc).__name__}: {exc}", failed=True)
-            self._ended(cam, frame)
+            self._frame_failed(cam, frame, f"{step} failed on {cam.topic}: {type(exc).__name__}: {exc}")
+
+    def _frame_failed(self, cam: Camera, frame: Frame, message: str) -> None:
+        """A good frame that will never go out: a counted failure, and out of progress."""
+        self._record_error(cam, message, failed=True)
+        self._ended(cam, frame)
 
     def _publish_batch(self, work: Work) -> None:
         assert self._segmenter is not None and work.pending is not None
@@ -724,9 +728,7 @@ class SegmentationNode(GuardedLifecycleNode):
             try:
                 self._publish(cam, frame, seg, work.inference_s)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame, or every camera stops
-                self._record_error(cam, f"publishing failed on {cam.topic}: {type(exc).__name__}: {exc}",
-                                   failed=True)
-                self._ended(cam, frame)
+                self._batch_failed([(cam, frame)], "publishing", exc)
 
     def _publish(self, cam: Camera, frame: Frame, seg: Segmentation, inference_s: float) -> None:
         """Render what is subscribed (nothing else) and publish it as CDR written from the arrays."""
@@ -745,11 +747,11 @@ class SegmentationNode(GuardedLifecycleNode):
             except Exception as exc:  # noqa: BLE001 - one output that cannot go out (an rmw error) holds back no other
                 unsent[kind] = f"{kind}: {type(exc).__name__}: {exc}"
         if unsent:  # the frame failed when its labels (the product), or all it had, did not go out; else it is out
-            failed = "labels" in unsent or len(unsent) == len(images)
-            self._record_error(cam, f"publishing failed on {cam.topic}: {'; '.join(unsent.values())}", failed=failed)
-            if failed:
-                self._ended(cam, frame)
+            message = f"publishing failed on {cam.topic}: {'; '.join(unsent.values())}"
+            if "labels" in unsent or len(unsent) == len(images):
+                self._frame_failed(cam, frame, message)
                 return
+            self._record_error(cam, message)
         if cam.ground is not None:
             try:
                 cam.ground.publish(frame.ros_header(), seg.labels)

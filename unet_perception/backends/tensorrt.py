@@ -157,10 +157,11 @@ class TensorRTBackend(Backend):
             name = engine.get_tensor_name(i)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             shape = dims(engine.get_tensor_shape(name))
+            trt_dtype = engine.get_tensor_dtype(name)
             try:
-                dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+                dtype = np.dtype(trt.nptype(trt_dtype))
             except TypeError as exc:  # bf16, fp8, int4, fp4: no NumPy type (the contract's tensors are uint8)
-                raise BackendError(f"engine tensor '{name}' is {engine.get_tensor_dtype(name)}, which NumPy has no "
+                raise BackendError(f"engine tensor '{name}' is {trt_dtype}, which NumPy has no "
                                    "type for; the contract's tensors are uint8 and extra outputs must have a NumPy "
                                    f"type ({exc}); rebuild the engine from a model that follows the contract") from None
             if any(d < 0 for d in shape[1:]):  # before the contract check: "rebuild" would not help here

@@ -138,21 +138,16 @@ def recorded_topics(has_confidence: bool, ground: bool) -> dict[str, str]:
     """Topic -> message type of everything the demo records: every output the node publishes for ``TOPIC`` (its
     images, ``label_info`` when vision_msgs is installed, as the node needs it too; with ``ground`` the points and
     the grid) and ``/diagnostics``. What the demo says it records is this list."""
+    from unet_perception.node import LabelInfo  # None when vision_msgs is missing: the node publishes none then
+
     outputs = output_topics(TOPIC, output_kinds(has_confidence))
     topics = {topic: IMAGE for topic in outputs.values()}
-    if _imports("vision_msgs.msg", "LabelInfo"):  # the node's own condition for publishing label_info
+    if LabelInfo is not None:
         topics[output_topics(TOPIC, [LABEL_INFO])[LABEL_INFO]] = LABEL_INFO_TYPE
     if ground:
         topics.update(demo_ground.TOPICS)
     topics[DIAGNOSTICS] = DIAGNOSTICS_TYPE
     return topics
-
-
-def _imports(module: str, name: str) -> bool:
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
 
 
 class Recorder:
