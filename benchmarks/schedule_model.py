@@ -5,9 +5,11 @@
 Cameras publish at a fixed rate with given phases; each camera has one slot that keeps its newest frame; a free
 worker takes a frame by the given order and is busy for one inference (drawn uniformly from 0.85 to 1.4 x the
 given time: the spread of the node's own inference times on the shared VM). Latency = wait in the slot +
-inference, as the node's diagnostics split it. Orders: ``turns`` (round robin over the cameras with a frame: the
-node's), ``oldest`` (the frame that waited longest), ``least-served`` (the camera served longest ago) and
-``freshest-gain`` (the newest frame relative to the camera's last service). Not a measurement: a check that the
+inference, as the node's diagnostics split it. Orders: ``newest-in-turn`` (the node's since 2026-12-03: cameras
+take turns, within a turn the newest frame first, a camera that fell behind catches up by one turn at most),
+``turns`` (round robin over the cameras with a frame: the node's before), ``oldest`` (the frame that waited
+longest), ``least-served`` (the camera served longest ago) and ``freshest-gain`` (the newest frame relative to the
+camera's last service). Not a measurement: a check that the
 measured medians and p99 follow from the slots alone, and of what another order could change.
 """
 
@@ -19,7 +21,7 @@ import random
 
 import numpy as np
 
-ORDERS = ("turns", "oldest", "least-served", "freshest-gain")
+ORDERS = ("newest-in-turn", "turns", "oldest", "least-served", "freshest-gain")
 PHASES = {"staggered": (0.0, 0.25, 0.5, 0.75), "two pairs": (0.09, 0.12, 0.6, 0.63), "triggered": (0.0, 0.0, 0.0, 0.03)}
 
 
@@ -29,7 +31,7 @@ def simulate(order: str, workers: int, inference_s: float, phases: tuple[float, 
     rng = random.Random(seed)
     n, period = len(phases), 1.0 / rate_hz
     slot: list[float | None] = [None] * n      # arrival time of the frame waiting in each camera's slot
-    busy, served = [False] * n, [0.0] * n
+    busy, served, turns = [False] * n, [0.0] * n, [0] * n
     latencies: list[list[float]] = [[] for _ in range(n)]
     events: list[tuple[float, int, int, float]] = [(p * period, 0, k, 0.0) for k, p in enumerate(phases)]
     heapq.heapify(events)                      # (time, 0 = arrival / 1 = inference done, camera, arrival)
@@ -51,6 +53,9 @@ def simulate(order: str, workers: int, inference_s: float, phases: tuple[float, 
             if order == "turns":
                 c = next(c for c in ((next_turn + i) % n for i in range(n)) if c in ready)
                 next_turn = (c + 1) % n
+            elif order == "newest-in-turn":
+                least = min(turns[c] for c in ready)
+                c = max((c for c in ready if turns[c] == least), key=lambda c: slot[c] or 0.0)
             elif order == "oldest":
                 c = min(ready, key=lambda c: slot[c] or 0.0)
             elif order == "least-served":
@@ -59,6 +64,7 @@ def simulate(order: str, workers: int, inference_s: float, phases: tuple[float, 
                 c = max(ready, key=lambda c: (slot[c] or 0.0) - served[c])
             start, slot[c] = slot[c] or 0.0, None
             busy[c], served[c], free = True, now, free - 1
+            turns[c] = max(turns[c] + 1, max(turns) - 1)
             heapq.heappush(events, (now + inference_s * rng.uniform(0.85, 1.4), 1, c, start))
     every = np.concatenate([np.asarray(x) for x in latencies]) * 1e3
     return [len(x) / seconds for x in latencies], float(np.percentile(every, 50)), float(np.percentile(every, 99))

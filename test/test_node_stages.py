@@ -105,8 +105,10 @@ def test_outputs_in_order_once_each_under_load(tiny_model) -> None:  # type: ign
 
 
 def test_more_cameras_than_max_batch_take_turns(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    """max_batch 1, one worker, three cameras waiting: batches go round robin from the camera after the last one
-    served, and the frames left out stay in their slots (no batch is queued for them)."""
+    """max_batch 1, one worker, three cameras waiting: the cameras take turns and within a turn the newest frame goes
+    first (here camera 2's, though camera 1 comes after camera 0 in a round robin), the camera served already waits
+    for the next turn even with the newest frame of all, and the frames left out stay in their slots (no batch is
+    queued for them)."""
     topics = [f"/rr{k}/image_raw" for k in range(3)]
     with RosGraph() as graph:
         node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, max_batch=1, workers=1)
@@ -132,14 +134,72 @@ def test_more_cameras_than_max_batch_take_turns(tiny_model) -> None:  # type: ig
         try:
             pubs[0].publish(image_message(frame, "rgb8", stamp=Time(sec=1)))
             assert busy.wait(TIMEOUT_S)
-            for k in (2, 1, 0):  # arrival order is not the order of service
+            for k in (1, 2, 0):  # one after the other: each slot's frame arrived after the one before
                 pubs[k].publish(image_message(frame, "rgb8", stamp=Time(sec=2)))
-            wait_until(lambda: all(c.pending is not None for c in node._cameras), what="a frame in every slot")
+                wait_until(lambda k=k: node._cameras[k].pending is not None, what=f"camera {k}'s frame in its slot")
         finally:
             backend._infer = real_infer
             release.set()
         wait_until(lambda: len(served) == 4, what="four batches")
-    assert served == [topics[0], topics[1], topics[2], topics[0]]
+    assert served == [topics[0], topics[2], topics[1], topics[0]]
+
+
+def test_a_camera_back_from_silence_catches_up_by_one_turn(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Camera c, silent while a and b were served three times each, then with a new frame before every batch: it
+    is served twice in a row (its first frame, then one more, as it is owed a turn and has the newest frame), then
+    b's waiting frame goes. It does not hold b back for all the turns it missed while silent."""
+    topics = [f"/cu_{k}/image_raw" for k in "abc"]
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, max_batch=1, workers=1)
+        pubs = [graph.publisher(Image, t) for t in topics]
+        outs = [graph.collect(Image, t.replace("image_raw", "segmentation/labels")) for t in topics]
+        for pub, out in zip(pubs, outs):
+            wait_matched(pub, [out])
+        frame, taken = synthetic_frame(64, 48, 0), []
+        real_take = node._take_frames
+
+        def recorded():  # type: ignore[no-untyped-def]
+            ready = real_take()
+            taken.extend("abc"[topics.index(cam.topic)] for cam, _ in ready)
+            return ready
+
+        def send(k: int, sec: int) -> None:
+            pubs[k].publish(image_message(frame, "rgb8", stamp=Time(sec=sec)))
+
+        node._take_frames = recorded
+        for sec in range(1, 4):
+            for k in (0, 1):
+                send(k, sec)
+                wait_until(lambda k=k, sec=sec: len(outs[k].messages) == sec, what=f"camera {k}'s frame {sec} out")
+        backend = node._segmenter.backend
+        real_infer = backend._infer
+        entered, gate = threading.Semaphore(0), threading.Semaphore(0)
+
+        def gated(batch: np.ndarray):  # type: ignore[no-untyped-def]
+            entered.release()
+            assert gate.acquire(timeout=4 * TIMEOUT_S)
+            return real_infer(batch)
+
+        backend._infer = gated
+        try:
+            send(0, 10)
+            assert entered.acquire(timeout=TIMEOUT_S), "a's frame never reached inference"
+            for k in (2, 1):  # c's frame first, b's after it: b's is the newest
+                send(k, 10)
+                wait_until(lambda k=k: node._cameras[k].pending is not None, what=f"camera {k}'s frame in its slot")
+            for sec in range(11, 16):
+                gate.release()  # the batch in inference ends, the worker takes the next one
+                assert entered.acquire(timeout=TIMEOUT_S), "no next batch reached inference"
+                if taken[-1] == "b":
+                    break
+                send(2, sec)  # c has the newest frame again
+                wait_until(lambda: node._cameras[2].pending is not None, what="c's new frame in its slot")
+        finally:
+            backend._infer = real_infer
+            for _ in range(8):
+                gate.release()
+    assert taken[:6] == ["a", "b"] * 3, taken
+    assert taken[6:10] == ["a", "c", "c", "b"], taken
 
 
 def test_workers_infer_other_cameras_at_once_and_each_camera_in_order(tiny_model) -> None:  # type: ignore[no-untyped-def]

@@ -60,8 +60,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("device", "cpu", "Where inference runs, for every backend: cpu or cuda (tensorrt: cuda only).",
               choices=DEVICES),
     ParamSpec("max_batch", 0, "At most this many camera frames run as one batch; 0 = auto: 1 on device cpu (a "
-              "batch there takes as long as its frames one by one, so frames go one at a time, round robin over the "
-              "cameras), 4 on cuda.", int_range=(0, 64)),
+              "batch there takes as long as its frames one by one, so frames go one at a time, the cameras taking "
+              "turns), 4 on cuda.", int_range=(0, 64)),
     ParamSpec("precision", "fp32", "fp32 = the model file as it is; fp16 = its float16 conversion; int8 = its "
               "Q/DQ twin (<model>_int8.onnx). torch: fp16 = autocast on cuda.", choices=PRECISIONS),
     ParamSpec("gpu_id", 0, "device cuda: CUDA device index.", int_range=(0, 63)),
