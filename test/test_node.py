@@ -258,7 +258,7 @@ def test_overlay_alpha_changes_at_run_time(tiny_model) -> None:  # type: ignore[
 def test_every_parameter_can_be_read_at_once_through_the_parameter_service(tiny_model) -> None:  # type: ignore[no-untyped-def]
     """What `ros2 param dump` does: list every parameter, then get them all in one request. The list parameters
     without a default (class_colors, ground.*_classes) answer an empty string array; one unset parameter used to
-    empty the whole answer."""
+    empty the whole answer. Their types (`ros2 param get-types`) say the same (they said NOT_SET)."""
     from rcl_interfaces.msg import ParameterType
 
     with RosGraph() as graph:
@@ -272,9 +272,14 @@ def test_every_parameter_can_be_read_at_once_through_the_parameter_service(tiny_
         got = client.get_parameters(names)
         wait_until(got.done, what="get_parameters to answer")
         values = dict(zip(names, got.result().values, strict=True))
+        typed = client.get_parameter_types(names)
+        wait_until(typed.done, what="get_parameter_types to answer")
+        types = dict(zip(names, typed.result().types, strict=True))
     assert {"class_colors", "ground.free_classes", "ground.obstacle_classes", "model_path"} <= set(values)
     assert list(values["class_colors"].string_array_value) == ["Sky=1,2,3"]
     for name in ("ground.free_classes", "ground.obstacle_classes"):
         assert values[name].type == ParameterType.PARAMETER_STRING_ARRAY
         assert list(values[name].string_array_value) == []
+        assert types[name] == ParameterType.PARAMETER_STRING_ARRAY, "get-types must say what get says"
+    assert {name: types[name] for name in names} == {name: values[name].type for name in names}
     assert values["model_path"].string_value == str(tiny_model)

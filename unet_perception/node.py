@@ -361,6 +361,14 @@ class SegmentationNode(GuardedLifecycleNode):
                 raise
             return Parameter(name, Parameter.Type.STRING_ARRAY, [])
 
+    def get_parameter_type(self, name: str) -> Parameter.Type:
+        """rclpy's, except that an unset list parameter is the empty string array it means, as in get_parameter
+        (what ``ros2 param get-types`` shows)."""
+        if name in EMPTY_LISTS:
+            # as rclpy's own: the type's number (what the service sends), though annotated as the enum
+            return cast(Parameter.Type, self.get_parameter(name).type_.value)
+        return super().get_parameter_type(name)
+
     def _param_value(self, name: str) -> Any:
         return self.get_parameter(name).value
 
