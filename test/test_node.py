@@ -216,7 +216,7 @@ def test_keep_latest_publishes_the_newest_frame(tiny_model, overlap: str) -> Non
             pub.publish(image_message(synthetic_frame(64, 48, 1), "rgb8", stamp=stamp(1)))
             wait_until(lambda: stats.frames_in == 2, what="frame 1 to reach the slot")
             if overlap == "always":
-                wait_until(lambda: stats.decoded == 2, what="the prepare stage to take frame 1")
+                wait_until(lambda: node._cameras[0].pending is None, what="the prepare stage to take frame 1")
             for i in (2, 3):
                 pub.publish(image_message(synthetic_frame(64, 48, i), "rgb8", stamp=stamp(i)))
             wait_until(lambda: stats.frames_in == 4, what="frames 2-3 to reach the slot")

@@ -581,8 +581,6 @@ class SegmentationNode(GuardedLifecycleNode):
             self._record_error(cam, f"bad input on {cam.topic}: {exc}")
             self._ended(cam, frame)
             return False
-        with self._lock:
-            cam.stats.decoded += 1
         return True
 
     def _ended(self, cam: Camera, frame: Frame) -> None:

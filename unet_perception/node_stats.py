@@ -96,8 +96,7 @@ class CameraStats:
     """Counters of one camera; guarded by the node's lock."""
 
     frames_in: int = 0
-    decoded: int = 0  # frames_in that passed decoding and validation
-    failed: int = 0   # decoded frames whose preparing, inference or publishing failed (each also an error)
+    failed: int = 0   # good frames (decoded) whose preparing, inference or publishing failed (each also an error)
     frames_out: int = 0
     drops: int = 0
     errors: int = 0
