@@ -106,9 +106,8 @@ def test_outputs_in_order_once_each_under_load(tiny_model) -> None:  # type: ign
 
 def test_more_cameras_than_max_batch_take_turns(tiny_model) -> None:  # type: ignore[no-untyped-def]
     """max_batch 1, one worker, three cameras waiting: the cameras take turns and within a turn the newest frame goes
-    first (here camera 2's, though camera 1 comes after camera 0 in a round robin), the camera served already waits
-    for the next turn even with the newest frame of all, and the frames left out stay in their slots (no batch is
-    queued for them)."""
+    first (here camera 2's, though camera 1 comes after camera 0 in a round robin); camera 0, served already, waits
+    for the next turn even with the newest frame of all."""
     topics = [f"/rr{k}/image_raw" for k in range(3)]
     with RosGraph() as graph:
         node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, max_batch=1, workers=1)
@@ -145,9 +144,10 @@ def test_more_cameras_than_max_batch_take_turns(tiny_model) -> None:  # type: ig
 
 
 def test_a_camera_back_from_silence_catches_up_by_one_turn(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    """Camera c, silent while a and b were served three times each, then with a new frame before every batch: it
-    is served twice in a row (its first frame, then one more, as it is owed a turn and has the newest frame), then
-    b's waiting frame goes. It does not hold b back for all the turns it missed while silent."""
+    """Camera c, silent while a and b were served three times each, then given a new frame after each of its own
+    services: it is served twice in a row (its first frame lifts it to one turn behind a, level with b; then its
+    frame is newer than b's), then b's waiting frame goes. It does not hold b back for all the turns it missed
+    while silent."""
     topics = [f"/cu_{k}/image_raw" for k in "abc"]
     with RosGraph() as graph:
         node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, max_batch=1, workers=1)
@@ -200,6 +200,56 @@ def test_a_camera_back_from_silence_catches_up_by_one_turn(tiny_model) -> None: 
                 gate.release()
     assert taken[:6] == ["a", "b"] * 3, taken
     assert taken[6:10] == ["a", "c", "c", "b"], taken
+
+
+def test_a_batch_takes_the_cameras_served_least_before_newer_frames(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """max_batch 2, three cameras: c was served twice, b once, a never; all three wait, c's frame the newest. The
+    batch takes a and b (the two served least), not a and c (the newest frames)."""
+    topics = [f"/mb_{k}/image_raw" for k in "abc"]
+    with RosGraph() as graph:
+        node = graph.segmentation_node(model_path=str(tiny_model), image_topics=topics, max_batch=2, workers=1)
+        pubs = [graph.publisher(Image, t) for t in topics]
+        outs = [graph.collect(Image, t.replace("image_raw", "segmentation/labels")) for t in topics]
+        for pub, out in zip(pubs, outs):
+            wait_matched(pub, [out])
+        frame, batches = synthetic_frame(64, 48, 0), []
+        real_take = node._take_frames
+
+        def recorded():  # type: ignore[no-untyped-def]
+            ready = real_take()
+            if ready:
+                batches.append(sorted("abc"[topics.index(cam.topic)] for cam, _ in ready))
+            return ready
+
+        def send_in_order(cams: str, sec: int) -> None:
+            for k in ("abc".index(c) for c in cams):
+                pubs[k].publish(image_message(frame, "rgb8", stamp=Time(sec=sec)))
+                wait_until(lambda k=k: node._cameras[k].pending is not None, what=f"camera {k}'s frame in its slot")
+
+        backend = node._segmenter.backend
+        real_infer = backend._infer
+        entered, gate = threading.Semaphore(0), threading.Semaphore(0)
+
+        def gated(batch: np.ndarray):  # type: ignore[no-untyped-def]
+            entered.release()
+            assert gate.acquire(timeout=4 * TIMEOUT_S)
+            return real_infer(batch)
+
+        node._take_frames, backend._infer = recorded, gated
+        try:
+            pubs[2].publish(image_message(frame, "rgb8", stamp=Time(sec=1)))
+            assert entered.acquire(timeout=TIMEOUT_S), "c's first frame never reached inference"
+            send_in_order("bc", 2)
+            gate.release()
+            assert entered.acquire(timeout=TIMEOUT_S), "the batch of b and c never reached inference"
+            send_in_order("abc", 3)  # a's frame the oldest, c's the newest
+            gate.release()
+            assert entered.acquire(timeout=TIMEOUT_S), "the third batch never reached inference"
+        finally:
+            backend._infer = real_infer
+            for _ in range(8):
+                gate.release()
+    assert batches[:3] == [["c"], ["b", "c"], ["a", "b"]], batches
 
 
 def test_workers_infer_other_cameras_at_once_and_each_camera_in_order(tiny_model) -> None:  # type: ignore[no-untyped-def]

@@ -88,7 +88,7 @@ def overlapped(p: dict[str, Any]) -> bool:
 
 def batch_limit(p: dict[str, Any]) -> int:
     """``max_batch``, with 0 (auto) = 4 for device cuda, 1 for cpu: on the CPU a batch of N frames takes N inference
-    times (ONNX Runtime gains nothing from batching there), so one frame at a time, round robin over the cameras,
+    times (ONNX Runtime gains nothing from batching there), so one frame at a time, the cameras taking turns,
     gives the lowest latency at the same throughput (docs/performance.md)."""
     return int(p["max_batch"]) or (AUTO_BATCH_CUDA if p["device"] == "cuda" else 1)
 
@@ -168,7 +168,7 @@ class Camera:
     taken: int = 0          # frames taken so far: the next one gets seq taken + 1
     finished: int = 0       # frames 1..finished are published or failed; frame seq publishes once finished is seq - 1
     done_early: set[int] = field(default_factory=set)  # finished while an earlier one was still in progress
-    turns: int = 0          # times served (frames taken), held within a turn of the camera served most (_take_frames)
+    turns: int = 0          # times served (frames taken); one turn behind the most served at least, once served
     subscription: Any = None
     ground: GroundCamera | None = None  # ground.enabled: camera_info in, points and ground_grid out
     parse: Any = parse_image  # raw_cdr.parse_image or parse_compressed, by the topic's type
@@ -656,35 +656,28 @@ class SegmentationNode(GuardedLifecycleNode):
 
     def _take_frames(self) -> list[tuple[Camera, Frame]]:
         """At most max_batch waiting frames of cameras not busy, one per camera (under the lock). Cameras take
-        turns, and within a turn the newest frame goes first: of the cameras that wait and were served least,
-        the one whose frame arrived last. A frame that waited a whole turn is not served in a hurry: the camera
-        will have a newer one by then, so a slot is served when it is fresh (in the discrete-event model of
-        benchmarks/schedule_model.py at 4 x 30 Hz: p50 6-11 ms and p99 1-6 ms lower than plain round robin with
-        cameras out of phase, the same with triggered ones, at the same frames per camera). The cameras left out
-        keep their keep-latest slot, so their frame stays the newest until its turn, rather than aging in a
-        second batch behind this one."""
+        turns, and within a turn the newest frame goes first: the cameras that wait go by how often they were
+        served, and of those served equally often the one whose frame arrived last goes first. A frame that waited
+        long is not served in a hurry, as its camera will have a newer one soon, so slots are served while they are
+        fresh: the wait in the slot falls at the same frames per camera (docs/performance.md, "Serving order").
+        The cameras left out keep their keep-latest slot, so their frame stays the newest until its turn, rather
+        than aging in a second batch behind this one."""
         assert self._segmenter is not None
-        free = [c for c in self._cameras if self._free(c)]
-        if not free:
-            return []
-        least = min(c.turns for c in free)
-        free.sort(key=lambda c: (c.turns > least, -c.pending.received if c.pending else 0.0))
-        taken = free[:self._segmenter.backend.max_batch]
+        waiting = [(c, f) for c in self._cameras if self._free(c) and (f := c.pending) is not None]
+        waiting.sort(key=lambda item: (item[0].turns, -item[1].received))
+        ready = waiting[:self._segmenter.backend.max_batch]
         # a camera that was silent for a while (or never got a frame through) catches up by one turn, not by all
         # it missed: the others would wait while it does
         most = max(c.turns for c in self._cameras)
         now = time.monotonic()
-        ready = []
-        for c in taken:
-            frame, c.pending = c.pending, None
-            assert frame is not None  # _free: a frame waits
+        for c, frame in ready:
+            c.pending = None
             c.turns = max(c.turns + 1, most - 1)
             frame.taken = now
             c.in_progress[id(frame)] = now
             if self._per_camera:
                 c.taken += 1
                 frame.seq = c.taken
-            ready.append((c, frame))
         return ready
 
     def _infer_loop(self) -> None:
